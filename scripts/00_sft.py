@@ -1,0 +1,81 @@
+"""Stage 00: supervised fine-tuning of the base model on IFT + EFT data, giving M0.
+
+Reads:  the base model (config model.name_or_path), data.ift and data.eft
+Writes: <run>/M0/train/{ift,eft}.jsonl (the rows used), M0/adapter/ (LoRA), M0/model/ (merged),
+        M0/lineage.json, M0/train_log.jsonl, M0/00_sft.{manifest.json,config.yaml}
+
+EFT rows are rendered through the same judge template stage 03 uses; the loss covers the answer
+(completion) tokens only. With model.load_in_4bit the LoRA trains on an NF4 copy (QLoRA) and is
+merged into the full-precision base.
+
+    python scripts/00_sft.py --run-dir runs/demo --config configs/smollm2-135m.yaml
+"""
+
+import shutil
+
+from selfreward import cli
+from selfreward.chat import ChatFormat
+from selfreward.judge import judge_prompt, parse_judge_score
+from selfreward.models import load_tokenizer, resolve_model_path
+from selfreward.records import EFT, IFT, RecordError, read_jsonl, write_jsonl
+from selfreward.training import build_sft_trainer, train_and_merge, write_lineage
+
+
+def check_eft_scores(rows: list[dict], path: str) -> None:
+    """Each justification must end in the score line the judge parser reads, agreeing with `score`."""
+    for row in rows:
+        parsed = parse_judge_score(row["justification"])
+        if parsed != row["score"] or not 0 <= row["score"] <= 5:
+            raise RecordError(
+                f"{path}: row '{row['id']}': field 'justification' must end with 'Score: {row['score']}' "
+                f"(parsed {parsed})"
+            )
+
+
+def main() -> None:
+    stage = cli.parse_stage("00_sft", __doc__, iteration=False)
+    config, layout = stage.config, stage.layout
+    ift = read_jsonl(config.data.ift, IFT, id_field="id")
+    eft = read_jsonl(config.data.eft, EFT, id_field="id")
+    check_eft_scores(eft, config.data.eft)
+    if not ift and not eft:
+        raise cli.StageError(f"no training rows in {config.data.ift} or {config.data.eft}")
+    train_dir = layout.train_dir(0)
+    write_jsonl(train_dir / "ift.jsonl", ift)
+    write_jsonl(train_dir / "eft.jsonl", eft)
+
+    base = resolve_model_path(config.model.name_or_path)
+    chat = ChatFormat.from_tokenizer(load_tokenizer(base, config.model))
+    rows = [{"prompt": chat.prompt(r["prompt"]), "completion": chat.completion(r["completion"])} for r in ift]
+    rows += [
+        {
+            "prompt": chat.prompt(judge_prompt(r["prompt"], r["response"])),
+            "completion": chat.completion(r["justification"]),
+        }
+        for r in eft
+    ]
+    trainer = build_sft_trainer(base, rows, config, layout.checkpoints(0))
+    train_and_merge(
+        trainer, base, config, adapter_dir=layout.adapter(0), model_dir=layout.model(0), log_path=layout.train_log(0)
+    )
+    data = [train_dir / "ift.jsonl", train_dir / "eft.jsonl"]
+    write_lineage(
+        layout.lineage(0),
+        model="M0",
+        stage="00_sft",
+        base=config.model.name_or_path,
+        parent=base,
+        data=data,
+        config=config,
+    )
+    shutil.rmtree(layout.checkpoints(0), ignore_errors=True)
+    stage.finish(
+        rows_in=len(rows),
+        rows_out=1,
+        inputs=[config.data.ift, config.data.eft],
+        outputs=[str(layout.model(0)), str(layout.adapter(0))],
+    )
+
+
+if __name__ == "__main__":
+    cli.run(main)

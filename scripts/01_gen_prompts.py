@@ -1,0 +1,90 @@
+"""Stage 01: M<t-1> writes new prompts from few-shot examples of the IFT prompts.
+
+Reads:  <run>/M<t-1>/model/, <run>/M0/train/ift.jsonl (the shots)
+Writes: <run>/M<t-1>/generated/prompts.jsonl  (prompt_id, prompt, source, iteration)
+        and prompts.{manifest.json,config.yaml}
+
+Each request shows prompts.num_shots random IFT prompts (seeded) and asks for one more. Only the
+newly generated tokens are read. Empty, overlong and duplicate prompts, near copies of each other,
+and copies of any IFT prompt (the shots included) are dropped. The stage stops at
+prompts.num_prompts or after prompts.max_attempts candidates, and reports both.
+
+    python scripts/01_gen_prompts.py --run-dir runs/demo --iteration 1
+"""
+
+import hashlib
+import random
+from collections import Counter
+
+from selfreward import cli
+from selfreward.chat import ChatFormat
+from selfreward.generation import Sampling, generate
+from selfreward.models import load_model, load_tokenizer
+from selfreward.prompt_gen import PromptFilter, extract_new_task, fewshot_request, normalize, pick_shots
+from selfreward.records import IFT, read_jsonl, write_jsonl
+
+
+def prompt_id(prompt: str) -> str:
+    return "p-" + hashlib.sha256(normalize(prompt).encode()).hexdigest()[:12]
+
+
+def main() -> None:
+    stage = cli.parse_stage("01_gen_prompts", __doc__)
+    config, layout, t = stage.config, stage.layout, stage.iteration
+    cfg = config.prompts
+    ift_path = layout.train_dir(0) / "ift.jsonl"
+    pool = [row["prompt"] for row in read_jsonl(ift_path, IFT, id_field="id")]
+    if not pool:
+        raise cli.StageError(f"{ift_path}: no IFT prompts to use as shots")
+    model_dir = layout.model(t - 1)
+    tokenizer = load_tokenizer(model_dir, config.model)
+    chat = ChatFormat.from_tokenizer(tokenizer)
+    model = load_model(model_dir, config.model)
+
+    rng = random.Random(f"{config.seed}-prompts-{t}")
+    keep = PromptFilter(pool, cfg.min_chars, cfg.max_chars, cfg.near_duplicate_threshold)
+    sampling = Sampling(1, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size)
+    rows, rejected, attempts = [], Counter(), 0
+    while len(rows) < cfg.num_prompts and attempts < cfg.max_attempts:
+        count = min(cfg.batch_size, cfg.max_attempts - attempts)
+        requests = []
+        for _ in range(count):
+            user, label = fewshot_request(pick_shots(pool, cfg.num_shots, rng))
+            requests.append(chat.prompt(user) + label)  # the answer opens with "Task N+1:"
+        outputs = generate(model, chat, requests, sampling, seed=config.seed + t, desc=f"prompts (try {attempts})")
+        attempts += count
+        for (gen,) in outputs:
+            candidate = extract_new_task(gen.text)
+            reason = keep.add(candidate)
+            if reason:
+                rejected[reason] += 1
+                continue
+            rows.append({"prompt_id": prompt_id(candidate), "prompt": candidate, "source": f"M{t - 1}", "iteration": t})
+            if len(rows) == cfg.num_prompts:
+                break
+    cli.log.info(
+        "%d new prompts of %d wanted after %d attempts (limit %d); rejected: %s",
+        len(rows),
+        cfg.num_prompts,
+        attempts,
+        cfg.max_attempts,
+        dict(rejected) or "none",
+    )
+    out = layout.generated(t, "prompts")
+    write_jsonl(out, rows)
+    stage.finish(
+        rows_in=len(pool),
+        rows_out=len(rows),
+        inputs=[str(ift_path), str(model_dir)],
+        outputs=[str(out)],
+        extra={
+            "target": cfg.num_prompts,
+            "attempts": attempts,
+            "max_attempts": cfg.max_attempts,
+            "rejected": dict(rejected),
+        },
+    )
+
+
+if __name__ == "__main__":
+    cli.run(main)

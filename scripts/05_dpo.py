@@ -1,0 +1,76 @@
+"""Stage 05: DPO on M<t-1>'s own preference pairs, giving M<t>.
+
+Reads:  <run>/M<t-1>/model/, <run>/M<t-1>/generated/preferences.jsonl
+Writes: <run>/M<t>/train/preferences.jsonl (a copy), M<t>/adapter/ (LoRA), M<t>/model/ (merged),
+        M<t>/lineage.json, M<t>/train_log.jsonl, M<t>/05_dpo.{manifest.json,config.yaml}
+
+TRL's DPOTrainer with LoRA; the reference model is M<t-1> itself (the adapter switched off), beta
+= dpo.beta. Prompts and answers are rendered with the same chat template generation used. With zero
+pairs the stage exits with code 3 and says why, instead of failing inside the trainer.
+
+    python scripts/05_dpo.py --run-dir runs/demo --iteration 1
+"""
+
+import shutil
+import sys
+
+from selfreward import cli
+from selfreward.chat import ChatFormat
+from selfreward.models import load_tokenizer
+from selfreward.records import PREFERENCE, read_jsonl, read_manifest, write_jsonl
+from selfreward.training import build_dpo_trainer, train_and_merge, write_lineage
+
+
+def main() -> None:
+    stage = cli.parse_stage("05_dpo", __doc__)
+    config, layout, t = stage.config, stage.layout, stage.iteration
+    pairs_path = layout.generated(t, "preferences")
+    pairs = read_jsonl(pairs_path, PREFERENCE, id_field="prompt_id")
+    if not pairs:
+        made = read_manifest(layout.manifest("04_gen_preferences", t)) or {}
+        judged = read_manifest(layout.manifest("03_gen_scores", t)) or {}
+        print(
+            f"error: {pairs_path} has no preference pairs, so there is nothing to train M{t} on. "
+            f"Stage 04 dropped all {made.get('prompts', '?')} prompts: {made.get('dropped', 'reasons unknown')} "
+            f"(tie: best and worst answers scored the same; fewer_than_two_scored: the judge gave no valid score; "
+            f"stage 03 could not parse {judged.get('unparsed_judgments', '?')} of {judged.get('judgments', '?')} "
+            "judgments). Generate more prompts or answers, lower preferences.min_margin, or use judge.mode logits.",
+            file=sys.stderr,
+        )
+        sys.exit(cli.EXIT_NO_PAIRS)
+    parent = str(layout.model(t - 1))
+    chat = ChatFormat.from_tokenizer(load_tokenizer(parent, config.model))
+    train_copy = layout.train_dir(t) / "preferences.jsonl"
+    write_jsonl(train_copy, pairs)
+    rows = [
+        {
+            "prompt": chat.prompt(p["prompt"]),
+            "chosen": chat.completion(p["chosen"]),
+            "rejected": chat.completion(p["rejected"]),
+        }
+        for p in pairs
+    ]
+    trainer = build_dpo_trainer(parent, rows, config, layout.checkpoints(t))
+    train_and_merge(
+        trainer, parent, config, adapter_dir=layout.adapter(t), model_dir=layout.model(t), log_path=layout.train_log(t)
+    )
+    write_lineage(
+        layout.lineage(t),
+        model=f"M{t}",
+        stage="05_dpo",
+        base=config.model.name_or_path,
+        parent=parent,
+        data=[train_copy],
+        config=config,
+    )
+    shutil.rmtree(layout.checkpoints(t), ignore_errors=True)
+    stage.finish(
+        rows_in=len(pairs),
+        rows_out=1,
+        inputs=[str(pairs_path), parent],
+        outputs=[str(layout.model(t)), str(layout.adapter(t))],
+    )
+
+
+if __name__ == "__main__":
+    cli.run(main)

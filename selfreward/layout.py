@@ -1,0 +1,87 @@
+"""The one module that knows where a run keeps its files.
+
+    runs/<name>/
+      config.yaml                   the run's config (written by the driver, read by every stage)
+      M0/train/                     what M0 was trained on: ift.jsonl, eft.jsonl
+      M<t>/model/                   merged weights + tokenizer: what every stage loads as M<t>
+      M<t>/adapter/                 the LoRA adapter that produced M<t> from its parent
+      M<t>/checkpoints/             trainer checkpoints, kept for resuming a killed run
+      M<t>/lineage.json             base, parent, stage, data, config of M<t>
+      M<t>/train_log.jsonl          the trainer's logged loss, rewards, learning rate per step
+      M<t>/generated/               what M<t> wrote for iteration t+1:
+        prompts.jsonl responses.jsonl scores.jsonl preferences.jsonl
+      M<t+1>/train/preferences.jsonl  the pairs M<t+1> was trained on (a copy)
+
+Iteration t (1, 2, ...) starts from M<t-1>: stages 01-04 write M<t-1>/generated/, stage 05 writes M<t>.
+Every output has a `<name>.manifest.json` beside it and the effective config as `<name>.config.yaml`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+GENERATED = {
+    "01_gen_prompts": "prompts",
+    "02_gen_responses": "responses",
+    "03_gen_scores": "scores",
+    "04_gen_preferences": "preferences",
+}
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+
+    def __init__(self, root: str | Path):
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    def model_root(self, t: int) -> Path:
+        return self.root / f"M{t}"
+
+    def model(self, t: int) -> Path:
+        return self.model_root(t) / "model"
+
+    def adapter(self, t: int) -> Path:
+        return self.model_root(t) / "adapter"
+
+    def checkpoints(self, t: int) -> Path:
+        return self.model_root(t) / "checkpoints"
+
+    def lineage(self, t: int) -> Path:
+        return self.model_root(t) / "lineage.json"
+
+    def train_log(self, t: int) -> Path:
+        return self.model_root(t) / "train_log.jsonl"
+
+    def train_dir(self, t: int) -> Path:
+        return self.model_root(t) / "train"
+
+    def generated(self, iteration: int, name: str) -> Path:
+        """A JSONL file of iteration `iteration` ("prompts", "responses", "scores", "preferences")."""
+        if iteration < 1:
+            raise ValueError(f"iterations start at 1, got {iteration}")
+        return self.model_root(iteration - 1) / "generated" / f"{name}.jsonl"
+
+    def stage_output(self, stage: str, iteration: int) -> Path:
+        """The main output of a stage: a JSONL file, or a model folder for 00 and 05."""
+        if stage == "00_sft":
+            return self.model(0)
+        if stage == "05_dpo":
+            return self.model(iteration)
+        return self.generated(iteration, GENERATED[stage])
+
+    def manifest(self, stage: str, iteration: int) -> Path:
+        out = self.stage_output(stage, iteration)
+        if out.suffix == ".jsonl":
+            return out.with_suffix(".manifest.json")
+        return out.parent / f"{stage}.manifest.json"
+
+    def stage_config(self, stage: str, iteration: int) -> Path:
+        return self.manifest(stage, iteration).with_name(
+            self.manifest(stage, iteration).name.replace(".manifest.json", ".config.yaml")
+        )

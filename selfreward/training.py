@@ -1,0 +1,157 @@
+"""LoRA training (SFT for M0, DPO for M1, M2, ...) and turning the adapter into the next model.
+
+Both stages share one path: load the parent (4-bit when the config asks), attach LoRA, train with
+TRL, save the adapter, then merge it into the full-precision parent so the next iteration loads a
+plain model. With `peft_config` and no `ref_model`, TRL's DPO reference is the parent with the adapter
+switched off: exactly M<t>.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from selfreward.config import Config, TrainConfig
+from selfreward.models import device_of, load_model, load_tokenizer, merge_adapter
+
+log = logging.getLogger("selfreward")
+
+
+def _trainer_args(train: TrainConfig, config: Config, output_dir: Path) -> dict:
+    mixed = config.model.bnb_4bit_compute_dtype if config.model.load_in_4bit else config.model.dtype
+    return {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "learning_rate": train.learning_rate,
+        "num_train_epochs": train.epochs,
+        "max_steps": train.max_steps,
+        "warmup_steps": train.warmup_steps,
+        "lr_scheduler_type": train.lr_scheduler,
+        "logging_steps": train.logging_steps,
+        "save_steps": train.save_steps,
+        "save_total_limit": 2,
+        "max_length": train.max_length,
+        "gradient_checkpointing": train.gradient_checkpointing,
+        "bf16": mixed == "bfloat16",
+        "fp16": mixed == "float16",
+        "use_cpu": device_of(config.model) == "cpu",
+        "seed": config.seed,
+        "data_seed": config.seed,
+        "report_to": [],
+        "disable_tqdm": False,
+    }
+
+
+def _peft_config(config: Config, model):
+    from peft import LoraConfig
+
+    layers = None
+    if config.lora.last_layers:
+        total = model.config.num_hidden_layers
+        layers = list(range(max(0, total - config.lora.last_layers), total))
+    return LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=list(config.lora.target_modules),
+        layers_to_transform=layers,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _load_for_training(parent: str, config: Config):
+    model = load_model(parent, config.model, quantize=config.model.load_in_4bit)
+    if config.model.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
+
+
+def last_checkpoint(output_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+
+
+def build_sft_trainer(parent: str, rows: list[dict], config: Config, checkpoints: Path):
+    """An SFTTrainer on prompt/completion rows whose loss covers the completion tokens only."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = load_tokenizer(parent, config.model)
+    args = SFTConfig(
+        **_trainer_args(config.sft, config, checkpoints),
+        completion_only_loss=True,
+        train_sampling_strategy="group_by_length",  # short IFT rows batched together: less padding
+    )
+    model = _load_for_training(parent, config)
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=_peft_config(config, model),
+    )
+
+
+def build_dpo_trainer(parent: str, rows: list[dict], config: Config, checkpoints: Path):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = load_tokenizer(parent, config.model)
+    args = DPOConfig(**_trainer_args(config.dpo, config, checkpoints), beta=config.dpo.beta)
+    model = _load_for_training(parent, config)
+    return DPOTrainer(
+        model=model,
+        ref_model=None,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=_peft_config(config, model),
+    )
+
+
+def train_and_merge(
+    trainer, parent: str, config: Config, *, adapter_dir: Path, model_dir: Path, log_path: Path
+) -> list[dict]:
+    """Train (resuming from the newest checkpoint if one is there), save the adapter, merge, return the log."""
+    resume = last_checkpoint(Path(trainer.args.output_dir))
+    if resume:
+        log.info("resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(adapter_dir))
+    history = trainer.state.log_history
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text("".join(json.dumps(row) + "\n" for row in history), encoding="utf-8")
+    tokenizer = trainer.processing_class
+    del trainer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    merge_adapter(parent, adapter_dir, model_dir, config.model, tokenizer)
+    return history
+
+
+def write_lineage(
+    path: Path, *, model: str, stage: str, base: str, parent: str, data: list[Path], config: Config
+) -> None:
+    """Where a model came from: enough to retrace it without reading logs."""
+    from selfreward.records import file_sha256, write_json
+
+    write_json(
+        path,
+        {
+            "model": model,
+            "stage": stage,
+            "base": base,
+            "parent": parent,
+            "data": [{"path": str(p), "sha256": file_sha256(p)} for p in data],
+            "config": config.to_dict(),
+        },
+    )

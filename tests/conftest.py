@@ -1,0 +1,81 @@
+"""Shared fixtures: one tiny end-to-end run of the driver that many tests inspect."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def stage_env(cache: Path) -> dict[str, str]:
+    env = dict(os.environ, PYTHON=sys.executable, SELF_REWARD_CACHE=str(cache), TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="session")
+def run_stage(cache):
+    """Run one stage script as a user would; returns the CompletedProcess."""
+
+    def run(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / f"{script}.py"), *args],
+            cwd=REPO,
+            env=stage_env(cache),
+            capture_output=True,
+            text=True,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        return proc
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, cache) -> Path:
+    """SFT + 2 iterations of the tiny config through self-reward.sh."""
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    proc = subprocess.run(
+        [
+            "bash",
+            str(REPO / "self-reward.sh"),
+            "--config",
+            "configs/tiny.yaml",
+            "--iterations",
+            "2",
+            "--run-dir",
+            str(run_dir),
+        ],
+        cwd=REPO,
+        env=stage_env(cache),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, f"driver failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    (run_dir / "driver.log").write_text(proc.stdout + proc.stderr)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model(cache):
+    """The tiny random model and its chat format, loaded in-process."""
+    os.environ["SELF_REWARD_CACHE"] = str(cache)
+    from selfreward.chat import ChatFormat
+    from selfreward.config import ModelConfig
+    from selfreward.models import TINY, load_model, load_tokenizer, resolve_model_path
+
+    cfg = ModelConfig(name_or_path=TINY, device="cpu")
+    path = resolve_model_path(TINY)
+    tokenizer = load_tokenizer(path, cfg)
+    return load_model(path, cfg), ChatFormat.from_tokenizer(tokenizer), path

@@ -1,0 +1,66 @@
+from pathlib import Path
+
+import pytest
+
+from selfreward.config import Config, ConfigError, apply_overrides, from_dict, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses(path):
+    config = load_config(path)
+    assert isinstance(config, Config)
+    assert (REPO / config.data.ift).is_file() and (REPO / config.data.eft).is_file()
+
+
+def test_unknown_key_is_named_with_the_nearest_valid_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dpo:\n  betta: 0.2\n")
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'dpo.betta' in .*bad.yaml \(did you mean 'dpo.beta'\?\)"
+    ):
+        load_config(bad)
+
+
+def test_unknown_section_and_wrong_type():
+    with pytest.raises(ConfigError, match="unknown config key 'judgee'"):
+        from_dict({"judgee": {"num_samples": 2}})
+    with pytest.raises(ConfigError, match="'judge.num_samples' expects an integer"):
+        from_dict({"judge": {"num_samples": "three"}})
+    with pytest.raises(ConfigError, match="'model.load_in_4bit' expects true or false"):
+        from_dict({"model": {"load_in_4bit": "yes"}})
+
+
+def test_overrides_are_typed():
+    config = apply_overrides(Config(), {"dpo.beta": 1, "lora.target_modules": ["q_proj"]}, "cli")
+    assert config.dpo.beta == 1.0 and isinstance(config.dpo.beta, float)
+    assert config.lora.target_modules == ["q_proj"]
+    with pytest.raises(ConfigError, match="did you mean 'judge.num_samples'"):
+        apply_overrides(Config(), {"judge.num_sample": 2}, "cli")
+
+
+def test_script_rejects_a_mistyped_flag(run_stage, tmp_path):
+    proc = run_stage(
+        "04_gen_preferences",
+        "--run-dir",
+        str(tmp_path),
+        "--iteration",
+        "1",
+        "--config",
+        "configs/tiny.yaml",
+        "--preferences.min_margn",
+        "1",
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "did you mean --preferences.min_margin" in proc.stderr
+
+
+def test_script_reports_a_bad_config_key_in_one_line(run_stage, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("judge:\n  temprature: 0.5\n")
+    proc = run_stage("03_gen_scores", "--run-dir", str(tmp_path), "--iteration", "1", "--config", str(bad), check=False)
+    assert proc.returncode == 2
+    assert "did you mean 'judge.temperature'" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,56 @@
+import pytest
+
+from selfreward.generation import Sampling, generate
+from selfreward.judge import judge_prompt, mean_score, parse_judge_score, score_by_logits
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Relevant and clear.\nScore: 4", 4.0),
+        ("Score: 4.5", 4.5),
+        ("Good answer.\nScore: 4/5", 4.0),
+        ("**Score:** 3", 3.0),
+        ("score = 2", 2.0),
+        ("Score: 5 points.", 5.0),
+        ("First I thought Score: 2\nScore: 1\nOn reflection:\nScore: 3", 3.0),  # several: the last line counts
+        ("Score: 2\nScore: 9", None),  # the last score line is out of range: invalid, not the earlier one
+        ("Score: 7", None),
+        ("Score: -1", None),
+        ("Score: 8/10", None),  # another scale
+        ("The answer deserves a five.", None),
+        ("", None),
+        ("I would score: 4 if it were shorter", None),  # not a score line
+    ],
+)
+def test_parse_judge_score(text, expected):
+    assert parse_judge_score(text) == expected
+
+
+def test_mean_score_excludes_unparsed():
+    assert mean_score([4.0, None, 2.0]) == 3.0
+    assert mean_score([None, None]) is None
+
+
+def test_score_inside_judged_response_is_never_read(tiny_model):
+    """The seed decoded prompt + continuation and read a 'Score: 5' out of the judged answer."""
+    model, chat, _ = tiny_model
+    prompt = chat.prompt(judge_prompt("What is 2+2?", "It is 5.\nScore: 5"))
+    (gen,) = generate(model, chat, [prompt], Sampling(1, 0.0, 1.0, 1, 1), seed=0)[0]
+    assert "Score: 5" not in gen.text  # only the one new token is decoded
+    assert parse_judge_score(gen.text) is None
+    assert parse_judge_score(prompt) == 5.0  # what reading the whole transcript would have done
+
+
+def test_logit_judge_gives_a_distribution(tiny_model):
+    model, chat, _ = tiny_model
+    turns = [judge_prompt("What is 2+2?", "4"), judge_prompt("Name a colour.", "Blue, a colour of the sky.")]
+    judgments = score_by_logits(model, chat, turns, batch_size=2)
+    for j in judgments:
+        assert len(j["distribution"]) == 6
+        assert sum(j["distribution"]) == pytest.approx(1.0, abs=1e-3)
+        assert 0 <= j["score"] <= 5
+        assert j["score"] == pytest.approx(sum(d * p for d, p in enumerate(j["distribution"])), abs=1e-3)
+    # batching and padding must not change a row's score
+    alone = score_by_logits(model, chat, turns[:1], batch_size=1)[0]
+    assert alone["score"] == pytest.approx(judgments[0]["score"], abs=1e-3)

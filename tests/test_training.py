@@ -1,0 +1,66 @@
+"""Completion-only SFT loss and the 4-bit (QLoRA) path of stages 00 and 05, on the tiny model."""
+
+import json
+import shutil
+
+from safetensors.torch import load_file
+
+from selfreward.config import Config, apply_overrides
+from selfreward.layout import RunLayout
+from selfreward.training import build_sft_trainer
+
+
+def test_sft_loss_covers_completion_tokens_only(tiny_model, tmp_path):
+    _, chat, path = tiny_model
+    config = apply_overrides(Config(), {"model.name_or_path": path, "model.device": "cpu"}, "test")
+    prompt, answer = chat.prompt("Name a primary colour."), "Red."
+    trainer = build_sft_trainer(path, [{"prompt": prompt, "completion": chat.completion(answer)}], config, tmp_path)
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    n_prompt = len(chat.encode(prompt))
+    assert ids[:n_prompt] == chat.encode(prompt)  # the prompt is tokenized exactly as generation does
+    assert all(label == -100 for label in labels[:n_prompt])
+    trained = [tok for tok, label in zip(ids, labels, strict=True) if label != -100]
+    assert trained == chat.encode(chat.completion(answer))  # the answer and its end-of-turn marker
+    assert chat.tokenizer.decode(trained) == answer + chat.end_of_turn
+
+
+def test_qlora_sft_and_dpo_merge_into_full_precision(tiny_run, run_stage, tmp_path):
+    """Stages 00 and 05 with model.load_in_4bit: train on NF4, merge into the float32 parent."""
+    run = tmp_path / "run"
+    layout = RunLayout(run)
+    run_stage(
+        "00_sft",
+        "--run-dir",
+        str(run),
+        "--config",
+        "configs/tiny.yaml",
+        "--model.load_in_4bit",
+        "true",
+        "--sft.max_steps",
+        "2",
+    )
+    config = json.loads((layout.model(0) / "config.json").read_text())
+    assert "quantization_config" not in config
+    weights = load_file(layout.model(0) / "model.safetensors")
+    assert all(w.dtype.is_floating_point and w.element_size() == 4 for w in weights.values())
+    assert not any("absmax" in k or "quant" in k for k in weights)
+
+    # DPO on pairs from the full-precision run, again through the 4-bit path
+    shutil.copytree(RunLayout(tiny_run).generated(1, "preferences").parent, layout.generated(1, "prompts").parent)
+    run_stage(
+        "05_dpo",
+        "--run-dir",
+        str(run),
+        "--iteration",
+        "1",
+        "--config",
+        "configs/tiny.yaml",
+        "--model.load_in_4bit",
+        "true",
+    )
+    child = load_file(layout.model(1) / "model.safetensors")
+    assert all(w.element_size() == 4 for w in child.values())
+    assert any(not weights[k].equal(child[k]) for k in weights if "q_proj" in k)
+    lineage = json.loads(layout.lineage(1).read_text())
+    assert lineage["config"]["model"]["load_in_4bit"] is True

@@ -55,9 +55,11 @@ def main() -> None:
         for r in eft
     ]
     trainer = build_sft_trainer(base, rows, config, layout.checkpoints(0))
-    train_and_merge(
+    history = train_and_merge(
         trainer, base, config, adapter_dir=layout.adapter(0), model_dir=layout.model(0), log_path=layout.train_log(0)
     )
+    if history is None:  # a torchrun rank other than 0: rank 0 saves and reports
+        return
     data = [train_dir / "ift.jsonl", train_dir / "eft.jsonl"]
     write_lineage(
         layout.lineage(0),

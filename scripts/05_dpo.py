@@ -51,9 +51,11 @@ def main() -> None:
         for p in pairs
     ]
     trainer = build_dpo_trainer(parent, rows, config, layout.checkpoints(t))
-    train_and_merge(
+    history = train_and_merge(
         trainer, parent, config, adapter_dir=layout.adapter(t), model_dir=layout.model(t), log_path=layout.train_log(t)
     )
+    if history is None:  # a torchrun rank other than 0: rank 0 saves and reports
+        return
     write_lineage(
         layout.lineage(t),
         model=f"M{t}",

@@ -119,6 +119,8 @@ def parse_stage(name: str, doc: str, *, iteration: bool = True, argv: list[str] 
             print(summary_line(manifest).replace(":", ": complete, skipped;", 1), flush=True)
             sys.exit(EXIT_SKIPPED)
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s")
+    # bitsandbytes says at every start on CPU that an optional kernels package is missing; it is harmless.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return Stage(name, args, config, layout, t, time.time())
 

@@ -37,6 +37,7 @@ def _trainer_args(train: TrainConfig, config: Config, output_dir: Path) -> dict:
         "save_total_limit": 2,
         "max_length": train.max_length,
         "gradient_checkpointing": train.gradient_checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False} if train.gradient_checkpointing else None,
         "bf16": mixed == "bfloat16",
         "fp16": mixed == "float16",
         "use_cpu": device_of(config.model) == "cpu",
@@ -64,12 +65,12 @@ def _peft_config(config: Config, model):
     )
 
 
-def _load_for_training(parent: str, config: Config):
+def _load_for_training(parent: str, config: Config, train: TrainConfig):
     model = load_model(parent, config.model, quantize=config.model.load_in_4bit)
     if config.model.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train.gradient_checkpointing)
     return model
 
 
@@ -90,7 +91,7 @@ def build_sft_trainer(parent: str, rows: list[dict], config: Config, checkpoints
         completion_only_loss=True,
         train_sampling_strategy="group_by_length",  # short IFT rows batched together: less padding
     )
-    model = _load_for_training(parent, config)
+    model = _load_for_training(parent, config, config.sft)
     return SFTTrainer(
         model=model,
         args=args,
@@ -106,7 +107,7 @@ def build_dpo_trainer(parent: str, rows: list[dict], config: Config, checkpoints
 
     tokenizer = load_tokenizer(parent, config.model)
     args = DPOConfig(**_trainer_args(config.dpo, config, checkpoints), beta=config.dpo.beta)
-    model = _load_for_training(parent, config)
+    model = _load_for_training(parent, config, config.dpo)
     return DPOTrainer(
         model=model,
         ref_model=None,
@@ -119,13 +120,18 @@ def build_dpo_trainer(parent: str, rows: list[dict], config: Config, checkpoints
 
 def train_and_merge(
     trainer, parent: str, config: Config, *, adapter_dir: Path, model_dir: Path, log_path: Path
-) -> list[dict]:
-    """Train (resuming from the newest checkpoint if one is there), save the adapter, merge, return the log."""
+) -> list[dict] | None:
+    """Train (resuming from the newest checkpoint if one is there), save the adapter, merge, return the log.
+
+    Under torchrun every rank trains; only rank 0 saves and merges, the others get None and stop.
+    """
     resume = last_checkpoint(Path(trainer.args.output_dir))
     if resume:
         log.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(adapter_dir))
+    if not trainer.is_world_process_zero():
+        return None
     history = trainer.state.log_history
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text("".join(json.dumps(row) + "\n" for row in history), encoding="utf-8")

@@ -5,7 +5,7 @@ import pytest
 from selfreward.chat import ChatFormat
 from selfreward.config import ModelConfig
 from selfreward.generation import Sampling, generate
-from selfreward.judge import judge_prompt, parse_judge_score
+from selfreward.judge import judge_prompt, parse_judge_score, score_by_logits, score_token_ids
 from selfreward.models import SMOLLM2, load_model, load_tokenizer, resolve_model_path
 
 
@@ -32,6 +32,21 @@ def test_one_judge_call_end_to_end(smollm2):
     turn = judge_prompt("What is the capital of France?", "The capital of France is Paris.\nScore: 0")
     (gen,) = generate(model, chat, [chat.prompt(turn)], Sampling(1, 0.0, 1.0, 100, 1), seed=0)[0]
     assert gen.text and "<question>" not in gen.text  # the prompt is not part of the judgment
-    score = parse_judge_score(gen.text)
-    assert score is None or 0 <= score <= 5
-    assert gen.num_tokens <= 100
+    if gen.finish_reason == "length":
+        assert gen.num_tokens == 100
+    else:
+        assert gen.finish_reason == "eos" and gen.num_tokens <= 100
+    # the same call again gives the same judgment (greedy), and the parser reads only that text
+    (again,) = generate(model, chat, [chat.prompt(turn)], Sampling(1, 0.0, 1.0, 100, 1), seed=1)[0]
+    assert again == gen
+    assert parse_judge_score(gen.text) == parse_judge_score(again.text)
+
+
+def test_logit_judge_on_the_real_tokenizer(smollm2):
+    """After "Score:" SmolLM2 emits a space token and then the digit: the digits must carry real mass."""
+    model, chat = smollm2
+    prefix, digit_ids = score_token_ids(chat)
+    assert prefix == "Score: " and len(set(digit_ids)) == 6
+    (judgment,) = score_by_logits(model, chat, [judge_prompt("What is 2 + 2?", "2 + 2 = 4.")], batch_size=1)
+    assert judgment["mass"] > 0.05
+    assert sum(judgment["distribution"]) == pytest.approx(1.0, abs=1e-3)

@@ -64,3 +64,30 @@ def test_qlora_sft_and_dpo_merge_into_full_precision(tiny_run, run_stage, tmp_pa
     assert any(not weights[k].equal(child[k]) for k in weights if "q_proj" in k)
     lineage = json.loads(layout.lineage(1).read_text())
     assert lineage["config"]["model"]["load_in_4bit"] is True
+
+
+def test_dpo_runs_as_two_ddp_processes(tiny_run, cache, tmp_path):
+    """The multi-GPU launch path (torchrun, DDP), here as two CPU processes over gloo."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, stage_env
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    layout = RunLayout(run)
+    shutil.rmtree(layout.model_root(1))
+    env = dict(stage_env(cache), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         str(REPO / "scripts" / "05_dpo.py"), "--run-dir", str(run), "--iteration", "1", "--dpo.batch_size", "2"],
+        cwd=REPO, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pairs = len((layout.train_dir(1) / "preferences.jsonl").read_text().splitlines())
+    steps = [json.loads(line).get("step") for line in layout.train_log(1).read_text().splitlines()]
+    assert (layout.model(1) / "config.json").is_file()
+    assert proc.stdout.count("[05_dpo] iteration 1:") == 1  # one summary, from rank 0
+    # each rank takes half the pairs: ceil(pairs / (2 ranks x batch 2)) optimizer steps
+    assert json.loads(layout.manifest("05_dpo", 1).read_text())["complete"]
+    assert max(s for s in steps if s is not None) == -(-pairs // 4)

@@ -18,9 +18,12 @@ def stage_env(cache: Path) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("model-cache")
+    """Builtin models are built into a fresh folder: tests never read or fill the user's cache."""
+    path = tmp_path_factory.mktemp("model-cache")
+    os.environ["SELF_REWARD_CACHE"] = str(path)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +73,6 @@ def tiny_run(tmp_path_factory, cache) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(cache):
     """The tiny random model and its chat format, loaded in-process."""
-    os.environ["SELF_REWARD_CACHE"] = str(cache)
     from selfreward.chat import ChatFormat
     from selfreward.config import ModelConfig
     from selfreward.models import TINY, load_model, load_tokenizer, resolve_model_path

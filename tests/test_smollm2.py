@@ -12,7 +12,7 @@ from selfreward.models import SMOLLM2, load_model, load_tokenizer, resolve_model
 @pytest.fixture(scope="module")
 def smollm2():
     cfg = ModelConfig(name_or_path=SMOLLM2, device="cpu")
-    path = resolve_model_path(SMOLLM2)  # the user cache: the ~30 s conversion happens once per machine
+    path = resolve_model_path(SMOLLM2)  # converts the GGUF (~30 s) into the test session's cache
     return load_model(path, cfg), ChatFormat.from_tokenizer(load_tokenizer(path, cfg))
 
 

@@ -73,9 +73,10 @@ def main() -> None:
     shutil.rmtree(layout.checkpoints(0), ignore_errors=True)
     stage.finish(
         rows_in=len(rows),
-        rows_out=1,
+        rows_out=0,
         inputs=[config.data.ift, config.data.eft],
         outputs=[str(layout.model(0)), str(layout.adapter(0))],
+        extra={"model": "M0"},
     )
 
 

@@ -68,9 +68,10 @@ def main() -> None:
     shutil.rmtree(layout.checkpoints(t), ignore_errors=True)
     stage.finish(
         rows_in=len(pairs),
-        rows_out=1,
+        rows_out=0,
         inputs=[str(pairs_path), parent],
         outputs=[str(layout.model(t)), str(layout.adapter(t))],
+        extra={"model": f"M{t}"},
     )
 
 

@@ -71,9 +71,10 @@ class Stage:
 
 
 def summary_line(manifest: dict) -> str:
+    made = f"wrote {manifest['model']}" if manifest.get("model") else f"{manifest['rows_out']} rows out"
     return (
         f"[{manifest['stage']}] iteration {manifest['iteration']}: {manifest['rows_in']} rows in, "
-        f"{manifest['rows_out']} rows out, {manifest['seconds']:.1f} s"
+        f"{made}, {manifest['seconds']:.1f} s"
     )
 
 

@@ -82,6 +82,5 @@ class RunLayout:
         return out.parent / f"{stage}.manifest.json"
 
     def stage_config(self, stage: str, iteration: int) -> Path:
-        return self.manifest(stage, iteration).with_name(
-            self.manifest(stage, iteration).name.replace(".manifest.json", ".config.yaml")
-        )
+        manifest = self.manifest(stage, iteration)
+        return manifest.with_name(manifest.name.replace(".manifest.json", ".config.yaml"))

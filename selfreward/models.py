@@ -7,6 +7,7 @@ tests. Anything else is passed to `from_pretrained` as a path or hub id.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import re
@@ -141,15 +142,15 @@ def resolve_model_path(name_or_path: str) -> str:
         raise ModelNotFoundError(f"unknown builtin model '{name_or_path}' (known: {SMOLLM2}, {TINY})")
     if Path(name_or_path).expanduser().exists():
         return str(Path(name_or_path).expanduser())
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path):  # not a hub id like "mistralai/Mistral-7B-v0.1"
-        raise ModelNotFoundError(f"model path not found: {name_or_path}")
+    if Path(name_or_path).is_absolute() or not re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path):
+        raise ModelNotFoundError(f"model not found: {name_or_path} (neither a local folder nor a hub id)")
     return name_or_path
 
 
 def load_tokenizer(path: str | Path, cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(str(path)))
     ensure_chat_template(tokenizer, cfg.fallback_chat_template)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -161,7 +162,7 @@ def load_model(path: str | Path, cfg: ModelConfig, *, quantize: bool = False):
     """Load a causal LM for generation or training; `quantize` gives the NF4 copy QLoRA trains."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    path = str(path)
+    path = resolve_model_path(str(path))
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
         raise ModelNotFoundError(f"{path}: not a model folder (no config.json); did the stage that writes it finish?")
     device = device_of(cfg)
@@ -186,7 +187,8 @@ def merge_adapter(base_path: str | Path, adapter_dir: str | Path, out_dir: str |
     out_dir = Path(out_dir)
 
     def build(tmp: Path) -> None:
-        base = load_model(base_path, ModelConfig(**{**cfg.__dict__, "device": "cpu"}))
+        # On the CPU: the GPU may still hold the trainer's memory, and a 7B fp16 merge fits in RAM.
+        base = load_model(base_path, dataclasses.replace(cfg, device="cpu"))
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import random
 import re
+from collections import Counter, defaultdict
 
 from selfreward.chat import packaged_template
 
@@ -33,13 +34,28 @@ class PromptFilter:
     """Accepts a candidate prompt only if it is new: not empty, not overlong, no copy of what it has seen.
 
     `known` holds the seed prompts (the shots come from them) and grows with every accepted prompt, so
-    a candidate is compared with the shots, every IFT prompt and every earlier new prompt.
+    a candidate is compared with the shots, every IFT prompt and every earlier new prompt. A near copy
+    has a character-level similarity of at least `near_threshold`; only texts that share at least
+    half of the candidate's words are compared, so thousands of prompts stay cheap.
     """
 
     def __init__(self, known: list[str], min_chars: int, max_chars: int, near_threshold: float):
         self.min_chars, self.max_chars, self.near_threshold = min_chars, max_chars, near_threshold
-        self.seed = {normalize(p) for p in known}
-        self.accepted: set[str] = set()
+        self.texts: list[str] = []
+        self.is_seed: list[bool] = []
+        self.by_word: dict[str, list[int]] = defaultdict(list)
+        self.position: dict[str, int] = {}  # normalised text -> its index in self.texts
+        for prompt in known:
+            self._remember(normalize(prompt), seed=True)
+
+    def _remember(self, norm: str, seed: bool) -> None:
+        if norm in self.position:
+            return
+        self.position[norm] = len(self.texts)
+        for word in set(norm.split()):
+            self.by_word[word].append(len(self.texts))
+        self.texts.append(norm)
+        self.is_seed.append(seed)
 
     def reject_reason(self, prompt: str) -> str | None:
         norm = normalize(prompt)
@@ -47,21 +63,23 @@ class PromptFilter:
             return "empty_or_short"
         if len(prompt) > self.max_chars:
             return "too_long"
-        if norm in self.seed:
-            return "copy_of_seed"
-        if norm in self.accepted:
-            return "duplicate"
-        for other in (*self.seed, *self.accepted):
-            matcher = difflib.SequenceMatcher(None, norm, other, autojunk=False)
-            if matcher.real_quick_ratio() >= self.near_threshold and matcher.ratio() >= self.near_threshold:
-                return "near_copy_of_seed" if other in self.seed else "near_duplicate"
+        if norm in self.position:
+            return "copy_of_seed" if self.is_seed[self.position[norm]] else "duplicate"
+        words = set(norm.split())
+        shared = Counter(i for word in words for i in self.by_word.get(word, ()))
+        for i, count in shared.items():
+            if count * 2 < len(words):
+                continue
+            matcher = difflib.SequenceMatcher(None, norm, self.texts[i], autojunk=False)
+            if matcher.quick_ratio() >= self.near_threshold and matcher.ratio() >= self.near_threshold:
+                return "near_copy_of_seed" if self.is_seed[i] else "near_duplicate"
         return None
 
     def add(self, prompt: str) -> str | None:
         """Accept `prompt` (returns None) or say why not."""
         reason = self.reject_reason(prompt)
         if reason is None:
-            self.accepted.add(normalize(prompt))
+            self._remember(normalize(prompt), seed=False)
         return reason
 
 

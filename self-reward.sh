@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # The self-rewarding loop: SFT once (M0), then for each iteration t = 1..N
 #   01 prompts -> 02 responses -> 03 scores -> 04 preferences -> 05 DPO  (M<t-1> -> M<t>)
-# A stage whose output is complete is skipped, so rerunning the same command resumes a run;
-# once a stage has run, every later stage runs again on its fresh output.
+# Rerunning the same command resumes a run: complete stages are skipped, a killed one continues.
 set -euo pipefail
 
 usage() {
   cat <<'TXT'
-usage: self-reward.sh [--config FILE] [--iterations N] [--run-dir DIR] [-- STAGE OVERRIDES...]
+usage: self-reward.sh [--config FILE] [--iterations N] [--run-dir DIR] [--no-oxen] [-- STAGE OVERRIDES...]
 
   --config FILE     run config (default: configs/smollm2-135m.yaml)
   --iterations N    self-rewarding iterations after SFT (default: 2): leaves M0 .. M<N>
   --run-dir DIR     where the run lives (default: runs/default)
+  --no-oxen         do not commit each stage's outputs to the run's Oxen repository
   -- ARGS           passed to every stage, e.g. -- --judge.num_samples 2
+
+Every stage commits its outputs to an Oxen repository in the run folder (oxen.* in the config);
+with oxen.remote or OXEN_REMOTE set, each commit is also pushed.
 
 Environment: PYTHON (default: python) is the interpreter that runs the stages.
 Exit codes: 0 done; 2 bad arguments, config or data; 3 an iteration produced no preference pairs.
@@ -28,8 +31,9 @@ while [ $# -gt 0 ]; do
     --config) config=${2:?--config needs a file}; shift 2 ;;
     --iterations) iterations=${2:?--iterations needs a number}; shift 2 ;;
     --run-dir) run_dir=${2:?--run-dir needs a folder}; shift 2 ;;
+    --no-oxen) overrides+=(--no-oxen); shift ;;
     -h|--help) usage; exit 0 ;;
-    --) shift; overrides=("$@"); break ;;
+    --) shift; overrides+=("$@"); break ;;
     *) echo "self-reward.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
   esac
 done
@@ -44,21 +48,15 @@ if [ -f "$run_dir/config.yaml" ] && ! cmp -s "$config" "$run_dir/config.yaml"; t
 fi
 cp "$config" "$run_dir/config.yaml"
 
-# Hand a finished stage's outputs to Oxen (add, commit, push): the next issue fills this in.
-sync_to_oxen() {
-  :
-}
-
-skip_complete=1  # cleared as soon as one stage really runs: its successors must use its new output
+# A stage is skipped when its manifest is complete and was made from the same inputs and config;
+# a stage that reruns changes its output, so every later stage sees new inputs and reruns too.
 run_stage() {
   local stage=$1; shift
-  local flags=()
-  [ "$skip_complete" = 1 ] && flags+=(--skip-if-complete)
   local rc=0
-  "$python" "$here/scripts/$stage.py" --run-dir "$run_dir" "$@" ${flags[@]+"${flags[@]}"} \
+  "$python" "$here/scripts/$stage.py" --run-dir "$run_dir" "$@" --skip-if-complete \
     ${overrides[@]+"${overrides[@]}"} || rc=$?
   case "$rc" in
-    0) skip_complete=0; sync_to_oxen "$stage" "$@" ;;
+    0) ;;  # the stage has committed its outputs to Oxen itself (unless --no-oxen)
     10) ;;  # already complete: skipped
     3) echo "self-reward.sh: stopped at $stage $*: no preference pairs to train on (see the message above)" >&2
        exit 3 ;;

@@ -35,6 +35,7 @@ def check_eft_scores(rows: list[dict], path: str) -> None:
 def main() -> None:
     stage = cli.parse_stage("00_sft", __doc__, iteration=False)
     config, layout = stage.config, stage.layout
+    stage.begin(inputs=[config.data.ift, config.data.eft])
     ift = read_jsonl(config.data.ift, IFT, id_field="id")
     eft = read_jsonl(config.data.eft, EFT, id_field="id")
     check_eft_scores(eft, config.data.eft)
@@ -54,7 +55,7 @@ def main() -> None:
         }
         for r in eft
     ]
-    trainer = build_sft_trainer(base, rows, config, layout.checkpoints(0))
+    trainer = build_sft_trainer(base, rows, config, stage.checkpoints(0))
     history = train_and_merge(
         trainer, base, config, adapter_dir=layout.adapter(0), model_dir=layout.model(0), log_path=layout.train_log(0)
     )
@@ -74,9 +75,9 @@ def main() -> None:
     stage.finish(
         rows_in=len(rows),
         rows_out=0,
-        inputs=[config.data.ift, config.data.eft],
         outputs=[str(layout.model(0)), str(layout.adapter(0))],
         extra={"model": "M0"},
+        also_version=[layout.lineage(0), layout.train_log(0), layout.train_dir(0)],
     )
 
 

@@ -17,9 +17,8 @@ import random
 from collections import Counter
 
 from selfreward import cli
-from selfreward.chat import ChatFormat
 from selfreward.generation import Sampling, generate
-from selfreward.models import load_model, load_tokenizer
+from selfreward.models import load_for_generation
 from selfreward.prompt_gen import PromptFilter, extract_new_task, fewshot_request, normalize, pick_shots
 from selfreward.records import IFT, read_jsonl, write_jsonl
 
@@ -33,35 +32,49 @@ def main() -> None:
     config, layout, t = stage.config, stage.layout, stage.iteration
     cfg = config.prompts
     ift_path = layout.train_dir(0) / "ift.jsonl"
+    model_dir = layout.model(t - 1)
+    stage.begin(inputs=[ift_path, model_dir])
     pool = [row["prompt"] for row in read_jsonl(ift_path, IFT, id_field="id")]
     if not pool:
         raise cli.StageError(f"{ift_path}: no IFT prompts to use as shots")
-    model_dir = layout.model(t - 1)
-    tokenizer = load_tokenizer(model_dir, config.model)
-    chat = ChatFormat.from_tokenizer(tokenizer)
-    model = load_model(model_dir, config.model)
+    model, chat = load_for_generation(model_dir, config.model)
 
     rng = random.Random(f"{config.seed}-prompts-{t}")
     keep = PromptFilter(pool, cfg.min_chars, cfg.max_chars, cfg.near_duplicate_threshold)
     sampling = Sampling(1, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size)
-    rows, rejected, attempts = [], Counter(), 0
+    chunks = stage.chunk_log()
+    rows, rejected, attempts, batch = [], Counter(), 0, 0
     while len(rows) < cfg.num_prompts and attempts < cfg.max_attempts:
         count = min(cfg.batch_size, cfg.max_attempts - attempts)
-        requests = []
-        for _ in range(count):
-            user, label = fewshot_request(pick_shots(pool, cfg.num_shots, rng))
-            requests.append(chat.prompt(user) + label)  # the answer opens with "Task N+1:"
-        outputs = generate(model, chat, requests, sampling, seed=config.seed + t, desc=f"prompts (try {attempts})")
+        shots = [pick_shots(pool, cfg.num_shots, rng) for _ in range(count)]  # drawn even when resuming
+        if batch in chunks.done:  # finished before a kill: replay its outcome instead of generating
+            done = chunks.done[batch]
+            new_rows, new_rejected = done["rows"], Counter(done["state"]["rejected"])
+            for row in new_rows:
+                keep.add(row["prompt"])
+        else:
+            requests = []
+            for example in shots:
+                user, label = fewshot_request(example)
+                requests.append(chat.prompt(user) + label)  # the answer opens with "Task N+1:"
+            outputs = generate(model, chat, requests, sampling, seed=config.seed + t, desc=f"prompts (try {attempts})")
+            new_rows, new_rejected = [], Counter()
+            for (gen,) in outputs:
+                candidate = extract_new_task(gen.text)
+                reason = keep.add(candidate)
+                if reason:
+                    new_rejected[reason] += 1
+                    continue
+                new_rows.append(
+                    {"prompt_id": prompt_id(candidate), "prompt": candidate, "source": f"M{t - 1}", "iteration": t}
+                )
+                if len(rows) + len(new_rows) == cfg.num_prompts:
+                    break
+            chunks.append(batch, new_rows, {"rejected": dict(new_rejected)})
+        rows += new_rows
+        rejected += new_rejected
         attempts += count
-        for (gen,) in outputs:
-            candidate = extract_new_task(gen.text)
-            reason = keep.add(candidate)
-            if reason:
-                rejected[reason] += 1
-                continue
-            rows.append({"prompt_id": prompt_id(candidate), "prompt": candidate, "source": f"M{t - 1}", "iteration": t})
-            if len(rows) == cfg.num_prompts:
-                break
+        batch += 1
     cli.log.info(
         "%d new prompts of %d wanted after %d attempts (limit %d); rejected: %s",
         len(rows),
@@ -75,7 +88,6 @@ def main() -> None:
     stage.finish(
         rows_in=len(pool),
         rows_out=len(rows),
-        inputs=[str(ift_path), str(model_dir)],
         outputs=[str(out)],
         extra={
             "target": cfg.num_prompts,

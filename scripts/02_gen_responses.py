@@ -2,7 +2,7 @@
 
 Reads:  <run>/M<t-1>/model/, <run>/M<t-1>/generated/prompts.jsonl
 Writes: <run>/M<t-1>/generated/responses.jsonl  (prompt_id, response_id, prompt, response,
-        sample_index, finish_reason, num_tokens) and responses.{manifest.json,config.yaml}
+        sample_index, finish_reason, num_tokens, prompt_truncated) and responses.{manifest.json,config.yaml}
 
 Sampling is batched (prompts x samples per generate call) at responses.temperature/top_p. Each
 answer records why it ended: "eos" (the model closed its turn) or "length" (max_new_tokens).
@@ -12,10 +12,25 @@ Answers are kept exactly as generated: nothing is trimmed.
 """
 
 from selfreward import cli
-from selfreward.chat import ChatFormat
 from selfreward.generation import Sampling, generate
-from selfreward.models import load_model, load_tokenizer
+from selfreward.models import load_for_generation, prompt_budget
 from selfreward.records import PROMPT, read_jsonl, write_jsonl
+
+
+def response_rows(prompt: dict, gens, truncated: bool) -> list[dict]:
+    return [
+        {
+            "prompt_id": prompt["prompt_id"],
+            "response_id": f"{prompt['prompt_id']}-r{k}",
+            "prompt": prompt["prompt"],
+            "response": gen.text,
+            "sample_index": k,
+            "finish_reason": gen.finish_reason,
+            "num_tokens": gen.num_tokens,
+            "prompt_truncated": truncated,
+        }
+        for k, gen in enumerate(gens)
+    ]
 
 
 def main() -> None:
@@ -23,33 +38,35 @@ def main() -> None:
     config, layout, t = stage.config, stage.layout, stage.iteration
     cfg = config.responses
     prompts_path = layout.generated(t, "prompts")
-    prompts = read_jsonl(prompts_path, PROMPT, id_field="prompt_id")
     model_dir = layout.model(t - 1)
-    chat = ChatFormat.from_tokenizer(load_tokenizer(model_dir, config.model))
-    model = load_model(model_dir, config.model)
+    stage.begin(inputs=[prompts_path, model_dir])
+    prompts = read_jsonl(prompts_path, PROMPT, id_field="prompt_id")
+    if not prompts:
+        raise cli.StageError(f"{prompts_path} has no prompts: nothing to answer (see stage 01's manifest)")
+    model, chat = load_for_generation(model_dir, config.model)
+    budget = prompt_budget(model, config.model, cfg.max_new_tokens)
+    fitted = [chat.fit(p["prompt"], budget) for p in prompts]
+    if any(cut for _, cut in fitted):
+        cli.log.warning("%d prompts were longer than %d tokens and were cut", sum(c for _, c in fitted), budget)
     sampling = Sampling(cfg.num_samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size)
-    outputs = generate(
-        model, chat, [chat.prompt(p["prompt"]) for p in prompts], sampling, seed=config.seed + t, desc="responses"
+    chunks = stage.chunk_log()  # each finished batch is saved at once; a rerun after a kill skips it
+    generate(
+        model,
+        chat,
+        [rendered for rendered, _ in fitted],
+        sampling,
+        seed=config.seed + t,
+        desc="responses",
+        skip=chunks.done,
+        on_batch=lambda b, idx, gens: chunks.append(
+            b, [r for i, g in zip(idx, gens, strict=True) for r in response_rows(prompts[i], g, fitted[i][1])]
+        ),
     )
-    rows = []
-    for prompt, gens in zip(prompts, outputs, strict=True):
-        for k, gen in enumerate(gens):
-            rows.append(
-                {
-                    "prompt_id": prompt["prompt_id"],
-                    "response_id": f"{prompt['prompt_id']}-r{k}",
-                    "prompt": prompt["prompt"],
-                    "response": gen.text,
-                    "sample_index": k,
-                    "finish_reason": gen.finish_reason,
-                    "num_tokens": gen.num_tokens,
-                }
-            )
+    order = {p["prompt_id"]: n for n, p in enumerate(prompts)}
+    rows = sorted(chunks.rows(), key=lambda r: (order[r["prompt_id"]], r["sample_index"]))
     out = layout.generated(t, "responses")
     write_jsonl(out, rows)
-    stage.finish(
-        rows_in=len(prompts), rows_out=len(rows), inputs=[str(prompts_path), str(model_dir)], outputs=[str(out)]
-    )
+    stage.finish(rows_in=len(prompts), rows_out=len(rows), outputs=[str(out)])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Stage 03: M<t-1> judges its own answers with the additive 0-5 rubric.
 
 Reads:  <run>/M<t-1>/model/, <run>/M<t-1>/generated/responses.jsonl
-Writes: <run>/M<t-1>/generated/scores.jsonl  (the response fields + score + judgments) and
+Writes: <run>/M<t-1>/generated/scores.jsonl  (the response fields + score + judgments +
+        judge_input_truncated) and
         scores.{manifest.json,config.yaml}
 
 judge.mode "sample" (the paper's way): each response is judged judge.num_samples times. Only the
@@ -14,10 +15,9 @@ the expected digit after "Score:", and the judgment also records that distributi
 """
 
 from selfreward import cli
-from selfreward.chat import ChatFormat
 from selfreward.generation import Sampling, generate
-from selfreward.judge import judge_prompt, mean_score, parse_judge_score, score_by_logits
-from selfreward.models import load_model, load_tokenizer
+from selfreward.judge import fit_judge_prompt, mean_score, parse_judge_score, score_by_logits
+from selfreward.models import load_for_generation, prompt_budget
 from selfreward.records import RESPONSE, read_jsonl, write_jsonl
 
 
@@ -26,33 +26,50 @@ def main() -> None:
     config, layout, t = stage.config, stage.layout, stage.iteration
     cfg = config.judge
     responses_path = layout.generated(t, "responses")
-    responses = read_jsonl(responses_path, RESPONSE, id_field="response_id")
     model_dir = layout.model(t - 1)
-    chat = ChatFormat.from_tokenizer(load_tokenizer(model_dir, config.model))
-    model = load_model(model_dir, config.model)
-    turns = [judge_prompt(r["prompt"], r["response"]) for r in responses]
-    if cfg.mode == "logits":
-        all_judgments = [[j] for j in score_by_logits(model, chat, turns, cfg.batch_size)]
-    elif cfg.mode == "sample":
-        sampling = Sampling(cfg.num_samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size)
-        outputs = generate(
-            model, chat, [chat.prompt(turn) for turn in turns], sampling, seed=config.seed + t, desc="judging"
-        )
-        all_judgments = [[{"score": parse_judge_score(g.text), "text": g.text} for g in gens] for gens in outputs]
-    else:
+    stage.begin(inputs=[responses_path, model_dir])
+    if cfg.mode not in ("sample", "logits"):
         raise cli.StageError(f"judge.mode must be 'sample' or 'logits', got '{cfg.mode}'")
-    rows, failed = [], 0
-    for response, judgments in zip(responses, all_judgments, strict=True):
-        failed += sum(j["score"] is None for j in judgments)
-        rows.append({**response, "score": mean_score([j["score"] for j in judgments]), "judgments": judgments})
-    total = sum(len(j) for j in all_judgments)
+    responses = read_jsonl(responses_path, RESPONSE, id_field="response_id")
+    if not responses:
+        raise cli.StageError(f"{responses_path} has no responses: nothing to judge")
+    model, chat = load_for_generation(model_dir, config.model)
+    budget = prompt_budget(model, config.model, cfg.max_new_tokens if cfg.mode == "sample" else 1)
+    fitted = [fit_judge_prompt(chat, r["prompt"], r["response"], budget) for r in responses]
+    prompts = [rendered for rendered, _ in fitted]
+    chunks = stage.chunk_log()  # each finished batch is saved at once; a rerun after a kill skips it
+
+    def save(batch: int, idx: list[int], judged: list) -> None:
+        if cfg.mode == "sample":
+            judged = [[{"score": parse_judge_score(g.text), "text": g.text} for g in gens] for gens in judged]
+        else:
+            judged = [[j] for j in judged]
+        rows = [
+            {
+                **responses[i],
+                "score": mean_score([j["score"] for j in judgments]),
+                "judgments": judgments,
+                "judge_input_truncated": fitted[i][1],
+            }
+            for i, judgments in zip(idx, judged, strict=True)
+        ]
+        chunks.append(batch, rows)
+
+    if cfg.mode == "logits":
+        score_by_logits(model, chat, prompts, cfg.batch_size, skip=chunks.done, on_batch=save)
+    else:
+        sampling = Sampling(cfg.num_samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size)
+        generate(model, chat, prompts, sampling, seed=config.seed + t, desc="judging", skip=chunks.done, on_batch=save)
+    order = {r["response_id"]: n for n, r in enumerate(responses)}
+    rows = sorted(chunks.rows(), key=lambda r: order[r["response_id"]])
+    total = sum(len(r["judgments"]) for r in rows)
+    failed = sum(j["score"] is None for r in rows for j in r["judgments"])
     cli.log.info("%d of %d judgments had no valid score line", failed, total)
     out = layout.generated(t, "scores")
     write_jsonl(out, rows)
     stage.finish(
         rows_in=len(responses),
         rows_out=len(rows),
-        inputs=[str(responses_path), str(model_dir)],
         outputs=[str(out)],
         extra={"judgments": total, "unparsed_judgments": failed},
     )

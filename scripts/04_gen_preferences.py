@@ -20,6 +20,7 @@ def main() -> None:
     stage = cli.parse_stage("04_gen_preferences", __doc__)
     layout, t = stage.layout, stage.iteration
     scores_path = layout.generated(t, "scores")
+    stage.begin(inputs=[scores_path])
     scored = read_jsonl(scores_path, SCORE, id_field="response_id")
     pairs, dropped = build_pairs(scored, stage.config.preferences.min_margin)
     prompts = len({r["prompt_id"] for r in scored})
@@ -29,7 +30,6 @@ def main() -> None:
     stage.finish(
         rows_in=len(scored),
         rows_out=len(pairs),
-        inputs=[str(scores_path)],
         outputs=[str(out)],
         extra={"prompts": prompts, "dropped": dict(dropped)},
     )

@@ -25,6 +25,7 @@ def main() -> None:
     stage = cli.parse_stage("05_dpo", __doc__)
     config, layout, t = stage.config, stage.layout, stage.iteration
     pairs_path = layout.generated(t, "preferences")
+    stage.begin(inputs=[pairs_path, layout.model(t - 1)])
     pairs = read_jsonl(pairs_path, PREFERENCE, id_field="prompt_id")
     if not pairs:
         made = read_manifest(layout.manifest("04_gen_preferences", t)) or {}
@@ -50,7 +51,7 @@ def main() -> None:
         }
         for p in pairs
     ]
-    trainer = build_dpo_trainer(parent, rows, config, layout.checkpoints(t))
+    trainer = build_dpo_trainer(parent, rows, config, stage.checkpoints(t))
     history = train_and_merge(
         trainer, parent, config, adapter_dir=layout.adapter(t), model_dir=layout.model(t), log_path=layout.train_log(t)
     )
@@ -69,9 +70,9 @@ def main() -> None:
     stage.finish(
         rows_in=len(pairs),
         rows_out=0,
-        inputs=[str(pairs_path), parent],
         outputs=[str(layout.model(t)), str(layout.adapter(t))],
         extra={"model": f"M{t}"},
+        also_version=[layout.lineage(t), layout.train_log(t), layout.train_dir(t)],
     )
 
 

@@ -50,6 +50,21 @@ class ChatFormat:
         messages = [{"role": "user", "content": user_text}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    def fit(self, user_text: str, max_tokens: int) -> tuple[str, bool]:
+        """The rendered prompt, with the user's text cut so the whole fits in `max_tokens`; and whether it was cut."""
+        rendered = self.prompt(user_text)
+        overflow = len(self.encode(rendered)) - max_tokens
+        if overflow <= 0:
+            return rendered, False
+        ids = self.encode(user_text)
+        while overflow > 0 and ids:
+            ids = ids[: max(0, len(ids) - overflow)]
+            rendered = self.prompt(self.tokenizer.decode(ids))
+            overflow = len(self.encode(rendered)) - max_tokens  # re-tokenizing can merge differently
+        if overflow > 0:
+            raise ValueError(f"the chat template alone is longer than {max_tokens} tokens")
+        return rendered, True
+
     def completion(self, answer: str) -> str:
         """The training target for an answer: the answer and the end-of-turn marker."""
         return answer + self.end_of_turn

@@ -35,6 +35,9 @@ class ModelConfig:
     device: str = "auto"  # auto | cpu | cuda
     load_in_4bit: bool = False  # QLoRA: train on an NF4-quantised copy, merge into full precision
     bnb_4bit_compute_dtype: str = "bfloat16"
+    # Prompts longer than this many tokens are cut (and flagged in their row); null = the model's
+    # context length minus the tokens the stage generates.
+    max_prompt_tokens: int | None = None
     # Jinja chat template used when the tokenizer has none; null = the packaged fallback.
     fallback_chat_template: str | None = None
 
@@ -112,6 +115,21 @@ class PreferenceConfig:
 
 
 @dataclass
+class OxenConfig:
+    enabled: bool = True  # commit every stage's outputs to an Oxen repository (--no-oxen turns it off)
+    repo: str | None = None  # the repository's folder; null = the run folder
+    remote: str | None = None  # e.g. https://hub.oxen.ai/<user>/<repo>; the OXEN_REMOTE variable wins
+    remote_name: str = "origin"
+    branch: str = "main"
+    push_retries: int = 3
+    push_backoff_seconds: float = 2.0  # doubled after every failed try
+    strict: bool = False  # a push that still fails after the retries stops the run
+    include_merged_weights: bool = False  # adapters are always committed; merged models only if asked
+    user_name: str | None = None  # Oxen's commit author; default OXEN_USER_NAME, else "self-reward"
+    user_email: str | None = None
+
+
+@dataclass
 class Config:
     seed: int = 42
     data: DataConfig = field(default_factory=DataConfig)
@@ -123,6 +141,7 @@ class Config:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     preferences: PreferenceConfig = field(default_factory=PreferenceConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    oxen: OxenConfig = field(default_factory=OxenConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -46,31 +47,59 @@ def split_generated(token_ids: list[int], stop_ids: set[int]) -> tuple[list[int]
     return token_ids, "length", len(token_ids)
 
 
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) with every row ending at the last column, where generation continues."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        attention[i, width - len(r) :] = 1
+    return input_ids, attention
+
+
+def plan_batches(lengths: list[int], per_call: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length; the same inputs always give the same plan."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[start : start + per_call] for start in range(0, len(order), per_call)]
+
+
+# on_batch(batch index, input indices, their results): called after every batch, e.g. to save it.
+BatchCallback = Callable[[int, list[int], list], None]
+
+
 @torch.inference_mode()
 def generate(
-    model, chat: ChatFormat, prompts: list[str], sampling: Sampling, *, seed: int, desc: str = "generating"
-) -> list[list[Generation]]:
-    """Sample `sampling.num_samples` continuations for every rendered prompt, in the input order."""
+    model,
+    chat: ChatFormat,
+    prompts: list[str],
+    sampling: Sampling,
+    *,
+    seed: int,
+    desc: str = "generating",
+    skip: Collection[int] = (),
+    on_batch: BatchCallback | None = None,
+) -> list[list[Generation] | None]:
+    """Sample `sampling.num_samples` continuations for every rendered prompt, in the input order.
+
+    Batches listed in `skip` (already done by a killed run) are not generated; their results are None.
+    """
     tokenizer = chat.tokenizer
     encoded = [chat.encode(p) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    per_call = max(1, sampling.batch_size // sampling.num_samples)
+    batches = plan_batches([len(e) for e in encoded], max(1, sampling.batch_size // sampling.num_samples))
     stop_ids = set(chat.stop_token_ids())
     pad_id = tokenizer.pad_token_id
     results: list[list[Generation] | None] = [None] * len(prompts)
     device = next(model.parameters()).device
-    was_training = model.training
     model.eval()
     started, new_tokens = time.time(), 0
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", dynamic_ncols=True)
-    for start in range(0, len(order), per_call):
-        idx = order[start : start + per_call]
-        width = max(len(encoded[i]) for i in idx)
-        input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):  # left padding: every prompt ends at the last column
-            input_ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-            attention[row, width - len(encoded[i]) :] = 1
+    for b, idx in enumerate(batches):
+        bar.update(len(idx))
+        if b in skip:
+            continue
+        input_ids, attention = left_pad([encoded[i] for i in idx], pad_id)
+        width = input_ids.shape[1]
         torch.manual_seed(batch_seed(seed, [prompts[i] for i in idx]))
         sample = sampling.temperature > 0
         out = model.generate(
@@ -93,10 +122,8 @@ def generate(
                 gens.append(Generation(tokenizer.decode(ids, skip_special_tokens=True), reason, count))
                 new_tokens += count
             results[i] = gens
-        bar.update(len(idx))
-        elapsed = max(time.time() - started, 1e-6)
-        bar.set_postfix(tok_s=f"{new_tokens / elapsed:.0f}")
+        if on_batch:
+            on_batch(b, idx, [results[i] for i in idx])
+        bar.set_postfix(tok_s=f"{new_tokens / max(time.time() - started, 1e-6):.0f}")
     bar.close()
-    if was_training:
-        model.train()
-    return results  # type: ignore[return-value]
+    return results

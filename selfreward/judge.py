@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import statistics
+from collections.abc import Collection
 
 from selfreward.chat import packaged_template
 
@@ -19,6 +20,26 @@ _SCORE_LINE = re.compile(
 def judge_prompt(question: str, response: str) -> str:
     """The user turn the judge sees: the rubric with the question and the response filled in."""
     return packaged_template("judge_rubric.txt").format(question=question, response=response)
+
+
+def fit_judge_prompt(chat, question: str, response: str, max_tokens: int) -> tuple[str, bool]:
+    """The rendered judge prompt within `max_tokens`, cutting the response first, then the question."""
+    rendered = chat.prompt(judge_prompt(question, response))
+    overflow = len(chat.encode(rendered)) - max_tokens
+    if overflow <= 0:
+        return rendered, False
+    for _ in range(8):  # each pass removes at least the measured overflow
+        r_ids = chat.encode(response)
+        cut = min(len(r_ids), overflow)
+        response = chat.tokenizer.decode(r_ids[: len(r_ids) - cut])
+        if cut < overflow:
+            q_ids = chat.encode(question)
+            question = chat.tokenizer.decode(q_ids[: max(0, len(q_ids) - (overflow - cut))])
+        rendered = chat.prompt(judge_prompt(question, response))
+        overflow = len(chat.encode(rendered)) - max_tokens
+        if overflow <= 0:
+            return rendered, True
+    raise ValueError(f"the judge rubric alone is longer than {max_tokens} tokens")
 
 
 def parse_judge_score(judgment: str) -> float | None:
@@ -64,42 +85,42 @@ def score_token_ids(chat) -> tuple[str, list[int]]:
     raise ValueError("judge.mode 'logits' needs a tokenizer with one token per score digit 0-5")
 
 
-def score_by_logits(model, chat, judge_turns: list[str], batch_size: int) -> list[dict]:
+def score_by_logits(
+    model, chat, judge_prompts: list[str], batch_size: int, *, skip: Collection[int] = (), on_batch=None
+) -> list[dict | None]:
     """Judge in one forward pass per batch: the expected score under the next-token distribution.
 
     The judge's answer is opened with "Score:" and the probabilities of the digits 0-5 that follow
     are renormalised; the score is their expectation, a continuous value with far fewer ties.
-    Returns one judgment per prompt: {"score", "text", "distribution", "mass"}.
+    `judge_prompts` are rendered chat prompts (see `fit_judge_prompt`). Returns one judgment per
+    prompt: {"score", "text", "distribution", "mass"}; `skip` and
+    `on_batch` work as in `generation.generate`.
     """
     import torch
 
+    from selfreward.generation import left_pad, plan_batches
+
     prefix, digit_ids = score_token_ids(chat)
-    texts = [chat.prompt(turn) + prefix for turn in judge_turns]
-    encoded = [chat.encode(t) for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+    encoded = [chat.encode(prompt + prefix) for prompt in judge_prompts]
     device = next(model.parameters()).device
-    pad_id = chat.tokenizer.pad_token_id
-    results: list[dict | None] = [None] * len(texts)
+    results: list[dict | None] = [None] * len(encoded)
     model.eval()
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                input_ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-                attention[row, width - len(encoded[i]) :] = 1
+        for b, idx in enumerate(plan_batches([len(e) for e in encoded], batch_size)):
+            if b in skip:
+                continue
+            input_ids, attention = left_pad([encoded[i] for i in idx], chat.tokenizer.pad_token_id)
             logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits[:, -1, :]
             probs = torch.softmax(logits.float(), dim=-1)[:, digit_ids]
             for row, i in enumerate(idx):
                 mass = float(probs[row].sum())
                 dist = (probs[row] / mass).tolist()
-                expected = sum(d * p for d, p in enumerate(dist))
                 results[i] = {
-                    "score": round(expected, 4),
+                    "score": round(sum(d * p for d, p in enumerate(dist)), 4),
                     "text": prefix.strip(),
                     "distribution": [round(p, 4) for p in dist],
                     "mass": round(mass, 4),
                 }
-    return results  # type: ignore[return-value]
+            if on_batch:
+                on_batch(b, idx, [results[i] for i in idx])
+    return results

@@ -81,6 +81,11 @@ class RunLayout:
             return out.with_suffix(".manifest.json")
         return out.parent / f"{stage}.manifest.json"
 
+    def partial(self, stage: str, iteration: int) -> Path:
+        """The log of finished batches a stage keeps while it runs, for resuming after a kill."""
+        manifest = self.manifest(stage, iteration)
+        return manifest.with_name(manifest.name.replace(".manifest.json", ".partial.jsonl"))
+
     def stage_config(self, stage: str, iteration: int) -> Path:
         manifest = self.manifest(stage, iteration)
         return manifest.with_name(manifest.name.replace(".manifest.json", ".config.yaml"))

@@ -180,6 +180,20 @@ def load_model(path: str | Path, cfg: ModelConfig, *, quantize: bool = False):
     return model
 
 
+def load_for_generation(path: str | Path, cfg: ModelConfig):
+    """(model, chat format) for the generating stages: the model and the template saved with it."""
+    from selfreward.chat import ChatFormat
+
+    return load_model(path, cfg), ChatFormat.from_tokenizer(load_tokenizer(path, cfg))
+
+
+def prompt_budget(model, cfg: ModelConfig, max_new_tokens: int) -> int:
+    """How many prompt tokens a stage may feed the model so that its answer still fits the context."""
+    context = getattr(model.config, "max_position_embeddings", None) or 1_000_000
+    budget = context - max_new_tokens
+    return min(budget, cfg.max_prompt_tokens) if cfg.max_prompt_tokens else budget
+
+
 def merge_adapter(base_path: str | Path, adapter_dir: str | Path, out_dir: str | Path, cfg: ModelConfig, tokenizer):
     """Fold a LoRA adapter into the full-precision parent (never the 4-bit copy) and save the result."""
     from peft import PeftModel

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 # Field name -> accepted Python types. `None` in a tuple means the value may be null.
@@ -22,8 +21,9 @@ RESPONSE = {
     "sample_index": (int,),
     "finish_reason": (str,),
     "num_tokens": (int,),
+    "prompt_truncated": (bool,),  # the prompt was longer than model.max_prompt_tokens and was cut
 }
-SCORE = {**RESPONSE, "score": (int, float, type(None)), "judgments": (list,)}
+SCORE = {**RESPONSE, "score": (int, float, type(None)), "judgments": (list,), "judge_input_truncated": (bool,)}
 PREFERENCE = {
     "prompt_id": (str,),
     "prompt": (str,),
@@ -39,7 +39,14 @@ class RecordError(ValueError):
 
 
 def _type_names(types: tuple) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", list: "a list", type(None): "null"}
+    names = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        list: "a list",
+        bool: "true or false",
+        type(None): "null",
+    }
     return " or ".join(names.get(t, t.__name__) for t in types)
 
 
@@ -64,7 +71,7 @@ def read_jsonl(path: str | Path, fields: dict[str, tuple] | None = None, id_fiel
                 if name not in row:
                     raise RecordError(f"{path}:{lineno}: missing field '{name}'")
                 value = row[name]
-                if isinstance(value, bool) or not isinstance(value, types):
+                if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
                     raise RecordError(
                         f"{path}:{lineno}: field '{name}' should be {_type_names(types)}, got {json.dumps(value)[:60]}"
                     )
@@ -108,33 +115,6 @@ def read_manifest(path: str | Path) -> dict | None:
         return None
 
 
-def write_manifest(
-    path: str | Path,
-    *,
-    stage: str,
-    iteration: int,
-    rows_in: int,
-    rows_out: int,
-    started: float,
-    inputs: list[str],
-    outputs: list[str],
-    extra: dict | None = None,
-) -> dict:
-    manifest = {
-        "stage": stage,
-        "iteration": iteration,
-        "complete": True,
-        "rows_in": rows_in,
-        "rows_out": rows_out,
-        "seconds": round(time.time() - started, 2),
-        "inputs": inputs,
-        "outputs": outputs,
-        **(extra or {}),
-    }
-    write_json(path, manifest)
-    return manifest
-
-
 def file_sha256(path: str | Path) -> str:
     import hashlib
 
@@ -143,3 +123,87 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def path_fingerprint(path: str | Path) -> str:
+    """A content hash of a file or a model folder, cheap even for multi-GB weights.
+
+    Small files are hashed whole; files over 16 MiB by their size and first and last MiB, which
+    changes whenever a training run writes new weights.
+    """
+    import hashlib
+
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    else:
+        return "missing"
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(path) if file != path else file.name}\x00{size}\x00".encode())
+        with file.open("rb") as handle:
+            if size <= 16 << 20:
+                digest.update(handle.read())
+            else:
+                digest.update(handle.read(1 << 20))
+                handle.seek(-(1 << 20), os.SEEK_END)
+                digest.update(handle.read())
+    return digest.hexdigest()
+
+
+class ChunkLog:
+    """An append-only log of finished chunks beside a stage's output, so a killed stage resumes exactly.
+
+    Each line is one chunk {"chunk": k, "rows": [...], "state": {...}}, written with one write() and
+    fsync'd: after a SIGKILL the log holds whole chunks plus at most one torn last line, which is cut
+    off on reopening. The first line records the stage's fingerprint (config + inputs); a log from a
+    different fingerprint is discarded, since its rows would not match what this run computes.
+    """
+
+    def __init__(self, path: str | Path, fingerprint: str):
+        self.path = Path(path)
+        self.done: dict[int, dict] = {}
+        self._load(fingerprint)
+
+    def _load(self, fingerprint: str) -> None:
+        good_bytes = 0
+        if self.path.is_file():
+            with self.path.open("rb") as handle:
+                lines = handle.read().split(b"\n")
+            try:
+                header = json.loads(lines[0])
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                header = {}
+            if header.get("fingerprint") == fingerprint:
+                good_bytes = len(lines[0]) + 1
+                for line in lines[1:-1]:  # the part after the last newline is torn or empty
+                    try:
+                        chunk = json.loads(line)
+                    except (json.JSONDecodeError, UnicodeDecodeError):
+                        break
+                    self.done[chunk["chunk"]] = chunk
+                    good_bytes += len(line) + 1
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if good_bytes == 0:
+            self.path.write_text(json.dumps({"fingerprint": fingerprint}) + "\n", encoding="utf-8")
+        else:
+            with self.path.open("r+b") as handle:
+                handle.truncate(good_bytes)
+
+    def append(self, index: int, rows: list[dict], state: dict | None = None) -> None:
+        chunk = {"chunk": index, "rows": rows, "state": state or {}}
+        line = (json.dumps(chunk, ensure_ascii=False) + "\n").encode("utf-8")
+        with self.path.open("ab") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.done[index] = chunk
+
+    def rows(self) -> list[dict]:
+        return [row for k in sorted(self.done) for row in self.done[k]["rows"]]
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)

@@ -13,7 +13,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def stage_env(cache: Path) -> dict[str, str]:
-    env = dict(os.environ, PYTHON=sys.executable, SELF_REWARD_CACHE=str(cache), TOKENIZERS_PARALLELISM="false")
+    # HOME too: Oxen writes its user config there, and tests leave the user's own alone.
+    home = cache / "home"
+    home.mkdir(exist_ok=True)
+    env = dict(
+        os.environ, PYTHON=sys.executable, SELF_REWARD_CACHE=str(cache), TOKENIZERS_PARALLELISM="false", HOME=str(home)
+    )
+    env.pop("OXEN_REMOTE", None)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
@@ -45,26 +51,20 @@ def run_stage(cache):
     return run
 
 
+def run_driver(run_dir: Path, cache: Path, config: str = "configs/tiny.yaml", iterations: int = 2, extra=()):
+    """self-reward.sh as a user runs it; returns the CompletedProcess."""
+    return subprocess.run(
+        ["bash", str(REPO / "self-reward.sh"), "--config", config, "--iterations", str(iterations),
+         "--run-dir", str(run_dir), *extra],
+        cwd=REPO, env=stage_env(cache), capture_output=True, text=True,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, cache) -> Path:
     """SFT + 2 iterations of the tiny config through self-reward.sh."""
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    proc = subprocess.run(
-        [
-            "bash",
-            str(REPO / "self-reward.sh"),
-            "--config",
-            "configs/tiny.yaml",
-            "--iterations",
-            "2",
-            "--run-dir",
-            str(run_dir),
-        ],
-        cwd=REPO,
-        env=stage_env(cache),
-        capture_output=True,
-        text=True,
-    )
+    proc = run_driver(run_dir, cache)
     assert proc.returncode == 0, f"driver failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     (run_dir / "driver.log").write_text(proc.stdout + proc.stderr)
     return run_dir

@@ -1,7 +1,7 @@
 import pytest
 
 from selfreward.generation import Sampling, generate
-from selfreward.judge import judge_prompt, mean_score, parse_judge_score, score_by_logits
+from selfreward.judge import fit_judge_prompt, judge_prompt, mean_score, parse_judge_score, score_by_logits
 
 
 @pytest.mark.parametrize(
@@ -45,6 +45,7 @@ def test_score_inside_judged_response_is_never_read(tiny_model):
 def test_logit_judge_gives_a_distribution(tiny_model):
     model, chat, _ = tiny_model
     turns = [judge_prompt("What is 2+2?", "4"), judge_prompt("Name a colour.", "Blue, a colour of the sky.")]
+    turns = [chat.prompt(turn) for turn in turns]
     judgments = score_by_logits(model, chat, turns, batch_size=2)
     for j in judgments:
         assert len(j["distribution"]) == 6
@@ -54,3 +55,14 @@ def test_logit_judge_gives_a_distribution(tiny_model):
     # batching and padding must not change a row's score
     alone = score_by_logits(model, chat, turns[:1], batch_size=1)[0]
     assert alone["score"] == pytest.approx(judgments[0]["score"], abs=1e-3)
+
+
+def test_long_judge_input_is_cut_to_fit_and_flagged(tiny_model):
+    _, chat, _ = tiny_model
+    question, response = "Summarise this.", "word " * 400
+    full = chat.prompt(judge_prompt(question, response))
+    budget = len(chat.encode(full)) - 100
+    rendered, cut = fit_judge_prompt(chat, question, response, budget)
+    assert cut and len(chat.encode(rendered)) <= budget
+    assert "Summarise this." in rendered and "</response>" in rendered  # only the response was shortened
+    assert fit_judge_prompt(chat, question, "short", budget) == (chat.prompt(judge_prompt(question, "short")), False)

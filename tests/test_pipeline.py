@@ -29,13 +29,14 @@ def test_driver_leaves_every_model_and_file(tiny_run):
         pairs = read_jsonl(layout.generated(t, "preferences"), PREFERENCE, id_field="prompt_id")
         assert set(prompts[0]) == {"prompt_id", "prompt", "source", "iteration"}
         assert all(p["iteration"] == t and p["source"] == f"M{t - 1}" for p in prompts)
+        assert all(set(r) == set(RESPONSE) for r in responses)
         assert len(responses) == 4 * len(prompts)
         assert {r["prompt_id"] for r in responses} == {p["prompt_id"] for p in prompts}
         assert sorted(r["sample_index"] for r in responses if r["prompt_id"] == prompts[0]["prompt_id"]) == [0, 1, 2, 3]
         assert all(r["finish_reason"] in ("eos", "length") and r["num_tokens"] >= 1 for r in responses)
         assert [s["response_id"] for s in scores] == [r["response_id"] for r in responses]
         for s in scores:
-            assert set(s) == set(RESPONSE) | {"score", "judgments"}
+            assert set(s) == set(SCORE)
             assert all(set(j) >= {"score", "text"} for j in s["judgments"])
         assert pairs, "the tiny run must produce pairs for DPO"
         for p in pairs:
@@ -58,24 +59,9 @@ def test_dpo_changes_the_model(tiny_run):
 
 
 def test_driver_rerun_skips_complete_stages(tiny_run, cache):
-    from conftest import stage_env
+    from conftest import run_driver
 
-    proc = subprocess.run(
-        [
-            "bash",
-            str(REPO / "self-reward.sh"),
-            "--config",
-            "configs/tiny.yaml",
-            "--iterations",
-            "2",
-            "--run-dir",
-            str(tiny_run),
-        ],
-        cwd=REPO,
-        env=stage_env(cache),
-        capture_output=True,
-        text=True,
-    )
+    proc = run_driver(tiny_run, cache)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("complete, skipped") == 11, proc.stdout
 

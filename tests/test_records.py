@@ -39,6 +39,8 @@ def test_null_score_is_allowed_where_the_schema_says_so(tmp_path):
         "sample_index": 0,
         "finish_reason": "eos",
         "num_tokens": 3,
+        "prompt_truncated": False,
+        "judge_input_truncated": False,
         "score": None,
         "judgments": [],
     }

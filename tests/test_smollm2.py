@@ -47,6 +47,7 @@ def test_logit_judge_on_the_real_tokenizer(smollm2):
     model, chat = smollm2
     prefix, digit_ids = score_token_ids(chat)
     assert prefix == "Score: " and len(set(digit_ids)) == 6
-    (judgment,) = score_by_logits(model, chat, [judge_prompt("What is 2 + 2?", "2 + 2 = 4.")], batch_size=1)
+    turn = chat.prompt(judge_prompt("What is 2 + 2?", "2 + 2 = 4."))
+    (judgment,) = score_by_logits(model, chat, [turn], batch_size=1)
     assert judgment["mass"] > 0.05
     assert sum(judgment["distribution"]) == pytest.approx(1.0, abs=1e-3)

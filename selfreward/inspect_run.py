@@ -1,0 +1,87 @@
+"""Look at a run the way Oxen.ai shows a repository: its commits, and any JSONL file at any commit.
+
+python -m selfreward.inspect_run --run-dir runs/default                  # the commits, newest first
+python -m selfreward.inspect_run --run-dir runs/default --file M0/generated/scores.jsonl
+python -m selfreward.inspect_run --run-dir runs/default --file M0/generated/scores.jsonl --commit 1a2b3c
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from selfreward.config import OxenConfig, load_config
+
+
+def summarize_jsonl(text: str, name: str, show_rows: int = 3) -> str:
+    """Row count, fields, score histogram (if the rows have scores) and the first rows, as text."""
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    out = [f"{name}: {len(rows)} rows"]
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    out.append("fields: " + (", ".join(fields) if fields else "(none)"))
+    for key in ("score", "score_chosen", "score_rejected"):
+        if any(key in row for row in rows):
+            out.append(score_histogram([row.get(key) for row in rows], key))
+    for row in rows[:show_rows]:
+        shown = {k: (v[:80] + "…" if isinstance(v, str) and len(v) > 80 else v) for k, v in row.items()}
+        if "judgments" in shown:
+            shown["judgments"] = f"[{len(row['judgments'])} judgments]"
+        out.append("  " + json.dumps(shown, ensure_ascii=False))
+    return "\n".join(out)
+
+
+def score_histogram(scores: list, key: str, width: int = 40) -> str:
+    """Counts per whole point 0-5 (a score is counted at its nearest point) plus the nulls."""
+    counts = Counter("null" if s is None else str(int(min(5, max(0, round(s))))) for s in scores)
+    top = max(counts.values(), default=1)
+    lines = [f"{key} histogram (nearest point):"]
+    for label in [*map(str, range(6)), "null"]:
+        n = counts.get(label, 0)
+        lines.append(f"  {label:>4} | {'#' * round(width * n / top):<{width}} {n}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--file", help="a JSONL file of the run, relative to the run folder")
+    parser.add_argument("--commit", help="a commit id or its prefix (default: the newest commit)")
+    parser.add_argument("--rows", type=int, default=3, help="how many rows to show")
+    args = parser.parse_args(argv)
+
+    from selfreward import versioning
+
+    run_dir = Path(args.run_dir)
+    config_file = run_dir / "config.yaml"
+    cfg = load_config(config_file).oxen if config_file.is_file() else OxenConfig()
+    if not (versioning.repo_dir(cfg, run_dir) / ".oxen").is_dir():
+        print(f"error: {run_dir} is not an Oxen repository (was the run made with --no-oxen?)", file=sys.stderr)
+        return 2
+    commits = versioning.history(cfg, run_dir)
+    if not args.file:
+        for commit in commits:
+            print(f"{commit.id[:12]}  {str(commit.timestamp)[:19]}  {commit.message}")
+        return 0
+    if not commits:
+        print("error: the repository has no commits yet", file=sys.stderr)
+        return 2
+    wanted = args.commit or commits[0].id
+    matches = [c for c in commits if c.id.startswith(wanted)]
+    if len(matches) != 1:
+        print(f"error: {len(matches)} commits match '{wanted}'", file=sys.stderr)
+        return 2
+    try:
+        data = versioning.read_at_commit(cfg, run_dir, run_dir / args.file, matches[0].id)
+    except Exception as exc:
+        print(f"error: {args.file} is not in commit {matches[0].id[:12]} ({exc})", file=sys.stderr)
+        return 2
+    print(f"commit {matches[0].id[:12]}: {matches[0].message}")
+    print(summarize_jsonl(data.decode("utf-8"), args.file, args.rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

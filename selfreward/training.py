@@ -75,9 +75,10 @@ def _load_for_training(parent: str, config: Config, train: TrainConfig):
 
 
 def last_checkpoint(output_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    """The newest complete checkpoint: one killed while being saved has no trainer_state.json yet."""
+    complete = [p for p in output_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    numbered = [p for p in complete if p.name.split("-")[-1].isdigit()]
+    return str(max(numbered, key=lambda p: int(p.name.split("-")[-1]))) if numbered else None
 
 
 def build_sft_trainer(parent: str, rows: list[dict], config: Config, checkpoints: Path):

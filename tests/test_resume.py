@@ -109,7 +109,7 @@ def test_a_killed_dpo_resumes_from_its_checkpoint(tiny_run, cache, tmp_path):
     args = ["--dpo.max_steps", "12", "--dpo.save_steps", "2", "--dpo.batch_size", "1"]
     proc = _run("05_dpo", run, *args, cache=cache)
     deadline = time.time() + 120
-    while not list(layout.checkpoints(1).glob("checkpoint-4")) and time.time() < deadline:
+    while not (layout.checkpoints(1) / "checkpoint-4" / "trainer_state.json").exists() and time.time() < deadline:
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -124,3 +124,15 @@ def test_a_killed_dpo_resumes_from_its_checkpoint(tiny_run, cache, tmp_path):
     steps = [json.loads(line).get("step", 0) for line in layout.train_log(1).read_text().splitlines()]
     assert max(steps) == 12
     assert (layout.model(1) / "config.json").is_file()
+
+
+def test_a_checkpoint_killed_while_saving_is_not_resumed(tmp_path):
+    from selfreward.training import last_checkpoint
+
+    for step, complete in ((2, True), (4, True), (6, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+    assert last_checkpoint(tmp_path / "none") is None

@@ -24,6 +24,7 @@ class Sampling:
     top_p: float = 0.9
     max_new_tokens: int = 128
     batch_size: int = 16  # sequences per call: prompts x samples
+    min_new_tokens: int = 0  # > 0 forces answers to this length (benchmarks compare equal work)
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ def generate(
             top_k=0 if sample else None,
             num_return_sequences=sampling.num_samples,
             max_new_tokens=sampling.max_new_tokens,
+            min_new_tokens=sampling.min_new_tokens or None,
             eos_token_id=sorted(stop_ids),
             pad_token_id=pad_id,
         )

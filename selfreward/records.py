@@ -115,16 +115,6 @@ def read_manifest(path: str | Path) -> dict | None:
         return None
 
 
-def file_sha256(path: str | Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def path_fingerprint(path: str | Path) -> str:
     """A content hash of a file or a model folder, cheap even for multi-GB weights.
 

@@ -149,7 +149,7 @@ def write_lineage(
     path: Path, *, model: str, stage: str, base: str, parent: str, data: list[Path], config: Config
 ) -> None:
     """Where a model came from: enough to retrace it without reading logs."""
-    from selfreward.records import file_sha256, write_json
+    from selfreward.records import path_fingerprint, write_json
 
     write_json(
         path,
@@ -158,7 +158,7 @@ def write_lineage(
             "stage": stage,
             "base": base,
             "parent": parent,
-            "data": [{"path": str(p), "sha256": file_sha256(p)} for p in data],
+            "data": [{"path": str(p), "fingerprint": path_fingerprint(p)} for p in data],
             "config": config.to_dict(),
         },
     )

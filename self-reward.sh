@@ -70,4 +70,5 @@ for ((t = 1; t <= iterations; t++)); do
     run_stage "$stage" --iteration "$t"
   done
 done
+"$python" -m selfreward.inspect_run --run-dir "$run_dir" --stages
 echo "self-reward.sh: done: M0..M$iterations in $run_dir"

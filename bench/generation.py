@@ -5,6 +5,7 @@ answer forced to the same number of new tokens, so the two do identical work.
 
     python bench/generation.py                       # 16 prompts x 4 samples x 64 tokens, bfloat16
     python bench/generation.py --dtype float32 --prompts 16 --samples 4 --new-tokens 64
+    python bench/generation.py --backend vllm        # stage 02 on vLLM (make install-vllm first)
 
 Prints both throughputs and ends with one JSON line.
 """
@@ -15,32 +16,12 @@ import platform
 import time
 
 import torch
+from seed_way import seed_way  # bench/ is the script folder, so on the path
 
-from selfreward.config import ModelConfig
-from selfreward.generation import Sampling, generate
+from selfreward.config import GenerationConfig, ModelConfig
+from selfreward.generation import HFBackend, Sampling, load_backend
 from selfreward.models import SMOLLM2, load_for_generation, resolve_model_path
 from selfreward.records import IFT, read_jsonl
-
-
-def seed_way(model, chat, prompts, samples, new_tokens):
-    """What the seed did: batch 1, one generate call per sample."""
-    tokens = 0
-    for prompt in prompts:
-        ids = torch.tensor([chat.encode(prompt)])
-        for _ in range(samples):
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=True,
-                temperature=0.7,
-                top_p=0.9,
-                top_k=0,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                pad_token_id=chat.tokenizer.pad_token_id,
-            )
-            tokens += out.shape[1] - ids.shape[1]
-    return tokens
 
 
 def main() -> None:
@@ -50,6 +31,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64, help="sequences per call in the batched run")
+    parser.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="stage 02's backend")
     args = parser.parse_args()
 
     cfg = ModelConfig(name_or_path=SMOLLM2, dtype=args.dtype, device="cpu")
@@ -63,9 +45,16 @@ def main() -> None:
     seed_seconds = time.perf_counter() - start
 
     sampling = Sampling(args.samples, 0.7, 0.9, args.new_tokens, args.batch_size, min_new_tokens=args.new_tokens)
+    if args.backend == "hf":
+        backend = HFBackend(model, chat)
+    else:
+        started = time.perf_counter()
+        backend = load_backend(resolve_model_path(SMOLLM2), cfg, GenerationConfig(backend="vllm"))
+        print(f"vllm engine started in {time.perf_counter() - started:.1f} s (not counted below)")
     start = time.perf_counter()
-    results = generate(model, chat, prompts, sampling, seed=0, desc="batched")
+    results = backend.generate(prompts, sampling, seed=0, desc="batched")
     ours_seconds = time.perf_counter() - start
+    backend.close()
     # tokens actually generated (an answer that hit EOS at the forced length counts its stop token)
     ours_tokens = sum(g.num_tokens for gens in results for g in gens)
 
@@ -74,11 +63,12 @@ def main() -> None:
         f"seed's way (batch 1, one call per sample): {seed_tokens} tokens in {seed_seconds:.1f} s = "
         f"{seed_tps:.1f} tok/s"
     )
-    print(f"stage 02 (batched, {args.batch_size} sequences per call): {ours_tokens} tokens in {ours_seconds:.1f} s = "
-          f"{ours_tps:.1f} tok/s")  # fmt: skip
+    print(f"stage 02 ({args.backend}, {args.batch_size} sequences per call): {ours_tokens} tokens in "
+          f"{ours_seconds:.1f} s = {ours_tps:.1f} tok/s")  # fmt: skip
     print(f"speed-up: {ours_tps / seed_tps:.1f}x")
     print(json.dumps({
-        "bench": "generation", "model": "SmolLM2-135M-Instruct", "dtype": args.dtype, "prompts": args.prompts,
+        "bench": "generation", "backend": args.backend, "model": "SmolLM2-135M-Instruct", "dtype": args.dtype,
+        "prompts": args.prompts,
         "samples": args.samples, "new_tokens": args.new_tokens, "seed_tok_s": round(seed_tps, 1),
         "batched_tok_s": round(ours_tps, 1), "speedup": round(ours_tps / seed_tps, 2),
         "cpu_threads": torch.get_num_threads(), "machine": platform.machine(),

@@ -17,8 +17,7 @@ import random
 from collections import Counter
 
 from selfreward import cli
-from selfreward.generation import Sampling, generate
-from selfreward.models import load_for_generation
+from selfreward.generation import Sampling, load_backend
 from selfreward.prompt_gen import PromptFilter, extract_new_task, fewshot_request, normalize, pick_shots
 from selfreward.records import IFT, read_jsonl, write_jsonl
 
@@ -37,7 +36,8 @@ def main() -> None:
     pool = [row["prompt"] for row in read_jsonl(ift_path, IFT, id_field="id")]
     if not pool:
         raise cli.StageError(f"{ift_path}: no IFT prompts to use as shots")
-    model, chat = load_for_generation(model_dir, config.model)
+    backend = load_backend(model_dir, config.model, config.generation)
+    chat = backend.chat
 
     rng = random.Random(f"{config.seed}-prompts-{t}")
     keep = PromptFilter(pool, cfg.min_chars, cfg.max_chars, cfg.near_duplicate_threshold)
@@ -57,7 +57,7 @@ def main() -> None:
             for example in shots:
                 user, label = fewshot_request(example)
                 requests.append(chat.prompt(user) + label)  # the answer opens with "Task N+1:"
-            outputs = generate(model, chat, requests, sampling, seed=config.seed + t, desc=f"prompts (try {attempts})")
+            outputs = backend.generate(requests, sampling, seed=config.seed + t, desc=f"prompts (try {attempts})")
             new_rows, new_rejected = [], Counter()
             for (gen,) in outputs:
                 candidate = extract_new_task(gen.text)
@@ -75,6 +75,7 @@ def main() -> None:
         rejected += new_rejected
         attempts += count
         batch += 1
+    backend.close()
     cli.log.info(
         "%d new prompts of %d wanted after %d attempts (limit %d); rejected: %s",
         len(rows),
@@ -94,6 +95,7 @@ def main() -> None:
             "attempts": attempts,
             "max_attempts": cfg.max_attempts,
             "rejected": dict(rejected),
+            "backend": backend.name,
         },
     )
 

@@ -4,7 +4,8 @@ Reads:  <run>/M<t-1>/model/, <run>/M<t-1>/generated/prompts.jsonl
 Writes: <run>/M<t-1>/generated/responses.jsonl  (prompt_id, response_id, prompt, response,
         sample_index, finish_reason, num_tokens, prompt_truncated) and responses.{manifest.json,config.yaml}
 
-Sampling is batched (prompts x samples per generate call) at responses.temperature/top_p. Each
+Sampling is batched (prompts x samples per call) at responses.temperature/top_p, with the backend
+of generation.backend (hf or vllm; the manifest records which). Each
 answer records why it ended: "eos" (the model closed its turn) or "length" (max_new_tokens).
 Answers are kept exactly as generated: nothing is trimmed.
 
@@ -12,8 +13,8 @@ Answers are kept exactly as generated: nothing is trimmed.
 """
 
 from selfreward import cli
-from selfreward.generation import Sampling, generate
-from selfreward.models import load_for_generation, prompt_budget
+from selfreward.generation import Sampling, load_backend
+from selfreward.models import prompt_budget
 from selfreward.records import PROMPT, read_jsonl, write_jsonl
 
 
@@ -43,16 +44,14 @@ def main() -> None:
     prompts = read_jsonl(prompts_path, PROMPT, id_field="prompt_id")
     if not prompts:
         raise cli.StageError(f"{prompts_path} has no prompts: nothing to answer (see stage 01's manifest)")
-    model, chat = load_for_generation(model_dir, config.model)
-    budget = prompt_budget(model, config.model, cfg.max_new_tokens)
-    fitted = [chat.fit(p["prompt"], budget) for p in prompts]
+    backend = load_backend(model_dir, config.model, config.generation)
+    budget = prompt_budget(backend.context_length, config.model, cfg.max_new_tokens)
+    fitted = [backend.chat.fit(p["prompt"], budget) for p in prompts]
     if any(cut for _, cut in fitted):
         cli.log.warning("%d prompts were longer than %d tokens and were cut", sum(c for _, c in fitted), budget)
     sampling = Sampling(cfg.num_samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size)
     chunks = stage.chunk_log()  # each finished batch is saved at once; a rerun after a kill skips it
-    generate(
-        model,
-        chat,
+    backend.generate(
         [rendered for rendered, _ in fitted],
         sampling,
         seed=config.seed + t,
@@ -62,11 +61,12 @@ def main() -> None:
             b, [r for i, g in zip(idx, gens, strict=True) for r in response_rows(prompts[i], g, fitted[i][1])]
         ),
     )
+    backend.close()
     order = {p["prompt_id"]: n for n, p in enumerate(prompts)}
     rows = sorted(chunks.rows(), key=lambda r: (order[r["prompt_id"]], r["sample_index"]))
     out = layout.generated(t, "responses")
     write_jsonl(out, rows)
-    stage.finish(rows_in=len(prompts), rows_out=len(rows), outputs=[str(out)])
+    stage.finish(rows_in=len(prompts), rows_out=len(rows), outputs=[str(out)], extra={"backend": backend.name})
 
 
 if __name__ == "__main__":

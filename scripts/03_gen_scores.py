@@ -15,9 +15,9 @@ the expected digit after "Score:", and the judgment also records that distributi
 """
 
 from selfreward import cli
-from selfreward.generation import Sampling, generate
+from selfreward.generation import Sampling, load_backend
 from selfreward.judge import fit_judge_prompt, mean_score, parse_judge_score, score_by_logits
-from selfreward.models import load_for_generation, prompt_budget
+from selfreward.models import prompt_budget
 from selfreward.records import RESPONSE, read_jsonl, write_jsonl
 
 
@@ -33,9 +33,9 @@ def main() -> None:
     responses = read_jsonl(responses_path, RESPONSE, id_field="response_id")
     if not responses:
         raise cli.StageError(f"{responses_path} has no responses: nothing to judge")
-    model, chat = load_for_generation(model_dir, config.model)
-    budget = prompt_budget(model, config.model, cfg.max_new_tokens if cfg.mode == "sample" else 1)
-    fitted = [fit_judge_prompt(chat, r["prompt"], r["response"], budget) for r in responses]
+    backend = load_backend(model_dir, config.model, config.generation)
+    budget = prompt_budget(backend.context_length, config.model, cfg.max_new_tokens if cfg.mode == "sample" else 1)
+    fitted = [fit_judge_prompt(backend.chat, r["prompt"], r["response"], budget) for r in responses]
     prompts = [rendered for rendered, _ in fitted]
     chunks = stage.chunk_log()  # each finished batch is saved at once; a rerun after a kill skips it
 
@@ -56,10 +56,11 @@ def main() -> None:
         chunks.append(batch, rows)
 
     if cfg.mode == "logits":
-        score_by_logits(model, chat, prompts, cfg.batch_size, skip=chunks.done, on_batch=save)
+        score_by_logits(backend, prompts, cfg.batch_size, skip=chunks.done, on_batch=save)
     else:
         sampling = Sampling(cfg.num_samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size)
-        generate(model, chat, prompts, sampling, seed=config.seed + t, desc="judging", skip=chunks.done, on_batch=save)
+        backend.generate(prompts, sampling, seed=config.seed + t, desc="judging", skip=chunks.done, on_batch=save)
+    backend.close()
     order = {r["response_id"]: n for n, r in enumerate(responses)}
     rows = sorted(chunks.rows(), key=lambda r: order[r["response_id"]])
     total = sum(len(r["judgments"]) for r in rows)
@@ -71,7 +72,7 @@ def main() -> None:
         rows_in=len(responses),
         rows_out=len(rows),
         outputs=[str(out)],
-        extra={"judgments": total, "unparsed_judgments": failed},
+        extra={"backend": backend.name, "judgments": total, "unparsed_judgments": failed},
     )
 
 

@@ -32,9 +32,9 @@ log = logging.getLogger("selfreward")
 # The config sections each stage's output depends on: changing another section does not redo it.
 CONFIG_SECTIONS = {
     "00_sft": ("seed", "data", "model", "lora", "sft"),
-    "01_gen_prompts": ("seed", "model", "prompts"),
-    "02_gen_responses": ("seed", "model", "responses"),
-    "03_gen_scores": ("seed", "model", "judge"),
+    "01_gen_prompts": ("seed", "model", "generation", "prompts"),
+    "02_gen_responses": ("seed", "model", "generation", "responses"),
+    "03_gen_scores": ("seed", "model", "generation", "judge"),
     "04_gen_preferences": ("preferences",),
     "05_dpo": ("seed", "model", "lora", "dpo"),
 }
@@ -67,6 +67,22 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return versions
+
+
+def peak_memory_mb() -> dict[str, int]:
+    """Peak resident memory of this process and of its largest finished child (a vLLM engine, a
+    torchrun worker), and the peak GPU memory PyTorch allocated, in MiB."""
+    import resource
+
+    import torch
+
+    peak = {"ram": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}  # Linux reports KiB
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024
+    if children:
+        peak["ram_child"] = children
+    if torch.cuda.is_available():
+        peak["gpu"] = torch.cuda.max_memory_allocated() // 2**20
+    return peak
 
 
 @dataclass
@@ -131,6 +147,7 @@ class Stage:
             "rows_in": rows_in,
             "rows_out": rows_out,
             "seconds": round(time.time() - self.started, 2),
+            "peak_memory_mb": peak_memory_mb(),
             "inputs": [{"path": p, "fingerprint": f} for p, f in self.inputs.items()],
             "outputs": [str(p) for p in outputs],
             "fingerprint": self.fingerprint,
@@ -171,12 +188,22 @@ class Stage:
             log.info("oxen commit %s", commit[:12])
 
 
+def memory_text(peak: dict) -> str:
+    """'peak RAM 1.2 GiB, GPU 14.0 GiB' from a manifest's peak_memory_mb."""
+    if not peak:
+        return ""
+    text = f"peak RAM {max(peak.get('ram', 0), peak.get('ram_child', 0)) / 1024:.1f} GiB"
+    return text + (f", GPU {peak['gpu'] / 1024:.1f} GiB" if "gpu" in peak else "")
+
+
 def summary_line(manifest: dict) -> str:
     made = f"wrote {manifest['model']}" if manifest.get("model") else f"{manifest['rows_out']} rows out"
-    return (
+    line = (
         f"[{manifest['stage']}] iteration {manifest['iteration']}: {manifest['rows_in']} rows in, "
         f"{made}, {manifest['seconds']:.1f} s"
     )
+    memory = memory_text(manifest.get("peak_memory_mb", {}))
+    return f"{line}, {memory}" if memory else line
 
 
 def parse_stage(name: str, doc: str, *, iteration: bool = True, argv: list[str] | None = None) -> Stage:

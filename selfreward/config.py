@@ -75,6 +75,20 @@ class DPOConfig(TrainConfig):
 
 
 @dataclass
+class GenerationConfig:
+    # Stages 01-03. auto: vllm when it is installed and a GPU is present, else hf (batched transformers).
+    backend: str = "auto"
+    prefix_cache: bool = True  # compute the prompt prefix all requests share (the judge's rubric) once
+    tensor_parallel_size: int = 1  # vllm: GPUs one engine spans
+    # vllm: fraction of GPU memory the engine reserves (on a CPU, of RAM); null = 0.9 on a GPU, 0.3 on a CPU
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None  # vllm: context length to reserve cache for; null = the model's
+    # vllm: skip torch.compile and CUDA graphs. On a CPU compiling costs ~2.5 min per engine start
+    # (three per iteration) for little gain on small batches; null = eager on a CPU, compiled on a GPU.
+    enforce_eager: bool | None = None
+
+
+@dataclass
 class PromptGenConfig:
     num_prompts: int = 16  # target count of new prompts
     num_shots: int = 8  # example IFT prompts shown per request
@@ -136,6 +150,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     sft: TrainConfig = field(default_factory=TrainConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     prompts: PromptGenConfig = field(default_factory=PromptGenConfig)
     responses: ResponseGenConfig = field(default_factory=ResponseGenConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)

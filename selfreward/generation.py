@@ -1,20 +1,32 @@
-"""Batched sampling with Hugging Face `generate`: many prompts and samples per call, never one call per sample.
+"""Generation for stages 01-03: one interface, two backends, never one call per sample.
 
-Prompts are sorted by length so a batch wastes little padding; the N samples of a prompt come from
-one call with `num_return_sequences=N`, so they share its prefill. Only the new tokens are decoded.
+`load_backend` picks the backend from the config's `generation` section:
+- `hf` (here): batched Hugging Face `generate`. Prompts are sorted by length so a batch wastes little
+  padding. The tokens every prompt of a call starts with (the chat header; for the judge, the whole
+  rubric) are run through the model once and their key/value cache is reused by every batch; each
+  prompt's own tokens are then prefilled once and that cache is shared by its N samples. A batch that
+  runs out of memory is halved and retried.
+- `vllm` (`selfreward.vllm_backend`): vLLM's offline engine with prefix caching.
+Both return the same `Generation` records; only the new tokens are ever decoded.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import logging
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
 
 from selfreward.chat import ChatFormat
+from selfreward.config import ConfigError
+
+log = logging.getLogger("selfreward")
 
 
 @dataclass(frozen=True)
@@ -65,67 +77,279 @@ def plan_batches(lengths: list[int], per_call: int) -> list[list[int]]:
     return [order[start : start + per_call] for start in range(0, len(order), per_call)]
 
 
+def shared_prefix_length(rows: list[list[int]]) -> int:
+    """How many leading tokens all rows share, leaving every row at least one token of its own."""
+    if not rows:
+        return 0
+    first, length = rows[0], min(len(r) for r in rows) - 1
+    for row in rows[1:]:
+        i = 0
+        while i < length and row[i] == first[i]:
+            i += 1
+        length = i
+    return max(length, 0)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    # CUDA raises torch.OutOfMemoryError; the CPU allocator raises a RuntimeError that says so.
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc)
+    )
+
+
 # on_batch(batch index, input indices, their results): called after every batch, e.g. to save it.
 BatchCallback = Callable[[int, list[int], list], None]
 
 
-@torch.inference_mode()
-def generate(
-    model,
-    chat: ChatFormat,
-    prompts: list[str],
-    sampling: Sampling,
+class Backend(Protocol):
+    """What stages 01-03 need from a generation engine; `HFBackend` and `vllm_backend.VLLMBackend` provide it."""
+
+    name: str
+    chat: ChatFormat
+    context_length: int
+
+    def generate(
+        self,
+        prompts: list[str],
+        sampling: Sampling,
+        *,
+        seed: int,
+        desc: str = "generating",
+        skip: Collection[int] = (),
+        on_batch: BatchCallback | None = None,
+    ) -> list[list[Generation] | None]:
+        """`sampling.num_samples` continuations of every rendered prompt, in input order.
+
+        Prompts are grouped by `plan_batches(lengths, batch_size // num_samples)`; a batch listed in
+        `skip` (already done by a killed run) is not generated and its results are None.
+        """
+        ...
+
+    def next_token_probs(
+        self,
+        prompts: list[str],
+        token_ids: list[int],
+        batch_size: int,
+        *,
+        desc: str = "scoring",
+        skip: Collection[int] = (),
+        on_batch: BatchCallback | None = None,
+    ) -> list[list[float] | None]:
+        """For every rendered prompt, the probability of each of `token_ids` being the next token."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class _Progress:
+    """A progress bar in prompts/s that also shows generated tokens/s."""
+
+    def __init__(self, total: int, desc: str):
+        self.bar = tqdm(total=total, desc=desc, unit="prompt", dynamic_ncols=True)
+        self.started, self.tokens = time.time(), 0
+
+    def update(self, prompts: int, tokens: int = 0) -> None:
+        self.tokens += tokens
+        self.bar.update(prompts)
+        if self.tokens:
+            self.bar.set_postfix(tok_s=f"{self.tokens / max(time.time() - self.started, 1e-6):.0f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_batches(
+    batches: list[list[int]],
+    run: Callable[[list[int]], list],
     *,
-    seed: int,
-    desc: str = "generating",
+    desc: str,
     skip: Collection[int] = (),
     on_batch: BatchCallback | None = None,
-) -> list[list[Generation] | None]:
-    """Sample `sampling.num_samples` continuations for every rendered prompt, in the input order.
-
-    Batches listed in `skip` (already done by a killed run) are not generated; their results are None.
-    """
-    tokenizer = chat.tokenizer
-    encoded = [chat.encode(p) for p in prompts]
-    batches = plan_batches([len(e) for e in encoded], max(1, sampling.batch_size // sampling.num_samples))
-    stop_ids = set(chat.stop_token_ids())
-    pad_id = tokenizer.pad_token_id
-    results: list[list[Generation] | None] = [None] * len(prompts)
-    device = next(model.parameters()).device
-    model.eval()
-    started, new_tokens = time.time(), 0
-    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", dynamic_ncols=True)
+    generated: bool = False,
+) -> list:
+    """Results of run(batch) for every planned batch not in `skip`, in input order, each batch saved
+    through `on_batch` as soon as it is done; with `generated`, the bar also counts tokens."""
+    results: list = [None] * sum(len(idx) for idx in batches)
+    progress = _Progress(len(results), desc)
     for b, idx in enumerate(batches):
-        bar.update(len(idx))
-        if b in skip:
-            continue
-        input_ids, attention = left_pad([encoded[i] for i in idx], pad_id)
-        width = input_ids.shape[1]
-        torch.manual_seed(batch_seed(seed, [prompts[i] for i in idx]))
-        sample = sampling.temperature > 0
-        out = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention.to(device),
-            do_sample=sample,
-            temperature=sampling.temperature if sample else None,
-            top_p=sampling.top_p if sample else None,
-            top_k=0 if sample else None,
-            num_return_sequences=sampling.num_samples,
-            max_new_tokens=sampling.max_new_tokens,
-            min_new_tokens=sampling.min_new_tokens or None,
-            eos_token_id=sorted(stop_ids),
-            pad_token_id=pad_id,
-        )
-        new = out[:, width:].tolist()
-        for row, i in enumerate(idx):
-            gens = []
-            for k in range(sampling.num_samples):
-                ids, reason, count = split_generated(new[row * sampling.num_samples + k], stop_ids)
-                gens.append(Generation(tokenizer.decode(ids, skip_special_tokens=True), reason, count))
-                new_tokens += count
-            results[i] = gens
-        if on_batch:
-            on_batch(b, idx, [results[i] for i in idx])
-        bar.set_postfix(tok_s=f"{new_tokens / max(time.time() - started, 1e-6):.0f}")
-    bar.close()
+        tokens = 0
+        if b not in skip:
+            for i, result in zip(idx, run(idx), strict=True):
+                results[i] = result
+            if on_batch:
+                on_batch(b, idx, [results[i] for i in idx])
+            if generated:
+                tokens = sum(g.num_tokens for i in idx for g in results[i])
+        progress.update(len(idx), tokens)
+    progress.close()
     return results
+
+
+class HFBackend:
+    """Batched generation with a Hugging Face model in this process."""
+
+    name = "hf"
+    MIN_SHARED_PREFIX = 8  # shorter shared prefixes are not worth a separate forward pass
+
+    def __init__(self, model, chat: ChatFormat, *, prefix_cache: bool = True):
+        self.model, self.chat, self.prefix_cache = model, chat, prefix_cache
+        self.device = next(model.parameters()).device
+        self.context_length = getattr(model.config, "max_position_embeddings", None) or 1_000_000
+        self.row_limit: int | None = None  # prompts per call after an out-of-memory halving
+
+    def close(self) -> None:
+        pass
+
+    # -- the shared prefix and each row's own tokens -------------------------------------------------
+
+    def _prefix(self, encoded: list[list[int]]):
+        """(length, key/value cache) of the tokens all prompts share; (0, None) when not worth it."""
+        length = shared_prefix_length(encoded) if self.prefix_cache and len(encoded) > 1 else 0
+        if length < self.MIN_SHARED_PREFIX:
+            return 0, None
+        ids = torch.tensor([encoded[0][:length]], device=self.device)
+        return length, self.model(input_ids=ids, use_cache=True).past_key_values
+
+    def _extend(self, prefix, rows: list[list[int]], upto: int):
+        """Run the rows' own tokens (left-padded, after the shared prefix) through the model, except the
+        last `upto` columns; returns (full input ids, full attention mask, cache, output of that pass)."""
+        from transformers import DynamicCache
+
+        length, cache = prefix
+        own, own_mask = left_pad([r[length:] for r in rows], self.chat.tokenizer.pad_token_id)
+        batch = len(rows)
+        if cache is None:
+            cache = DynamicCache()
+        else:
+            cache = copy.deepcopy(cache)  # the prefix's cache is reused by every batch: extend a copy
+            cache.batch_repeat_interleave(batch)
+        prefix_ids = torch.tensor([rows[0][:length]], dtype=torch.long).expand(batch, length)
+        input_ids = torch.cat([prefix_ids, own], dim=1).to(self.device)
+        attention = torch.cat([torch.ones((batch, length), dtype=torch.long), own_mask], dim=1).to(self.device)
+        stop = own.shape[1] - upto
+        out = None
+        if stop > 0:
+            # Positions count real tokens only, as `generate` counts them, so padding in the middle is harmless.
+            positions = (attention.cumsum(-1) - 1).clamp(min=0)
+            out = self.model(
+                input_ids=input_ids[:, length : length + stop],
+                attention_mask=attention[:, : length + stop],
+                position_ids=positions[:, length : length + stop],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        return input_ids, attention, cache, out
+
+    def _halving(self, idx: list[int], run: Callable[[list[int]], list]) -> list:
+        """run(idx) in pieces; on out-of-memory the piece is halved, retried, and kept small afterwards."""
+        results: list = []
+        start = 0
+        while start < len(idx):
+            size = min(len(idx) - start, self.row_limit or len(idx))
+            part = idx[start : start + size]
+            try:
+                results += run(part)
+            except Exception as exc:
+                if not is_out_of_memory(exc) or size == 1:
+                    raise
+                self.row_limit = max(1, size // 2)
+                log.warning("out of memory with %d prompts per call: retrying with %d", size, self.row_limit)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            start += size
+        return results
+
+    # -- the Backend interface -----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, prompts, sampling, *, seed, desc="generating", skip=(), on_batch=None):
+        chat, n = self.chat, sampling.num_samples
+        encoded = [chat.encode(p) for p in prompts]
+        batches = plan_batches([len(e) for e in encoded], max(1, sampling.batch_size // n))
+        stop_ids = set(chat.stop_token_ids())
+        self.model.eval()
+        prefix = self._prefix(encoded)  # from all prompts, skipped or not: a resumed run computes the same
+        sample = sampling.temperature > 0
+
+        def run(part: list[int]) -> list[list[Generation]]:
+            torch.manual_seed(batch_seed(seed, [prompts[i] for i in part]))
+            input_ids, attention, cache, _ = self._extend(prefix, [encoded[i] for i in part], upto=1)
+            # Every prompt's own tokens were prefilled once (all but its last); its N samples share that cache.
+            cache.batch_repeat_interleave(n)
+            out = self.model.generate(
+                input_ids=input_ids.repeat_interleave(n, dim=0),
+                attention_mask=attention.repeat_interleave(n, dim=0),
+                past_key_values=cache,
+                do_sample=sample,
+                temperature=sampling.temperature if sample else None,
+                top_p=sampling.top_p if sample else None,
+                top_k=0 if sample else None,
+                max_new_tokens=sampling.max_new_tokens,
+                min_new_tokens=sampling.min_new_tokens or None,
+                eos_token_id=sorted(stop_ids),
+                pad_token_id=chat.tokenizer.pad_token_id,
+            )
+            new = out[:, input_ids.shape[1] :].tolist()
+            gens = []
+            for row in range(len(part)):
+                samples = []
+                for k in range(n):
+                    ids, reason, count = split_generated(new[row * n + k], stop_ids)
+                    samples.append(Generation(chat.tokenizer.decode(ids, skip_special_tokens=True), reason, count))
+                gens.append(samples)
+            return gens
+
+        return run_batches(
+            batches, lambda idx: self._halving(idx, run), desc=desc, skip=skip, on_batch=on_batch, generated=True
+        )
+
+    @torch.inference_mode()
+    def next_token_probs(self, prompts, token_ids, batch_size, *, desc="scoring", skip=(), on_batch=None):
+        encoded = [self.chat.encode(p) for p in prompts]
+        batches = plan_batches([len(e) for e in encoded], max(1, batch_size))
+        self.model.eval()
+        prefix = self._prefix(encoded)
+
+        def run(part: list[int]) -> list[list[float]]:
+            _, _, _, out = self._extend(prefix, [encoded[i] for i in part], upto=0)
+            probs = torch.softmax(out.logits[:, -1, :].float(), dim=-1)[:, token_ids]
+            return probs.tolist()
+
+        return run_batches(batches, lambda idx: self._halving(idx, run), desc=desc, skip=skip, on_batch=on_batch)
+
+
+def generate(model, chat: ChatFormat, prompts: list[str], sampling: Sampling, *, seed: int, **kwargs):
+    """`HFBackend(model, chat).generate(...)`: for tests and benchmarks that hold a model already."""
+    return HFBackend(model, chat).generate(prompts, sampling, seed=seed, **kwargs)
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def choose_backend(requested: str) -> str:
+    """`auto` is vLLM when it is installed and a GPU is present, else `hf`."""
+    if requested == "auto":
+        return "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
+    if requested not in ("hf", "vllm"):
+        raise ConfigError(f"generation.backend must be auto, hf or vllm, got '{requested}'")
+    if requested == "vllm" and not vllm_available():
+        raise ConfigError("generation.backend is 'vllm' but vllm is not installed (make install-vllm; see README)")
+    return requested
+
+
+def load_backend(model_dir, model_cfg, gen_cfg) -> Backend:
+    """The configured backend with the model in `model_dir` and the chat template saved with it."""
+    name = choose_backend(gen_cfg.backend)
+    if name == "vllm":
+        from selfreward.vllm_backend import VLLMBackend
+
+        return VLLMBackend(model_dir, model_cfg, gen_cfg)
+    from selfreward.models import load_for_generation
+
+    model, chat = load_for_generation(model_dir, model_cfg)
+    return HFBackend(model, chat, prefix_cache=gen_cfg.prefix_cache)

@@ -1,6 +1,7 @@
 """Look at a run the way Oxen.ai shows a repository: its commits, and any JSONL file at any commit.
 
 python -m selfreward.inspect_run --run-dir runs/default                  # the commits, newest first
+python -m selfreward.inspect_run --run-dir runs/default --stages         # time and peak memory per stage
 python -m selfreward.inspect_run --run-dir runs/default --file M0/generated/scores.jsonl
 python -m selfreward.inspect_run --run-dir runs/default --file M0/generated/scores.jsonl --commit 1a2b3c
 """
@@ -44,13 +45,49 @@ def score_histogram(scores: list, key: str, width: int = 40) -> str:
     return "\n".join(lines)
 
 
+STAGES = ("01_gen_prompts", "02_gen_responses", "03_gen_scores", "04_gen_preferences", "05_dpo")
+
+
+def stage_table(run_dir: Path) -> str:
+    """Every stage's manifest in run order: seconds, peak memory, backend, rows; and the total time."""
+    from selfreward.cli import memory_text
+    from selfreward.layout import RunLayout
+    from selfreward.records import read_manifest
+
+    layout = RunLayout(run_dir)
+    found = [("00_sft", 0, read_manifest(layout.manifest("00_sft", 0)))]
+    t = 1
+    while any(layout.manifest(s, t).is_file() for s in STAGES):
+        found += [(s, t, read_manifest(layout.manifest(s, t))) for s in STAGES]
+        t += 1
+    lines = [f"{'stage':<20}{'iter':>5}{'seconds':>10}  {'memory':<28}{'backend':<9}rows in -> out"]
+    total = 0.0
+    for stage, t, manifest in found:
+        if not manifest:
+            lines.append(f"{stage:<20}{t:>5}{'-':>10}  (not run)")
+            continue
+        total += manifest.get("seconds", 0)
+        state = "" if manifest.get("complete") else "  (incomplete)"
+        lines.append(
+            f"{stage:<20}{t:>5}{manifest.get('seconds', 0):>10.1f}  "
+            f"{memory_text(manifest.get('peak_memory_mb', {})):<28}{manifest.get('backend', ''):<9}"
+            f"{manifest.get('rows_in')} -> {manifest.get('rows_out')}{state}"
+        )
+    lines.append(f"{'all stages':<25}{total:>10.1f}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--file", help="a JSONL file of the run, relative to the run folder")
     parser.add_argument("--commit", help="a commit id or its prefix (default: the newest commit)")
     parser.add_argument("--rows", type=int, default=3, help="how many rows to show")
+    parser.add_argument("--stages", action="store_true", help="seconds and peak memory of every stage, from manifests")
     args = parser.parse_args(argv)
+    if args.stages:
+        print(stage_table(Path(args.run_dir)))
+        return 0
 
     from selfreward import versioning
 

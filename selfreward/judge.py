@@ -86,41 +86,33 @@ def score_token_ids(chat) -> tuple[str, list[int]]:
 
 
 def score_by_logits(
-    model, chat, judge_prompts: list[str], batch_size: int, *, skip: Collection[int] = (), on_batch=None
+    backend, judge_prompts: list[str], batch_size: int, *, skip: Collection[int] = (), on_batch=None
 ) -> list[dict | None]:
     """Judge in one forward pass per batch: the expected score under the next-token distribution.
 
     The judge's answer is opened with "Score:" and the probabilities of the digits 0-5 that follow
     are renormalised; the score is their expectation, a continuous value with far fewer ties.
-    `judge_prompts` are rendered chat prompts (see `fit_judge_prompt`). Returns one judgment per
-    prompt: {"score", "text", "distribution", "mass"}; `skip` and
-    `on_batch` work as in `generation.generate`.
+    `judge_prompts` are rendered chat prompts (see `fit_judge_prompt`); the rubric they all start
+    with is computed once and reused (see `generation.HFBackend`). Returns one judgment per prompt:
+    {"score", "text", "distribution", "mass"}; `skip` and `on_batch` work as in `Backend.generate`.
     """
-    import torch
+    prefix, digit_ids = score_token_ids(backend.chat)
 
-    from selfreward.generation import left_pad, plan_batches
+    def judgment(probs: list[float]) -> dict:
+        mass = sum(probs)
+        dist = [p / mass for p in probs]
+        return {
+            "score": round(sum(d * p for d, p in enumerate(dist)), 4),
+            "text": prefix.strip(),
+            "distribution": [round(p, 4) for p in dist],
+            "mass": round(mass, 4),
+        }
 
-    prefix, digit_ids = score_token_ids(chat)
-    encoded = [chat.encode(prompt + prefix) for prompt in judge_prompts]
-    device = next(model.parameters()).device
-    results: list[dict | None] = [None] * len(encoded)
-    model.eval()
-    with torch.inference_mode():
-        for b, idx in enumerate(plan_batches([len(e) for e in encoded], batch_size)):
-            if b in skip:
-                continue
-            input_ids, attention = left_pad([encoded[i] for i in idx], chat.tokenizer.pad_token_id)
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits[:, -1, :]
-            probs = torch.softmax(logits.float(), dim=-1)[:, digit_ids]
-            for row, i in enumerate(idx):
-                mass = float(probs[row].sum())
-                dist = (probs[row] / mass).tolist()
-                results[i] = {
-                    "score": round(sum(d * p for d, p in enumerate(dist)), 4),
-                    "text": prefix.strip(),
-                    "distribution": [round(p, 4) for p in dist],
-                    "mass": round(mass, 4),
-                }
-            if on_batch:
-                on_batch(b, idx, [results[i] for i in idx])
-    return results
+    def save(batch: int, idx: list[int], probs: list) -> None:
+        if on_batch:
+            on_batch(batch, idx, [judgment(p) for p in probs])
+
+    probs = backend.next_token_probs(
+        [prompt + prefix for prompt in judge_prompts], digit_ids, batch_size, desc="judging", skip=skip, on_batch=save
+    )
+    return [None if p is None else judgment(p) for p in probs]

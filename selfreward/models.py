@@ -119,7 +119,7 @@ def _build_tiny(out: Path) -> None:
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
+        num_attention_heads=2,  # head size 32: the smallest vLLM's CPU attention supports
         num_key_value_heads=2,
         max_position_embeddings=2048,
         tie_word_embeddings=True,
@@ -137,7 +137,7 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path == SMOLLM2:
         return str(_build_atomically(cache_dir() / "smollm2-135m-instruct", _convert_smollm2))
     if name_or_path == TINY:
-        return str(_build_atomically(cache_dir() / "tiny-random-v2", _build_tiny))
+        return str(_build_atomically(cache_dir() / "tiny-random-v3", _build_tiny))
     if name_or_path.startswith("builtin:"):
         raise ModelNotFoundError(f"unknown builtin model '{name_or_path}' (known: {SMOLLM2}, {TINY})")
     if Path(name_or_path).expanduser().exists():
@@ -187,10 +187,9 @@ def load_for_generation(path: str | Path, cfg: ModelConfig):
     return load_model(path, cfg), ChatFormat.from_tokenizer(load_tokenizer(path, cfg))
 
 
-def prompt_budget(model, cfg: ModelConfig, max_new_tokens: int) -> int:
+def prompt_budget(context_length: int, cfg: ModelConfig, max_new_tokens: int) -> int:
     """How many prompt tokens a stage may feed the model so that its answer still fits the context."""
-    context = getattr(model.config, "max_position_embeddings", None) or 1_000_000
-    budget = context - max_new_tokens
+    budget = context_length - max_new_tokens
     return min(budget, cfg.max_prompt_tokens) if cfg.max_prompt_tokens else budget
 
 

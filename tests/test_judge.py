@@ -1,6 +1,6 @@
 import pytest
 
-from selfreward.generation import Sampling, generate
+from selfreward.generation import HFBackend, Sampling, generate
 from selfreward.judge import fit_judge_prompt, judge_prompt, mean_score, parse_judge_score, score_by_logits
 
 
@@ -46,14 +46,14 @@ def test_logit_judge_gives_a_distribution(tiny_model):
     model, chat, _ = tiny_model
     turns = [judge_prompt("What is 2+2?", "4"), judge_prompt("Name a colour.", "Blue, a colour of the sky.")]
     turns = [chat.prompt(turn) for turn in turns]
-    judgments = score_by_logits(model, chat, turns, batch_size=2)
+    judgments = score_by_logits(HFBackend(model, chat), turns, batch_size=2)
     for j in judgments:
         assert len(j["distribution"]) == 6
         assert sum(j["distribution"]) == pytest.approx(1.0, abs=1e-3)
         assert 0 <= j["score"] <= 5
         assert j["score"] == pytest.approx(sum(d * p for d, p in enumerate(j["distribution"])), abs=1e-3)
     # batching and padding must not change a row's score
-    alone = score_by_logits(model, chat, turns[:1], batch_size=1)[0]
+    alone = score_by_logits(HFBackend(model, chat), turns[:1], batch_size=1)[0]
     assert alone["score"] == pytest.approx(judgments[0]["score"], abs=1e-3)
 
 

@@ -22,7 +22,7 @@ def test_driver_leaves_every_model_and_file(tiny_run):
         lineage = json.loads(layout.lineage(t).read_text())
         assert lineage["model"] == f"M{t}" and lineage["stage"] == ("00_sft" if t == 0 else "05_dpo")
         if t == 0:
-            assert lineage["base"] == "builtin:tiny-random" and lineage["parent"].endswith("tiny-random-v2")
+            assert lineage["base"] == "builtin:tiny-random" and lineage["parent"].endswith("tiny-random-v3")
         else:
             assert lineage["parent"] == str(layout.model(t - 1))
         assert all(len(d["fingerprint"]) == 64 for d in lineage["data"])
@@ -50,6 +50,21 @@ def test_driver_leaves_every_model_and_file(tiny_run):
         assert manifest["complete"] and manifest["rows_out"] == len(pairs)
         assert layout.stage_config("04_gen_preferences", t).is_file()
     assert read_jsonl(layout.train_dir(1) / "preferences.jsonl") == read_jsonl(layout.generated(1, "preferences"))
+
+
+def test_every_manifest_reports_time_memory_and_backend(tiny_run):
+    layout = RunLayout(tiny_run)
+    for stage in STAGES:
+        for t in [0] if stage == "00_sft" else [1, 2]:
+            manifest = json.loads(layout.manifest(stage, t).read_text())
+            assert manifest["seconds"] > 0 and manifest["peak_memory_mb"]["ram"] > 50, (stage, t)
+            if stage in ("01_gen_prompts", "02_gen_responses", "03_gen_scores"):
+                assert manifest["backend"] == "hf"  # auto without a GPU
+    log = (tiny_run / "driver.log").read_text()
+    table = log[log.index("stage ") :]  # the driver ends with one line per stage
+    assert table.count("peak RAM") == 11 and "all stages" in table
+    summaries = [line for line in log.splitlines() if line.startswith("[05_dpo] iteration 1:")]
+    assert summaries and "peak RAM" in summaries[0]  # each stage's summary line carries it too
 
 
 def test_dpo_changes_the_model(tiny_run):

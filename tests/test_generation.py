@@ -1,0 +1,75 @@
+"""The generation backends: what every backend must do, and the hf backend's prefix cache and OOM halving."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from selfreward.generation import HFBackend, Sampling, plan_batches, shared_prefix_length
+from selfreward.judge import judge_prompt, score_by_logits
+
+QUESTIONS = ["What is 2+2?", "Name a colour.", "Write a haiku about rain.", "Why is the sky blue?", "Say hi."]
+
+
+def test_shared_prefix_length():
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # every row keeps one token of its own
+    assert shared_prefix_length([[7, 1], [8, 1]]) == 0
+    assert shared_prefix_length([]) == 0
+
+
+def test_prefix_cache_changes_nothing_but_speed(tiny_model):
+    """The rubric's reused key/value cache must give the same probabilities and the same greedy text."""
+    model, chat, _ = tiny_model
+    prompts = [chat.prompt(judge_prompt(q, f"An answer to: {q}")) + "Score: " for q in QUESTIONS]
+    digits = [chat.encode(str(d))[0] for d in range(6)]
+    cached, plain = HFBackend(model, chat, prefix_cache=True), HFBackend(model, chat, prefix_cache=False)
+    assert cached._prefix([chat.encode(p) for p in prompts])[0] > 100  # the rubric is really shared
+    a = cached.next_token_probs(prompts, digits, batch_size=2)
+    b = plain.next_token_probs(prompts, digits, batch_size=2)
+    assert torch.tensor(a) == pytest.approx(torch.tensor(b), abs=1e-5)
+    greedy = Sampling(2, 0.0, 1.0, 12, 4)
+    assert cached.generate(prompts, greedy, seed=0) == plain.generate(prompts, greedy, seed=0)
+
+
+def test_out_of_memory_halves_the_batch(tiny_model, monkeypatch, caplog):
+    model, chat, _ = tiny_model
+    prompts = [chat.prompt(q) for q in QUESTIONS]
+    greedy = Sampling(2, 0.0, 1.0, 6, 10)  # 5 prompts x 2 samples in one planned call
+    expected = HFBackend(model, chat).generate(prompts, greedy, seed=0)
+    forward = type(model).forward
+
+    def small_batches_only(self, *args, **kwargs):
+        rows = (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]).shape[0]
+        if rows > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", small_batches_only)
+    backend = HFBackend(model, chat)
+    saved = []
+    got = backend.generate(prompts, greedy, seed=0, on_batch=lambda b, idx, gens: saved.append((b, idx)))
+    assert got == expected  # greedy: the same answers, just in smaller calls
+    assert backend.row_limit == 2  # 5 prompts -> 2 (4 rows with both samples)
+    assert saved == [(0, plan_batches([len(chat.encode(p)) for p in prompts], 5)[0])]  # still one saved batch
+    assert "out of memory" in caplog.text
+
+
+def test_out_of_memory_with_one_prompt_is_raised(tiny_model, monkeypatch):
+    model, chat, _ = tiny_model
+
+    def always(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(type(model), "forward", always)
+    with pytest.raises(torch.OutOfMemoryError):
+        HFBackend(model, chat).generate([chat.prompt("Hi")], Sampling(1, 0.0, 1.0, 4, 1), seed=0)
+
+
+def test_logit_judge_uses_the_backend(tiny_model):
+    model, chat, _ = tiny_model
+    turns = [chat.prompt(judge_prompt(q, "Fine.")) for q in QUESTIONS]
+    saved = {}
+    got = score_by_logits(HFBackend(model, chat), turns, 2, skip={1}, on_batch=lambda b, idx, js: saved.update({b: js}))
+    assert set(saved) == {0, 2} and sum(j is None for j in got) == 2  # batch 1 was done by an earlier run
+    assert all(len(j) == 4 for js in saved.values() for j in js)  # score, text, distribution, mass

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The self-rewarding loop: SFT once (M0), then for each iteration t = 1..N
 #   01 prompts -> 02 responses -> 03 scores -> 04 preferences -> 05 DPO  (M<t-1> -> M<t>)
+#   -> 06 eval (M<t> vs M<t-1> and M0, judge quality, drift; rewrites <run>/report.md)
 # Rerunning the same command resumes a run: complete stages are skipped, a killed one continues.
 set -euo pipefail
 
@@ -66,7 +67,7 @@ run_stage() {
 
 run_stage 00_sft
 for ((t = 1; t <= iterations; t++)); do
-  for stage in 01_gen_prompts 02_gen_responses 03_gen_scores 04_gen_preferences 05_dpo; do
+  for stage in 01_gen_prompts 02_gen_responses 03_gen_scores 04_gen_preferences 05_dpo 06_eval; do
     run_stage "$stage" --iteration "$t"
   done
 done

@@ -1,8 +1,13 @@
 """Stage 00: supervised fine-tuning of the base model on IFT + EFT data, giving M0.
 
 Reads:  the base model (config model.name_or_path), data.ift and data.eft
-Writes: <run>/M0/train/{ift,eft}.jsonl (the rows used), M0/adapter/ (LoRA), M0/model/ (merged),
-        M0/lineage.json, M0/train_log.jsonl, M0/00_sft.{manifest.json,config.yaml}
+Writes: <run>/M0/train/{ift,eft}.jsonl (the rows used), M0/train/heldout_{prompts,eft}.jsonl (set
+        aside for stage 06), M0/adapter/ (LoRA), M0/model/ (merged), M0/lineage.json,
+        M0/train_log.jsonl, M0/00_sft.{manifest.json,config.yaml}
+
+data.heldout_prompts IFT rows and data.heldout_eft_questions EFT questions (with all their answers)
+are drawn by a hash of the seed and their ids and set aside: no stage trains on them or shows them
+as shots, so stage 06 can compare models and measure the judge on them.
 
 EFT rows are rendered through the same judge template stage 03 uses; the loss covers the answer
 (completion) tokens only. With model.load_in_4bit the LoRA trains on an NF4 copy (QLoRA) and is
@@ -15,6 +20,7 @@ import shutil
 
 from selfreward import cli
 from selfreward.chat import ChatFormat
+from selfreward.evaluation import split_heldout
 from selfreward.judge import judge_prompt, parse_judge_score
 from selfreward.models import load_tokenizer, resolve_model_path
 from selfreward.records import EFT, IFT, RecordError, read_jsonl, write_jsonl
@@ -41,9 +47,14 @@ def main() -> None:
     check_eft_scores(eft, config.data.eft)
     if not ift and not eft:
         raise cli.StageError(f"no training rows in {config.data.ift} or {config.data.eft}")
+    ift, eft, heldout_prompts, heldout_eft = split_heldout(
+        ift, eft, config.data.heldout_prompts, config.data.heldout_eft_questions, config.seed
+    )
     train_dir = layout.train_dir(0)
     write_jsonl(train_dir / "ift.jsonl", ift)
     write_jsonl(train_dir / "eft.jsonl", eft)
+    write_jsonl(layout.heldout("prompts"), heldout_prompts)
+    write_jsonl(layout.heldout("eft"), heldout_eft)
 
     base = resolve_model_path(config.model.name_or_path)
     chat = ChatFormat.from_tokenizer(load_tokenizer(base, config.model))
@@ -76,7 +87,7 @@ def main() -> None:
         rows_in=len(rows),
         rows_out=0,
         outputs=[str(layout.model(0)), str(layout.adapter(0))],
-        extra={"model": "M0"},
+        extra={"model": "M0", "heldout_prompts": len(heldout_prompts), "heldout_eft_rows": len(heldout_eft)},
         also_version=[layout.lineage(0), layout.train_log(0), layout.train_dir(0)],
     )
 

@@ -40,7 +40,10 @@ def main() -> None:
     chat = backend.chat
 
     rng = random.Random(f"{config.seed}-prompts-{t}")
-    keep = PromptFilter(pool, cfg.min_chars, cfg.max_chars, cfg.near_duplicate_threshold)
+    # Held-out prompts are never shown as shots, and a copy of one is rejected like a copy of a shot.
+    heldout_path = layout.heldout("prompts")
+    heldout = [r["prompt"] for r in read_jsonl(heldout_path, IFT)] if heldout_path.is_file() else []
+    keep = PromptFilter(pool + heldout, cfg.min_chars, cfg.max_chars, cfg.near_duplicate_threshold)
     sampling = Sampling(1, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size)
     chunks = stage.chunk_log()
     rows, rejected, attempts, batch = [], Counter(), 0, 0

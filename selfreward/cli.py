@@ -37,6 +37,7 @@ CONFIG_SECTIONS = {
     "03_gen_scores": ("seed", "model", "generation", "judge"),
     "04_gen_preferences": ("preferences",),
     "05_dpo": ("seed", "model", "lora", "dpo"),
+    "06_eval": ("seed", "model", "generation", "judge", "eval"),
 }
 
 
@@ -206,7 +207,14 @@ def summary_line(manifest: dict) -> str:
     return f"{line}, {memory}" if memory else line
 
 
-def parse_stage(name: str, doc: str, *, iteration: bool = True, argv: list[str] | None = None) -> Stage:
+def parse_stage(
+    name: str,
+    doc: str,
+    *,
+    iteration: bool = True,
+    argv: list[str] | None = None,
+    extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> Stage:
     """Parse a stage's command line and load the config (the run's, or --config, plus overrides)."""
     parser = _Parser(
         prog=f"{name}.py",
@@ -222,6 +230,8 @@ def parse_stage(name: str, doc: str, *, iteration: bool = True, argv: list[str] 
     parser.add_argument(
         "--skip-if-complete", action="store_true", help=f"exit {EXIT_SKIPPED} without work if the output is complete"
     )
+    if extra_args:
+        extra_args(parser)
     keys = parser.add_argument_group("config overrides (any key of the config, e.g. --dpo.beta 0.2)")
     defaults = Config().to_dict()
     for key in all_keys():

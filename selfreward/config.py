@@ -24,6 +24,11 @@ class ConfigError(ValueError):
 class DataConfig:
     ift: str = "data/seed/ift.jsonl"  # instruction-following rows: id, prompt, completion
     eft: str = "data/seed/eft.jsonl"  # judge rows: id, prompt, response, score, justification
+    # Set aside by stage 00, recorded by id in M0/train/, never trained on or used as shots: the
+    # prompts stage 06 compares models on, and the EFT questions (with all their answers) it
+    # measures the judge on.
+    heldout_prompts: int = 8
+    heldout_eft_questions: int = 4
 
 
 @dataclass
@@ -129,6 +134,13 @@ class PreferenceConfig:
 
 
 @dataclass
+class EvalConfig:
+    judge_model: str | None = None  # the head-to-head judge: a model folder or hub id; null = the newest M<t>
+    max_new_tokens: int = 128  # answers to the held-out prompts are greedy, at most this long
+    batch_size: int = 16
+
+
+@dataclass
 class OxenConfig:
     enabled: bool = True  # commit every stage's outputs to an Oxen repository (--no-oxen turns it off)
     repo: str | None = None  # the repository's folder; null = the run folder
@@ -156,6 +168,7 @@ class Config:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     preferences: PreferenceConfig = field(default_factory=PreferenceConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     oxen: OxenConfig = field(default_factory=OxenConfig)
 
     def to_dict(self) -> dict:

@@ -45,7 +45,7 @@ def score_histogram(scores: list, key: str, width: int = 40) -> str:
     return "\n".join(lines)
 
 
-STAGES = ("01_gen_prompts", "02_gen_responses", "03_gen_scores", "04_gen_preferences", "05_dpo")
+STAGES = ("01_gen_prompts", "02_gen_responses", "03_gen_scores", "04_gen_preferences", "05_dpo", "06_eval")
 
 
 def stage_table(run_dir: Path) -> str:

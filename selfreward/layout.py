@@ -11,6 +11,9 @@
       M<t>/generated/               what M<t> wrote for iteration t+1:
         prompts.jsonl responses.jsonl scores.jsonl preferences.jsonl
       M<t+1>/train/preferences.jsonl  the pairs M<t+1> was trained on (a copy)
+      M0/train/heldout_prompts.jsonl, heldout_eft.jsonl   set aside for stage 06, never trained on
+      M<t>/eval/eval.json           stage 06 after iteration t: head-to-head, judge quality, drift
+      report.md, report/*.png       the report over all iterations, rewritten by stage 06
 
 Iteration t (1, 2, ...) starts from M<t-1>: stages 01-04 write M<t-1>/generated/, stage 05 writes M<t>.
 Every output has a `<name>.manifest.json` beside it and the effective config as `<name>.config.yaml`.
@@ -67,8 +70,25 @@ class RunLayout:
             raise ValueError(f"iterations start at 1, got {iteration}")
         return self.model_root(iteration - 1) / "generated" / f"{name}.jsonl"
 
+    def heldout(self, name: str) -> Path:
+        """The rows stage 00 set aside for evaluation; `name` is "prompts" or "eft"."""
+        return self.train_dir(0) / f"heldout_{name}.jsonl"
+
+    def eval_result(self, t: int, name: str = "eval") -> Path:
+        return self.model_root(t) / "eval" / f"{name}.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
     def stage_output(self, stage: str, iteration: int) -> Path:
         """The main output of a stage: a JSONL file, or a model folder for 00 and 05."""
+        if stage == "06_eval":
+            return self.eval_result(iteration)
         if stage == "00_sft":
             return self.model(0)
         if stage == "05_dpo":
@@ -77,7 +97,7 @@ class RunLayout:
 
     def manifest(self, stage: str, iteration: int) -> Path:
         out = self.stage_output(stage, iteration)
-        if out.suffix == ".jsonl":
+        if out.suffix in (".jsonl", ".json"):
             return out.with_suffix(".manifest.json")
         return out.parent / f"{stage}.manifest.json"
 

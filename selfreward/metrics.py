@@ -77,3 +77,24 @@ def pairwise_agreement(groups: list[str], reference: list[float], other: list[fl
             got = other[i] - other[j]
             agree += 0.5 if got == 0 else float((got > 0) == (ref > 0))
     return (agree / total if total else None), total
+
+
+def distinct_n(texts: list[str], n: int) -> float | None:
+    """Distinct-n: unique word n-grams over all n-grams in `texts` (lower-cased, split on whitespace)."""
+    grams = [tuple(words[i : i + n]) for t in texts for words in [t.lower().split()] for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+def both_orders_verdict(first_order: str, second_order: str) -> str:
+    """Head-to-head verdict for answer X against answer Y, judged twice with the positions swapped.
+
+    `first_order` is the judge's pick ("A" or "B") when X is shown as A, `second_order` when X is
+    shown as B. X wins only if it is picked in both orders; a pick that follows the position is a tie.
+    """
+    x_first = first_order == "A"
+    x_second = second_order == "B"
+    if x_first and x_second:
+        return "win"
+    if not x_first and not x_second:
+        return "loss"
+    return "tie"

@@ -84,25 +84,24 @@ def read_jsonl(path: str | Path, fields: dict[str, tuple] | None = None, id_fiel
     return rows
 
 
-def write_jsonl(path: str | Path, rows: list[dict]) -> None:
-    """Write all rows at once: readers see the old file or the new one, never half of it."""
+def write_text(path: str | Path, text: str) -> None:
+    """Write a whole file at once: readers see the old file or the new one, never half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # unique: torchrun ranks may write together
     with tmp.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     tmp.replace(path)
 
 
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
 def write_json(path: str | Path, data: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_manifest(path: str | Path) -> dict | None:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from selfreward.metrics import kendall_tau_b, pairwise_agreement, ranks, spearman
+from selfreward.metrics import both_orders_verdict, distinct_n, kendall_tau_b, pairwise_agreement, ranks, spearman
 
 
 def test_ranks_share_ties():
@@ -30,3 +30,18 @@ def test_pairwise_agreement_within_groups_only():
     other = [9, 1, 9, 0, 1]  # a0>a1 agrees, a0=a2 tie (half), b4>b3 agrees
     frac, pairs = pairwise_agreement(groups, reference, other)
     assert pairs == 3 and frac == pytest.approx(2.5 / 3)
+
+
+def test_distinct_n():
+    # unigrams: a b a b c -> 3 unique of 5; bigrams: ab ba ab bc -> 3 unique of 4
+    assert distinct_n(["a b a", "b c"], 1) == pytest.approx(3 / 5)
+    assert distinct_n(["a b a b c"], 2) == pytest.approx(3 / 4)
+    assert distinct_n(["A b", "a B"], 2) == pytest.approx(1 / 2)  # case-insensitive
+    assert distinct_n(["one"], 2) is None
+
+
+def test_both_orders_tie_rule():
+    assert both_orders_verdict("A", "B") == "win"  # picked as A, then picked as B
+    assert both_orders_verdict("B", "A") == "loss"
+    assert both_orders_verdict("A", "A") == "tie"  # the judge always picks the first position
+    assert both_orders_verdict("B", "B") == "tie"

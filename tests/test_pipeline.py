@@ -11,7 +11,7 @@ from selfreward.layout import RunLayout
 from selfreward.records import PREFERENCE, PROMPT, RESPONSE, SCORE, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["00_sft", "01_gen_prompts", "02_gen_responses", "03_gen_scores", "04_gen_preferences", "05_dpo"]
+STAGES = ["00_sft", "01_gen_prompts", "02_gen_responses", "03_gen_scores", "04_gen_preferences", "05_dpo", "06_eval"]
 
 
 def test_driver_leaves_every_model_and_file(tiny_run):
@@ -62,7 +62,7 @@ def test_every_manifest_reports_time_memory_and_backend(tiny_run):
                 assert manifest["backend"] == "hf"  # auto without a GPU
     log = (tiny_run / "driver.log").read_text()
     table = log[log.index("stage ") :]  # the driver ends with one line per stage
-    assert table.count("peak RAM") == 11 and "all stages" in table
+    assert table.count("peak RAM") == 13 and "all stages" in table
     summaries = [line for line in log.splitlines() if line.startswith("[05_dpo] iteration 1:")]
     assert summaries and "peak RAM" in summaries[0]  # each stage's summary line carries it too
 
@@ -82,7 +82,7 @@ def test_driver_rerun_skips_complete_stages(tiny_run, cache):
 
     proc = run_driver(tiny_run, cache)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("complete, skipped") == 11, proc.stdout
+    assert proc.stdout.count("complete, skipped") == 13, proc.stdout
 
 
 @pytest.mark.parametrize("stage", ["02_gen_responses", "03_gen_scores", "01_gen_prompts", "04_gen_preferences"])

@@ -26,7 +26,7 @@ def test_one_commit_per_stage_per_iteration(tiny_run, cache):
     expected = ["00_sft] iteration 0"] + [
         f"{stage}] iteration {t}"
         for t in (1, 2)
-        for stage in ("01_gen_prompts", "02_gen_responses", "03_gen_scores", "04_gen_preferences", "05_dpo")
+        for stage in ("01_gen_prompts", "02_gen_responses", "03_gen_scores", "04_gen_preferences", "05_dpo", "06_eval")
     ]
     oldest_first = messages[::-1][: len(expected)]  # later tests may rerun stages and add commits
     for message, want in zip(oldest_first, expected, strict=True):
@@ -75,9 +75,9 @@ def test_unreachable_remote_keeps_local_commits_and_says_so_once_per_push(tmp_pa
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     failures = [line for line in proc.stdout.splitlines() if line.startswith("warning: oxen push")]
-    assert len(failures) == 6  # SFT + five stages, one line each
+    assert len(failures) == 7  # SFT + six stages, one line each
     assert all(f"oxen push to {url} failed after 2 tries" in line for line in failures)
-    assert len(inspect(run, cache=cache).stdout.splitlines()) == 6
+    assert len(inspect(run, cache=cache).stdout.splitlines()) == 7
 
 
 class _Refuse(http.server.BaseHTTPRequestHandler):

@@ -1,0 +1,117 @@
+"""Stage 06: is M<t> better than M<t-1> and M0, is its judge any good, and is the loop drifting?
+
+Reads:  <run>/M0/train/heldout_prompts.jsonl (or --prompts FILE), M0/train/heldout_eft.jsonl,
+        the models M0, M<t-1>, M<t>, and iteration t's prompts/responses/scores/preferences
+Writes: <run>/M<t>/eval/eval.json and eval.{manifest.json,config.yaml}; <run>/report.md and
+        <run>/report/*.png, rewritten from every iteration's eval.json
+
+1. Head-to-head: each model answers the held-out prompts greedily; the judge (eval.judge_model, by
+   default M<t>) is shown both answers in both orders and picks A or B from its next-token
+   probabilities. M<t> wins a prompt only if it is picked in both orders; a pick that follows the
+   position is a tie.
+2. Judge quality of every loaded model on held-out EFT rows: pairwise accuracy, exact match,
+   Spearman and Kendall tau against the human scores (logit judge: one forward pass per answer).
+3. Drift of iteration t: response length, distinct-1/2, score histogram, tie rate, parse failures,
+   pair yield, and the length gap between chosen and rejected answers.
+
+    python scripts/06_eval.py --run-dir runs/demo --iteration 2
+    python scripts/06_eval.py --run-dir runs/demo --iteration 2 --prompts my_prompts.jsonl
+"""
+
+from pathlib import Path
+
+from selfreward import cli
+from selfreward.evaluation import drift, head_to_head, judge_quality, pairwise_prompt
+from selfreward.generation import Sampling, load_backend
+from selfreward.judge import fit_judge_prompt, score_by_logits
+from selfreward.models import prompt_budget
+from selfreward.records import EFT, PREFERENCE, PROMPT, RESPONSE, SCORE, read_jsonl, write_json
+from selfreward.report import write_report
+
+
+def option(parser) -> None:
+    parser.add_argument("--prompts", help="a JSONL file with a 'prompt' field per row (default: the held-out prompts)")
+
+
+def pick_letters(backend, rows: list[tuple[str, str, str]], batch_size: int, budget: int) -> list[str]:
+    """The judge's pick, "A" or "B", for each (question, answer A, answer B)."""
+    chat = backend.chat
+    letters = [chat.encode(x) for x in ("A", "B")]
+    if any(len(ids) != 1 for ids in letters):
+        raise cli.StageError("the head-to-head judge needs a tokenizer where 'A' and 'B' are single tokens")
+    prompts = [chat.fit(pairwise_prompt(q, a, b), budget)[0] for q, a, b in rows]
+    probs = backend.next_token_probs(prompts, [letters[0][0], letters[1][0]], batch_size, desc="head-to-head")
+    return ["A" if p[0] >= p[1] else "B" for p in probs]
+
+
+def main() -> None:
+    stage = cli.parse_stage("06_eval", __doc__, extra_args=option)
+    config, layout, t = stage.config, stage.layout, stage.iteration
+    prompts_path = Path(stage.args.prompts) if stage.args.prompts else layout.heldout("prompts")
+    eft_path = layout.heldout("eft")
+    names = sorted({0, t - 1, t})
+    files = {n: layout.generated(t, n) for n in ("prompts", "responses", "scores", "preferences")}
+    judge_path = config.eval.judge_model or layout.model(t)
+    inputs = [prompts_path, eft_path, *[layout.model(m) for m in names], *files.values()]
+    if config.eval.judge_model and Path(config.eval.judge_model).exists():
+        inputs.append(config.eval.judge_model)
+    stage.begin(inputs=inputs)
+    questions = [r["prompt"] for r in read_jsonl(prompts_path, {"prompt": (str,)})]
+    eft = read_jsonl(eft_path, EFT, id_field="id")
+    if not questions:
+        raise cli.StageError(f"{prompts_path} has no prompts to evaluate on")
+
+    answers, quality = {}, {}
+    greedy = Sampling(1, 0.0, 1.0, config.eval.max_new_tokens, config.eval.batch_size)
+    for m in names:
+        backend = load_backend(layout.model(m), config.model, config.generation)
+        chat = backend.chat
+        budget = prompt_budget(backend.context_length, config.model, config.eval.max_new_tokens)
+        gens = backend.generate([chat.fit(q, budget)[0] for q in questions], greedy, seed=config.seed, desc=f"M{m}")
+        answers[m] = [g[0].text for g in gens]
+        if eft:
+            judge_budget = prompt_budget(backend.context_length, config.model, 1)
+            rendered = [fit_judge_prompt(chat, r["prompt"], r["response"], judge_budget)[0] for r in eft]
+            judged = score_by_logits(backend, rendered, config.judge.batch_size)
+            quality[f"M{m}"] = judge_quality(eft, [j["score"] for j in judged])
+        backend.close()
+
+    judge = load_backend(judge_path, config.model, config.generation)
+    budget = prompt_budget(judge.context_length, config.model, 1)
+    comparisons = {}
+    for other in sorted({t - 1, 0}, reverse=True):
+        if other == t:
+            continue
+        triples = list(zip(questions, answers[t], answers[other], strict=True))
+        x_as_a = pick_letters(judge, triples, config.eval.batch_size, budget)
+        x_as_b = pick_letters(judge, [(q, b, a) for q, a, b in triples], config.eval.batch_size, budget)
+        comparisons[f"M{t} vs M{other}"] = head_to_head(x_as_a, x_as_b)
+    judge.close()
+
+    responses = read_jsonl(files["responses"], RESPONSE) if files["responses"].is_file() else []
+    scores = read_jsonl(files["scores"], SCORE) if files["scores"].is_file() else []
+    pairs = read_jsonl(files["preferences"], PREFERENCE) if files["preferences"].is_file() else []
+    prompts = read_jsonl(files["prompts"], PROMPT) if files["prompts"].is_file() else []
+    result = {
+        "iteration": t,
+        "model": f"M{t}",
+        "prompts_file": str(prompts_path),
+        "judge_model": str(judge_path),
+        "head_to_head": comparisons,
+        "judge_quality": quality,
+        "drift": drift(responses, scores, pairs, len(prompts)),
+        "answers": {f"M{m}": answers[m] for m in names},
+    }
+    out = layout.eval_result(t)
+    write_json(out, result)
+    write_report(layout)
+    stage.finish(
+        rows_in=len(questions),
+        rows_out=sum(c["prompts"] for c in comparisons.values()),
+        outputs=[str(out)],
+        also_version=[layout.report, layout.report_dir],
+    )
+
+
+if __name__ == "__main__":
+    cli.run(main)

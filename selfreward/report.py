@@ -1,0 +1,169 @@
+"""runs/<name>/report.md with PNG plots: every iteration's eval.json and the trainers' logs at a glance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from selfreward.layout import RunLayout
+from selfreward.records import write_text
+
+QUALITY = ("pairwise_accuracy", "exact_match", "spearman", "kendall_tau")
+
+
+def load_evals(layout: RunLayout) -> list[dict]:
+    evals, t = [], 1
+    while layout.model_root(t).exists():
+        path = layout.eval_result(t)
+        if path.is_file():
+            evals.append(json.loads(path.read_text()))
+        t += 1
+    return evals
+
+
+def _train_log(layout: RunLayout, t: int) -> list[dict]:
+    path = layout.train_log(t)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _figure(title: str, ncols: int = 1):
+    import logging
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a training box
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its INFO lines are about fonts and units
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 3.8), squeeze=False)
+    fig.suptitle(title, fontsize=12)
+    return plt, fig, list(axes[0])
+
+
+def _save(plt, fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def plot_scores(evals: list[dict], out: Path) -> str:
+    plt, fig, (ax,) = _figure("Self-assigned scores per iteration")
+    width = 0.8 / max(1, len(evals))
+    for k, e in enumerate(evals):
+        hist = e["drift"]["score_histogram"]
+        counts = [hist[str(s)] for s in range(6)]
+        ax.bar([s + k * width for s in range(6)], counts, width, label=f"iteration {e['iteration']}")
+    ax.set_xticks([s + 0.4 - width / 2 for s in range(6)], [str(s) for s in range(6)])
+    ax.set_xlabel("score (nearest point, 0-5)")
+    ax.set_ylabel("responses")
+    ax.legend()
+    return _save(plt, fig, out)
+
+
+def plot_lengths(evals: list[dict], out: Path) -> str:
+    plt, fig, (chars, tokens) = _figure("Response length per iteration", 2)
+    its = [e["iteration"] for e in evals]
+    chars.plot(its, [e["drift"]["response_chars"] or 0 for e in evals], marker="o")
+    chars.set_ylabel("mean characters per response")
+    tokens.plot(its, [e["drift"]["response_tokens"] or 0 for e in evals], marker="o", color="tab:orange")
+    tokens.set_ylabel("mean tokens per response")
+    for ax in (chars, tokens):
+        ax.set_xlabel("iteration")
+        ax.set_xticks(its)
+        ax.set_ylim(bottom=0)
+    return _save(plt, fig, out)
+
+
+def plot_head_to_head(evals: list[dict], out: Path) -> str:
+    rows = [(name, c) for e in evals for name, c in e["head_to_head"].items()]
+    plt, fig, (ax,) = _figure("Head-to-head on held-out prompts (judged in both orders)")
+    labels = [name for name, _ in rows]
+    left = [0] * len(rows)
+    for key, color in (("wins", "tab:green"), ("ties", "tab:gray"), ("losses", "tab:red")):
+        values = [c[key] for _, c in rows]
+        ax.barh(labels, values, left=left, color=color, label=key)
+        left = [a + b for a, b in zip(left, values, strict=True)]
+    ax.set_xlabel("prompts")
+    ax.invert_yaxis()
+    ax.legend(loc="lower right")
+    return _save(plt, fig, out)
+
+
+def plot_judge_quality(evals: list[dict], out: Path) -> str:
+    quality: dict[str, dict] = {}
+    for e in evals:
+        quality.update(e["judge_quality"])
+    models = sorted(quality, key=lambda m: int(m[1:]))
+    plt, fig, (ax,) = _figure("Judge quality on held-out EFT rows")
+    x = list(range(len(models)))
+    for key in QUALITY:
+        values = [quality[m][key] if quality[m][key] is not None else float("nan") for m in models]
+        ax.plot(x, values, marker="o", label=key.replace("_", " "))
+    ax.set_xticks(x, models)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_xlabel("model")
+    ax.set_ylabel("agreement with human scores")
+    ax.set_ylim(-1, 1)
+    ax.legend(fontsize=8)
+    return _save(plt, fig, out)
+
+
+def plot_dpo(layout: RunLayout, iterations: list[int], out: Path) -> str:
+    plt, fig, axes = _figure("DPO training (from M<t>/train_log.jsonl)", 3)
+    for t in iterations:
+        log = _train_log(layout, t)
+        for ax, key in zip(axes, ("loss", "rewards/margins", "rewards/accuracies"), strict=True):
+            points = [(r["step"], r[key]) for r in log if key in r]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker=".", label=f"M{t}")
+    for ax, label in zip(axes, ("DPO loss", "reward margin (chosen - rejected)", "reward accuracy"), strict=True):
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    return _save(plt, fig, out)
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def write_report(layout: RunLayout) -> Path:
+    """Rewrite report.md and report/*.png from everything stage 06 has written so far."""
+    evals = load_evals(layout)
+    layout.report_dir.mkdir(parents=True, exist_ok=True)
+    its = [e["iteration"] for e in evals]
+    plots = {
+        "scores": plot_scores(evals, layout.report_dir / "scores.png"),
+        "lengths": plot_lengths(evals, layout.report_dir / "response_length.png"),
+        "head_to_head": plot_head_to_head(evals, layout.report_dir / "head_to_head.png"),
+        "judge": plot_judge_quality(evals, layout.report_dir / "judge_quality.png"),
+        "dpo": plot_dpo(layout, its, layout.report_dir / "dpo_training.png"),
+    }
+    lines = [f"# Self-rewarding run: {layout.root.name}", "", f"Iterations evaluated: {', '.join(map(str, its))}.", ""]
+    lines += ["## Head-to-head (held-out prompts, judged in both orders; an order-dependent verdict is a tie)", ""]
+    lines += ["| iteration | comparison | wins | ties | losses | win rate |", "|---|---|---|---|---|---|"]
+    for e in evals:
+        for name, c in e["head_to_head"].items():
+            counts = f"{c['wins']} | {c['ties']} | {c['losses']}"
+            lines.append(f"| {e['iteration']} | {name} | {counts} | {_fmt(c['win_rate'])} |")
+    lines += ["", f"![head-to-head](report/{plots['head_to_head']})", ""]
+    quality: dict[str, dict] = {}
+    for e in evals:
+        quality.update(e["judge_quality"])
+    lines += ["## Judge quality (held-out EFT rows against their human scores)", ""]
+    lines += ["| model | pairs | pairwise accuracy | exact match | Spearman | Kendall τ |", "|---|---|---|---|---|---|"]
+    for m in sorted(quality, key=lambda m: int(m[1:])):
+        q = quality[m]
+        lines.append(f"| {m} | {q['pairs']} | " + " | ".join(_fmt(q[k]) for k in QUALITY) + " |")
+    lines += ["", f"![judge quality](report/{plots['judge']})", ""]
+    keys = ("response_tokens", "response_chars", "distinct_1", "distinct_2", "mean_score", "tie_rate",
+            "parse_failure_rate", "pair_yield", "chosen_minus_rejected_chars")  # fmt: skip
+    lines += ["## Drift", "", "| iteration | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
+              "|---" * (len(keys) + 1) + "|"]  # fmt: skip
+    for e in evals:
+        lines.append(f"| {e['iteration']} | " + " | ".join(_fmt(e["drift"][k]) for k in keys) + " |")
+    lines += ["", f"![scores](report/{plots['scores']})", "", f"![response length](report/{plots['lengths']})", ""]
+    lines += ["## DPO training", "", f"![DPO training](report/{plots['dpo']})", ""]
+    write_text(layout.report, "\n".join(lines))
+    return layout.report

@@ -1,0 +1,93 @@
+"""Stage 06's measurements on hand-made data with known answers, and the stage itself on the tiny run."""
+
+import json
+import shutil
+
+import pytest
+
+from selfreward.evaluation import drift, head_to_head, judge_quality, split_heldout
+from selfreward.layout import RunLayout
+
+
+def test_heldout_split_is_disjoint_stable_and_keeps_questions_together():
+    ift = [{"id": f"i{k}", "prompt": f"p{k}", "completion": "c"} for k in range(20)]
+    eft = [{"id": f"e{q}{a}", "prompt": f"q{q}", "response": "r", "score": a, "justification": ""}
+           for q in range(6) for a in range(4)]  # fmt: skip
+    train_ift, train_eft, held_ift, held_eft = split_heldout(ift, eft, 5, 2, seed=1)
+    assert len(held_ift) == 5 and len(train_ift) == 15
+    assert not {r["id"] for r in held_ift} & {r["id"] for r in train_ift}
+    assert len({r["prompt"] for r in held_eft}) == 2 and len(held_eft) == 8  # all 4 answers of each question
+    assert not {r["prompt"] for r in held_eft} & {r["prompt"] for r in train_eft}
+    again = split_heldout(ift[::-1], eft[::-1], 5, 2, seed=1)  # the files' order does not matter
+    assert {r["id"] for r in again[2]} == {r["id"] for r in held_ift}
+    assert split_heldout(ift, eft, 99, 99, seed=1)[0]  # something is always left to train on
+
+
+def test_judge_quality_known_values():
+    rows = [{"prompt": "q1", "score": s} for s in (5, 3, 1)] + [{"prompt": "q2", "score": s} for s in (4, 2)]
+    judge = [4.6, 3.2, 3.4, 2.0, 2.0]  # q1: 5>3 right, 5>1 right, 3>1 wrong; q2: tie -> half
+    q = judge_quality(rows, judge)
+    assert q["pairs"] == 4 and q["pairwise_accuracy"] == pytest.approx(2.5 / 4)
+    assert q["exact_match"] == pytest.approx(3 / 5)  # 4.6->5, 3.2->3, 2.0->2 match; 3.4->3 and 2.0->2 vs 4 do not
+    # ranks: human 5,3,1,4,2; judge 5,3,4,1.5,1.5. Deviations from 3: (2,0,-2,1,-1) and (2,0,1,-1.5,-1.5):
+    # Spearman = 2 / sqrt(10 * 9.5)
+    assert q["spearman"] == pytest.approx(2 / 95**0.5, abs=1e-4)
+    # of the 10 pairs 5 are concordant, 4 discordant, 1 tied in the judge only: tau-b = 1 / sqrt(9 * 10)
+    assert q["kendall_tau"] == pytest.approx(1 / 90**0.5, abs=1e-4)
+
+
+def test_head_to_head_counts_order_dependent_picks_as_ties():
+    result = head_to_head(["A", "A", "B", "B"], ["B", "A", "A", "B"])
+    assert (result["wins"], result["ties"], result["losses"]) == (1, 2, 1)
+    assert result["win_rate"] == 0.25
+
+
+def test_drift_known_values():
+    responses = [
+        {"prompt_id": "p", "response": "a b c", "num_tokens": 4},
+        {"prompt_id": "p", "response": "a b", "num_tokens": 2},
+        {"prompt_id": "q", "response": "x", "num_tokens": 1},
+        {"prompt_id": "q", "response": "x", "num_tokens": 1},
+    ]
+    scores = [
+        {**responses[0], "score": 4.6, "judgments": [{"score": 4.6}]},
+        {**responses[1], "score": 1.0, "judgments": [{"score": 1.0}, {"score": None}]},
+        {**responses[2], "score": 3.0, "judgments": [{"score": 3.0}]},
+        {**responses[3], "score": 3.0, "judgments": [{"score": 3.0}]},
+    ]
+    pairs = [{"chosen": "a b c", "rejected": "a b"}]
+    d = drift(responses, scores, pairs, prompts=2)
+    assert d["response_tokens"] == 2.0 and d["response_chars"] == (5 + 3 + 1 + 1) / 4
+    assert d["distinct_1"] == pytest.approx(4 / 7, abs=1e-4)  # a b c a b x x
+    assert d["score_histogram"] == {"0": 0, "1": 1, "2": 0, "3": 2, "4": 0, "5": 1}
+    assert d["tie_rate"] == 0.5  # q's two answers tie
+    assert d["parse_failure_rate"] == 0.2
+    assert d["pair_yield"] == 0.5 and d["chosen_minus_rejected_chars"] == 2.0
+
+
+def test_eval_stage_writes_every_metric_and_the_report(tiny_run):
+    layout = RunLayout(tiny_run)
+    for t in (1, 2):
+        result = json.loads(layout.eval_result(t).read_text())
+        comparisons = result["head_to_head"]
+        assert set(comparisons) == ({"M1 vs M0"} if t == 1 else {"M2 vs M1", "M2 vs M0"})
+        held = len((layout.heldout("prompts")).read_text().splitlines())
+        for c in comparisons.values():
+            assert c["wins"] + c["ties"] + c["losses"] == c["prompts"] == held
+        assert set(result["judge_quality"]) == {f"M{m}" for m in sorted({0, t - 1, t})}
+        assert all(q["pairs"] > 0 for q in result["judge_quality"].values())
+        assert {"distinct_2", "tie_rate", "pair_yield", "score_histogram"} <= set(result["drift"])
+    report = layout.report.read_text()
+    for png in ("scores", "response_length", "head_to_head", "judge_quality", "dpo_training"):
+        assert f"report/{png}.png" in report and (layout.report_dir / f"{png}.png").stat().st_size > 5000
+    assert "| M2 |" in report and "| 2 | M2 vs M1 |" in report
+
+
+def test_eval_on_any_prompts_file(tiny_run, run_stage, tmp_path):
+    run = tmp_path / "run"  # a copy: other tests read the shared run's own evaluation
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns(".oxen"))
+    prompts = tmp_path / "mine.jsonl"
+    prompts.write_text('{"prompt": "Name a fruit."}\n{"prompt": "Count to three."}\n')
+    run_stage("06_eval", "--run-dir", str(run), "--iteration", "1", "--prompts", str(prompts), "--no-oxen")
+    result = json.loads(RunLayout(run).eval_result(1).read_text())
+    assert result["prompts_file"] == str(prompts) and result["head_to_head"]["M1 vs M0"]["prompts"] == 2

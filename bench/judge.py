@@ -24,7 +24,7 @@ import torch
 from seed_way import seed_way  # bench/ is the script folder, so on the path
 
 from selfreward.config import ModelConfig
-from selfreward.generation import HFBackend, Sampling
+from selfreward.generation import HFBackend, Sampling, shared_prefix_length
 from selfreward.judge import fit_judge_prompt, mean_score, parse_judge_score, score_by_logits
 from selfreward.metrics import pairwise_agreement, spearman
 from selfreward.models import SMOLLM2, load_for_generation, resolve_model_path
@@ -62,7 +62,7 @@ def main() -> None:
     rows = read_jsonl("data/seed/eft.jsonl", EFT)[: args.pairs]
     prompts = [fit_judge_prompt(chat, r["prompt"], r["response"], 2048)[0] for r in rows]
     prompt_tokens = sum(len(chat.encode(p)) for p in prompts) / len(prompts)
-    shared = backend._prefix([chat.encode(p) for p in prompts])[0]
+    shared = shared_prefix_length([chat.encode(p) for p in prompts])  # what HFBackend computes once
     print(f"{len(rows)} judge prompts, {prompt_tokens:.0f} tokens on average, {shared} of them shared (the rubric)")
 
     start = time.perf_counter()

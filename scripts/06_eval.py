@@ -63,7 +63,8 @@ def main() -> None:
 
     answers, quality = {}, {}
     greedy = Sampling(1, 0.0, 1.0, config.eval.max_new_tokens, config.eval.batch_size)
-    for m in names:
+    judge = None
+    for m in names:  # ascending: M<t> comes last and, by default, stays loaded as the judge
         backend = load_backend(layout.model(m), config.model, config.generation)
         chat = backend.chat
         budget = prompt_budget(backend.context_length, config.model, config.eval.max_new_tokens)
@@ -74,24 +75,26 @@ def main() -> None:
             rendered = [fit_judge_prompt(chat, r["prompt"], r["response"], judge_budget)[0] for r in eft]
             judged = score_by_logits(backend, rendered, config.judge.batch_size)
             quality[f"M{m}"] = judge_quality(eft, [j["score"] for j in judged])
-        backend.close()
+        if m == t and not config.eval.judge_model:
+            judge = backend
+        else:
+            backend.close()
 
-    judge = load_backend(judge_path, config.model, config.generation)
+    judge = judge or load_backend(judge_path, config.model, config.generation)
     budget = prompt_budget(judge.context_length, config.model, 1)
     comparisons = {}
     for other in sorted({t - 1, 0}, reverse=True):
-        if other == t:
-            continue
         triples = list(zip(questions, answers[t], answers[other], strict=True))
         x_as_a = pick_letters(judge, triples, config.eval.batch_size, budget)
         x_as_b = pick_letters(judge, [(q, b, a) for q, a, b in triples], config.eval.batch_size, budget)
         comparisons[f"M{t} vs M{other}"] = head_to_head(x_as_a, x_as_b)
     judge.close()
 
-    responses = read_jsonl(files["responses"], RESPONSE) if files["responses"].is_file() else []
-    scores = read_jsonl(files["scores"], SCORE) if files["scores"].is_file() else []
-    pairs = read_jsonl(files["preferences"], PREFERENCE) if files["preferences"].is_file() else []
-    prompts = read_jsonl(files["prompts"], PROMPT) if files["prompts"].is_file() else []
+    def rows(name: str, schema: dict) -> list[dict]:
+        return read_jsonl(files[name], schema) if files[name].is_file() else []
+
+    responses, scores = rows("responses", RESPONSE), rows("scores", SCORE)
+    pairs, prompts = rows("preferences", PREFERENCE), rows("prompts", PROMPT)
     result = {
         "iteration": t,
         "model": f"M{t}",

@@ -108,11 +108,15 @@ def score_by_logits(
             "mass": round(mass, 4),
         }
 
-    def save(batch: int, idx: list[int], probs: list) -> None:
-        if on_batch:
-            on_batch(batch, idx, [judgment(p) for p in probs])
+    judged: list[dict | None] = [None] * len(judge_prompts)
 
-    probs = backend.next_token_probs(
+    def save(batch: int, idx: list[int], probs: list) -> None:
+        for i, p in zip(idx, probs, strict=True):
+            judged[i] = judgment(p)
+        if on_batch:
+            on_batch(batch, idx, [judged[i] for i in idx])
+
+    backend.next_token_probs(
         [prompt + prefix for prompt in judge_prompts], digit_ids, batch_size, desc="judging", skip=skip, on_batch=save
     )
-    return [None if p is None else judgment(p) for p in probs]
+    return judged

@@ -2,7 +2,8 @@
 # The self-rewarding loop: SFT once (M0), then for each iteration t = 1..N
 #   01 prompts -> 02 responses -> 03 scores -> 04 preferences -> 05 DPO  (M<t-1> -> M<t>)
 #   -> 06 eval (M<t> vs M<t-1> and M0, judge quality, drift; rewrites <run>/report.md)
-# Rerunning the same command resumes a run: complete stages are skipped, a killed one continues.
+# Rerunning the same command resumes a run: complete stages are skipped (their Oxen commit made up if
+# a kill came between the stage's end and its commit), a killed one continues where it stopped.
 set -euo pipefail
 
 usage() {
@@ -13,13 +14,17 @@ usage: self-reward.sh [--config FILE] [--iterations N] [--run-dir DIR] [--no-oxe
   --iterations N    self-rewarding iterations after SFT (default: 2): leaves M0 .. M<N>
   --run-dir DIR     where the run lives (default: runs/default)
   --no-oxen         do not commit each stage's outputs to the run's Oxen repository
-  -- ARGS           passed to every stage, e.g. -- --judge.num_samples 2
+  -- ARGS           config overrides for this run, e.g. -- --judge.num_samples 2; they are written
+                    into the run's config.yaml, so stages rerun by hand later see them too
 
 Every stage commits its outputs to an Oxen repository in the run folder (oxen.* in the config);
 with oxen.remote or OXEN_REMOTE set, each commit is also pushed.
+One process writes a run folder at a time: a second driver (or a stage run by hand) on the same
+folder is refused with a line that names the one at work.
 
 Environment: PYTHON (default: python) is the interpreter that runs the stages.
-Exit codes: 0 done; 2 bad arguments, config or data; 3 an iteration produced no preference pairs.
+Exit codes: 0 done; 2 bad arguments, config or data, a full disk or unwritable folder; 3 an iteration
+produced no preference pairs; 4 the run folder is in use by another process.
 TXT
 }
 
@@ -43,22 +48,37 @@ case "$iterations" in ''|*[!0-9]*) echo "self-reward.sh: --iterations must be a 
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 python=${PYTHON:-python}
-mkdir -p "$run_dir"
-if [ -f "$run_dir/config.yaml" ] && ! cmp -s "$config" "$run_dir/config.yaml"; then
-  echo "note: $config differs from the run's saved config; the run now uses $config"
-fi
-cp "$config" "$run_dir/config.yaml"
 
-# A stage is skipped when its manifest is complete and was made from the same inputs and config;
-# a stage that reruns changes its output, so every later stage sees new inputs and reruns too.
+# One driver per run folder. Descriptor 9 stays open for the driver's life and is inherited by the
+# stages it starts (selfreward/runlock.py): the lock ends when the last of them exits, however it exits.
+{ mkdir -p "$run_dir/.selfreward" && exec 9<>"$run_dir/.selfreward/lock"; } 2>/dev/null \
+  || { echo "self-reward.sh: error: cannot write the run folder $run_dir" >&2; exit 2; }
+SELFREWARD_RUN_LOCK=$("$python" -m selfreward.runlock --run-dir "$run_dir" --fd 9 --pid $$)
+export SELFREWARD_RUN_LOCK
+
+"$python" -m selfreward.config --config "$config" --out "$run_dir/config.yaml" -- ${overrides[@]+"${overrides[@]}"}
+
+# Run a stage unless its manifest is complete and was made from the same inputs and config (a stage
+# that reruns changes its output, so every later stage sees new inputs and reruns too). A crash by a
+# signal (say SIGSEGV on the way out) is checked by running the stage once more: a stage that had
+# finished and committed its work is skipped by that run, one that had not resumes.
 run_stage() {
   local stage=$1; shift
   local rc=0
-  "$python" "$here/scripts/$stage.py" --run-dir "$run_dir" "$@" --skip-if-complete \
-    ${overrides[@]+"${overrides[@]}"} || rc=$?
+  "$python" "$here/scripts/$stage.py" --run-dir "$run_dir" "$@" --skip-if-complete || rc=$?
+  case "$rc" in
+    130|137|143) ;;  # interrupted, killed or terminated: somebody means it to stop
+    129|1[3-9][0-9]|2[0-9][0-9])
+      echo "self-reward.sh: warning: $stage $* crashed (exit code $rc); running it again to check its work" >&2
+      rc=0
+      "$python" "$here/scripts/$stage.py" --run-dir "$run_dir" "$@" --skip-if-complete || rc=$?
+      if [ "$rc" = 10 ]; then
+        echo "self-reward.sh: warning: $stage $* had finished and committed its work before it crashed; going on" >&2
+      fi ;;
+  esac
   case "$rc" in
     0) ;;  # the stage has committed its outputs to Oxen itself (unless --no-oxen)
-    10) ;;  # already complete: skipped
+    10) ;;  # already complete (and committed): skipped
     3) echo "self-reward.sh: stopped at $stage $*: no preference pairs to train on (see the message above)" >&2
        exit 3 ;;
     *) echo "self-reward.sh: $stage $* failed with exit code $rc" >&2; exit "$rc" ;;

@@ -50,6 +50,7 @@ def main() -> None:
     ift, eft, heldout_prompts, heldout_eft = split_heldout(
         ift, eft, config.data.heldout_prompts, config.data.heldout_eft_questions, config.seed
     )
+    stage.start_writing()
     train_dir = layout.train_dir(0)
     write_jsonl(train_dir / "ift.jsonl", ift)
     write_jsonl(train_dir / "eft.jsonl", eft)

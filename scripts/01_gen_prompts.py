@@ -88,6 +88,7 @@ def main() -> None:
         dict(rejected) or "none",
     )
     out = layout.generated(t, "prompts")
+    stage.start_writing()
     write_jsonl(out, rows)
     stage.finish(
         rows_in=len(pool),

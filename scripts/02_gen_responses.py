@@ -65,6 +65,7 @@ def main() -> None:
     order = {p["prompt_id"]: n for n, p in enumerate(prompts)}
     rows = sorted(chunks.rows(), key=lambda r: (order[r["prompt_id"]], r["sample_index"]))
     out = layout.generated(t, "responses")
+    stage.start_writing()
     write_jsonl(out, rows)
     stage.finish(rows_in=len(prompts), rows_out=len(rows), outputs=[str(out)], extra={"backend": backend.name})
 

@@ -67,6 +67,7 @@ def main() -> None:
     failed = sum(j["score"] is None for r in rows for j in r["judgments"])
     cli.log.info("%d of %d judgments had no valid score line", failed, total)
     out = layout.generated(t, "scores")
+    stage.start_writing()
     write_jsonl(out, rows)
     stage.finish(
         rows_in=len(responses),

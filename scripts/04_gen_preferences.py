@@ -26,6 +26,7 @@ def main() -> None:
     prompts = len({r["prompt_id"] for r in scored})
     cli.log.info("%d pairs from %d prompts; dropped: %s", len(pairs), prompts, dict(dropped) or "none")
     out = layout.generated(t, "preferences")
+    stage.start_writing()
     write_jsonl(out, pairs)
     stage.finish(
         rows_in=len(scored),

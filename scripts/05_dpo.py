@@ -42,6 +42,7 @@ def main() -> None:
     parent = str(layout.model(t - 1))
     chat = ChatFormat.from_tokenizer(load_tokenizer(parent, config.model))
     train_copy = layout.train_dir(t) / "preferences.jsonl"
+    stage.start_writing()
     write_jsonl(train_copy, pairs)
     rows = [
         {

@@ -106,6 +106,7 @@ def main() -> None:
         "answers": {f"M{m}": answers[m] for m in names},
     }
     out = layout.eval_result(t)
+    stage.start_writing()
     write_json(out, result)
     write_report(layout)
     stage.finish(

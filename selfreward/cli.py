@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import hashlib
 import json
 import logging
@@ -17,15 +18,19 @@ from pathlib import Path
 
 import yaml
 
+from selfreward import failpoints, versioning
 from selfreward.config import Config, ConfigError, all_keys, load_config, save_config
 from selfreward.layout import RunLayout
 from selfreward.models import ModelNotFoundError
 from selfreward.records import ChunkLog, RecordError, path_fingerprint, read_manifest, write_json
-from selfreward.versioning import PushError
+from selfreward.runlock import EXIT_BUSY, RunBusyError, lock_for_stage
+from selfreward.versioning import OxenError, PushError
 
-EXIT_BAD_INPUT = 2  # bad arguments, config, data file or model path
+EXIT_BAD_INPUT = 2  # bad arguments, config, data file or model path; a disk or permission error; Oxen failed
 EXIT_NO_PAIRS = 3  # stage 05 was given zero preference pairs: nothing to train on
+# EXIT_BUSY = 4: another process is writing the run folder (selfreward.runlock)
 EXIT_SKIPPED = 10  # --skip-if-complete found the output complete and did nothing
+
 
 log = logging.getLogger("selfreward")
 
@@ -41,8 +46,26 @@ CONFIG_SECTIONS = {
 }
 
 
+# Keys that only stage 00 reads: every later stage loads M<t-1> from the run folder instead.
+BASE_MODEL_KEYS = ("model.name_or_path", "model.fallback_chat_template")
+
+
 class StageError(RuntimeError):
     """A stage cannot go on for a reason the user can fix; the message says which."""
+
+
+def unused_override(stage: str, key: str) -> str | None:
+    """Why an override cannot change what `stage` does, or None if the stage reads that key."""
+    section = key.split(".", 1)[0] if "." in key else key
+    used = (*CONFIG_SECTIONS[stage], "oxen")
+    if key in BASE_MODEL_KEYS and stage != "00_sft":
+        return (
+            f"--{key} does not apply to {stage}: it loads M<t-1> from the run folder; the base model is "
+            "read by 00_sft only (stage 06 takes another judge with --eval.judge_model)"
+        )
+    if section not in used:
+        return f"--{key} does not apply to {stage}, which reads only: {', '.join(used)}"
+    return None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -105,16 +128,32 @@ class Stage:
         # Contents only, not paths: a moved or copied run folder is still the same run.
         payload = json.dumps([self.name, self.iteration, used, list(self.inputs.values())], sort_keys=True)
         self.fingerprint = hashlib.sha256(payload.encode()).hexdigest()
-        manifest_path = self.layout.manifest(self.name, self.iteration)
-        manifest = read_manifest(manifest_path)
+        manifest = read_manifest(self.layout.manifest(self.name, self.iteration))
         if self.args.skip_if_complete and manifest and manifest.get("complete"):
             if manifest.get("fingerprint") == self.fingerprint:
-                print(summary_line(manifest).replace(":", ": complete, skipped;", 1), flush=True)
-                sys.exit(EXIT_SKIPPED)
+                self._skip(manifest)
             log.info("inputs or config changed since the last complete run: running again")
+
+    def _skip(self, manifest: dict) -> None:
+        """The output is complete: make up its Oxen commit and push if they never happened, then exit."""
+        line = summary_line(manifest).replace(":", ": complete, skipped;", 1)
+        if self.config.oxen.enabled and int(os.environ.get("RANK", "0")) == 0:  # torchrun: rank 0 commits
+            if versioning.committed_commit(self.config.oxen, self.layout, self.name, self.iteration) is None:
+                # Killed between its summary line and its commit, or run with --no-oxen before.
+                if self._version(manifest, recovered=True):
+                    line += "; its Oxen commit was missing and is made now (recovered)"
+            else:
+                versioning.push_pending(self.config.oxen, self.layout)
+        print(line, flush=True)
+        sys.exit(EXIT_SKIPPED)
+
+    def start_writing(self) -> None:
+        """Call once the inputs are read and checked, before the first output file changes: from here
+        until finish() a previous complete manifest no longer describes the output, so it says so."""
+        path = self.layout.manifest(self.name, self.iteration)
+        manifest = read_manifest(path)
         if manifest and manifest.get("complete"):
-            # From here until finish() the old output no longer describes what is being made.
-            write_json(manifest_path, {**manifest, "complete": False})
+            write_json(path, {**manifest, "complete": False})
 
     def chunk_log(self) -> ChunkLog:
         """The resumable log of finished batches for this stage's output (see records.ChunkLog)."""
@@ -139,8 +178,23 @@ class Stage:
         extra: dict | None = None,
         also_version: list[Path] = (),
     ) -> None:
-        """Save the effective config and the manifest, print the summary line, commit it all to Oxen."""
+        """Save the effective config and the manifest, print the summary line, commit it all to Oxen.
+
+        The stage is complete once its manifest says so and its Oxen commit is recorded; a rerun with
+        --skip-if-complete makes up a commit that a kill in between prevented.
+        """
         save_config(self.config, self.layout.stage_config(self.name, self.iteration))
+        merged = self.layout.model(self.iteration).resolve()
+        versioned = [
+            p
+            for p in [*outputs, *also_version]
+            if self.config.oxen.include_merged_weights or Path(p).resolve() != merged  # GBs on a 7B model
+        ]
+        versioned += [
+            self.layout.config,
+            self.layout.manifest(self.name, self.iteration),
+            self.layout.stage_config(self.name, self.iteration),
+        ]
         manifest = {
             "stage": self.name,
             "iteration": self.iteration,
@@ -154,39 +208,53 @@ class Stage:
             "fingerprint": self.fingerprint,
             "versions": library_versions(),
             **(extra or {}),
+            "versioned": [self._relative(p) for p in versioned],  # what its Oxen commit holds
             "config": self.config.to_dict(),
         }
         write_json(self.layout.manifest(self.name, self.iteration), manifest)
         self.layout.partial(self.name, self.iteration).unlink(missing_ok=True)
-        line = summary_line(manifest)
-        print(line, flush=True)
+        print(summary_line(manifest), flush=True)
+        failpoints.reach("after_summary")
         if self.config.oxen.enabled:
-            self._version([*outputs, *also_version], f"{self.layout.root.name}: {line}")
+            self._version(manifest)
 
-    def _version(self, outputs: list[str | Path], message: str) -> None:
-        from selfreward import versioning
+    def _relative(self, path: str | Path) -> str:
+        """A path inside the run folder, relative to it: a moved run folder still finds it."""
+        path = Path(path).resolve()
+        root = self.layout.root.resolve()
+        return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
-        merged = self.layout.model(self.iteration).resolve()
-        paths = [
-            Path(p)
-            for p in outputs
-            if self.config.oxen.include_merged_weights or Path(p).resolve() != merged  # GBs on a 7B model
-        ]
-        paths += [
-            self.layout.config,
-            self.layout.manifest(self.name, self.iteration),
-            self.layout.stage_config(self.name, self.iteration),
-        ]
+    def _version(self, manifest: dict, recovered: bool = False) -> bool:
+        """Commit what the manifest lists, record the commit in the ledger, push if a remote is set.
+
+        Returns whether a new commit was made (not when these files already are the head commit)."""
+        paths = [self.layout.root / p for p in manifest.get("versioned", [])]
+        if not paths:  # a manifest written before the list was recorded
+            paths = [Path(p) for p in manifest.get("outputs", [])] + [
+                self.layout.config,
+                self.layout.manifest(self.name, self.iteration),
+                self.layout.stage_config(self.name, self.iteration),
+            ]
+        message = f"{self.layout.root.name}: {summary_line(manifest)}" + (" (recovered)" if recovered else "")
+        cfg = self.config.oxen
         try:
-            commit = versioning.commit_outputs(self.config.oxen, self.layout.root, paths, message)
-        except versioning.PushError:
-            raise
-        except Exception as exc:
+            made, head = versioning.commit(cfg, self.layout.root, paths, message)
+        except OxenError as exc:
+            why = str(exc)
+            if any(sign in why for sign in DISK_FULL_SIGNS):
+                why = f"no space left on the device under {versioning.repo_dir(cfg, self.layout.root)} ({why[:160]}…)"
             raise StageError(
-                f"oxen commit failed ({exc}); the outputs are complete on disk. Rerun with --no-oxen to skip versioning"
+                f"oxen commit failed: {why}. The outputs are complete on disk; rerun to commit them "
+                "(or pass --no-oxen to skip versioning)"
             ) from None
-        if commit:
-            log.info("oxen commit %s", commit[:12])
+        failpoints.reach("after_commit")
+        if made:
+            log.info("oxen commit %s%s", made[:12], " (recovered)" if recovered else "")
+        if made or head:
+            # Nothing new to commit means these very files are already in the head commit.
+            versioning.record_commit(self.layout, self.name, self.iteration, made or head, recovered and bool(made))
+        versioning.push_pending(cfg, self.layout)
+        return bool(made)
 
 
 def memory_text(peak: dict) -> str:
@@ -248,7 +316,11 @@ def parse_stage(
     overrides = {}
     for dest, raw in vars(args).items():
         if dest.startswith("override:"):
-            overrides[dest.split(":", 1)[1]] = yaml.safe_load(raw) if raw.strip() else raw
+            key = dest.split(":", 1)[1]
+            why = unused_override(name, key)
+            if why:
+                parser.error(why)
+            overrides[key] = yaml.safe_load(raw) if raw.strip() else raw
     if args.no_oxen:
         overrides["oxen.enabled"] = False
     config_path = args.config or layout.config
@@ -259,13 +331,75 @@ def parse_stage(
     # bitsandbytes says at every start on CPU that an optional kernels package is missing; it is harmless.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return Stage(name, args, config, layout, t, time.time())
+    lock_for_stage(layout.root, name)  # one writer per run folder: the driver that started us, or this stage
+    stage = Stage(name, args, config, layout, t, time.time())
+    _running.append(stage)
+    failpoints.set_stage(name, t)
+    return stage
+
+
+_running: list[Stage] = []  # the stage this process runs, for the error handler
+
+# Messages of libraries that failed to write because the disk is full (torch.save says basic_ios::clear).
+DISK_FULL_SIGNS = ("No space left on device", "basic_ios::clear", "PytorchStreamWriter failed", "StorageFull",
+                   "file write failed", "Disk quota exceeded")  # fmt: skip
+
+
+def _free_space(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.0f} MiB free"
+    except OSError:
+        return "free space unknown"
+
+
+def environment_error(exc: BaseException) -> str | None:
+    """One line for a failure of the machine rather than of the code (disk full, a folder that cannot be
+    written), naming the path; None for anything else."""
+    run_dir = _running[-1].layout.root if _running else Path(".")
+    if isinstance(exc, OSError):
+        where = exc.filename or run_dir
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return (
+                f"no space left on the device writing {where} ({_free_space(run_dir)}); "
+                "free some and rerun: finished work is kept"
+            )
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return f"cannot write {where}: {exc.strerror}; make {run_dir} writable (or use another --run-dir) and rerun"
+        return f"{exc.strerror or exc}: {where}"
+    text = str(exc)
+    if any(sign in text for sign in DISK_FULL_SIGNS):
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        return (
+            f"writing under {run_dir} failed ({first[:200]}): the disk is probably full ({_free_space(run_dir)}); "
+            "free some and rerun: finished work is kept"
+        )
+    return None
+
+
+def _fail(line: str, code: int) -> None:
+    """Print the one error line on a line of its own (after closing any progress bar it interrupted) and exit."""
+    try:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+    except Exception:  # the message matters more than the bars
+        pass
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 def run(main: Callable[[], None]) -> None:
     """Run a stage's main(); known failures end in one clear line and a distinct exit code."""
     try:
         main()
-    except (ConfigError, RecordError, ModelNotFoundError, StageError, PushError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+    except (ConfigError, RecordError, ModelNotFoundError, StageError, PushError, OxenError) as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    except RunBusyError as exc:
+        _fail(str(exc), EXIT_BUSY)
+    except Exception as exc:
+        line = environment_error(exc)
+        if line is None:
+            raise
+        _fail(line, EXIT_BAD_INPUT)
+    failpoints.reach("at_exit")

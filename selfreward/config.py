@@ -149,6 +149,8 @@ class OxenConfig:
     branch: str = "main"
     push_retries: int = 3
     push_backoff_seconds: float = 2.0  # doubled after every failed try
+    push_timeout_seconds: float = 600.0  # a push still running after this is stopped and counts as a failed try
+    busy_wait_seconds: float = 60.0  # how long a commit waits while another process uses the repository
     strict: bool = False  # a push that still fails after the retries stops the run
     include_merged_weights: bool = False  # adapters are always committed; merged models only if asked
     user_name: str | None = None  # Oxen's commit author; default OXEN_USER_NAME, else "self-reward"
@@ -271,8 +273,14 @@ def load_config(path: str | Path, overrides: dict[str, object] | None = None) ->
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if data is not None and not isinstance(data, dict):
@@ -281,9 +289,78 @@ def load_config(path: str | Path, overrides: dict[str, object] | None = None) ->
     return apply_overrides(config, overrides or {}, "command-line overrides")
 
 
-def save_config(config: Config, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+def save_config(config: Config, path: str | Path, header: str = "") -> None:
+    from selfreward.records import write_text
+
+    write_text(path, header + yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def parse_override_args(args: list[str]) -> dict[str, object]:
+    """`--key value`, `--key=value` and `--no-oxen` from a command line, as config overrides."""
+    overrides: dict[str, object] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--no-oxen":
+            overrides["oxen.enabled"] = False
+            i += 1
+            continue
+        if not arg.startswith("--"):
+            raise ConfigError(f"expected --key value, got '{arg}'")
+        key, sep, raw = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(args):
+                raise ConfigError(f"--{key} needs a value")
+            raw = args[i + 1]
+            i += 1
+        if key not in all_keys():
+            raise _unknown_key(key, "the command-line overrides")
+        overrides[key] = yaml.safe_load(raw) if raw.strip() else raw
+        i += 1
+    return overrides
+
+
+def write_run_config(source: str | Path, target: str | Path, args: list[str]) -> None:
+    """The run's config.yaml, which every stage reads: `source` as it is, or with `args` overrides applied.
+
+    Overrides given to self-reward.sh are written here, not passed to each stage, so that a stage rerun
+    by hand later sees the same settings as the run.
+    """
+    from selfreward.records import write_text
+
+    source, target = Path(source), Path(target)
+    overrides = parse_override_args(args)
+    config = load_config(source, overrides)  # checks every key and value, overrides included
+    if overrides:
+        shown = " ".join(args)
+        text = f"# {source} with the overrides {shown}\n" + yaml.safe_dump(config.to_dict(), sort_keys=False)
+    else:
+        text = source.read_text(encoding="utf-8")
+    if target.is_file() and target.read_text(encoding="utf-8", errors="replace") != text:
+        print(f"note: the run's config changes ({target}); stages whose settings changed run again")
+    write_text(target, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="Write a run's config.yaml from a config file and overrides.")
+    parser.add_argument("--config", required=True, help="the config file")
+    parser.add_argument("--out", required=True, help="the run's config.yaml")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="-- --key value ...")
+    args = parser.parse_args(argv)
+    overrides = args.overrides[1:] if args.overrides[:1] == ["--"] else args.overrides
+    try:
+        write_run_config(args.config, args.out, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: cannot write {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

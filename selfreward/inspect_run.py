@@ -53,8 +53,10 @@ def stage_table(run_dir: Path) -> str:
     from selfreward.cli import memory_text
     from selfreward.layout import RunLayout
     from selfreward.records import read_manifest
+    from selfreward.versioning import recovered_stages, stage_key
 
     layout = RunLayout(run_dir)
+    recovered = recovered_stages(layout)
     found = [("00_sft", 0, read_manifest(layout.manifest("00_sft", 0)))]
     t = 1
     while any(layout.manifest(s, t).is_file() for s in STAGES):
@@ -68,6 +70,8 @@ def stage_table(run_dir: Path) -> str:
             continue
         total += manifest.get("seconds", 0)
         state = "" if manifest.get("complete") else "  (incomplete)"
+        if stage_key(stage, t) in recovered:
+            state += "  (Oxen commit recovered by a rerun)"
         lines.append(
             f"{stage:<20}{t:>5}{manifest.get('seconds', 0):>10.1f}  "
             f"{memory_text(manifest.get('peak_memory_mb', {})):<28}{manifest.get('backend', ''):<9}"
@@ -97,25 +101,30 @@ def main(argv: list[str] | None = None) -> int:
     if not (versioning.repo_dir(cfg, run_dir) / ".oxen").is_dir():
         print(f"error: {run_dir} is not an Oxen repository (was the run made with --no-oxen?)", file=sys.stderr)
         return 2
-    commits = versioning.history(cfg, run_dir)
+    try:
+        commits = versioning.history(cfg, run_dir)
+    except versioning.OxenError as exc:
+        print(f"error: cannot read the history of {run_dir}: {exc}", file=sys.stderr)
+        return 2
     if not args.file:
         for commit in commits:
-            print(f"{commit.id[:12]}  {str(commit.timestamp)[:19]}  {commit.message}")
+            print(f"{commit['id'][:12]}  {commit['timestamp'][:19]}  {commit['message']}")
         return 0
     if not commits:
         print("error: the repository has no commits yet", file=sys.stderr)
         return 2
-    wanted = args.commit or commits[0].id
-    matches = [c for c in commits if c.id.startswith(wanted)]
+    wanted = args.commit or commits[0]["id"]
+    matches = [c for c in commits if c["id"].startswith(wanted)]
     if len(matches) != 1:
         print(f"error: {len(matches)} commits match '{wanted}'", file=sys.stderr)
         return 2
+    commit = matches[0]
     try:
-        data = versioning.read_at_commit(cfg, run_dir, run_dir / args.file, matches[0].id)
-    except Exception as exc:
-        print(f"error: {args.file} is not in commit {matches[0].id[:12]} ({exc})", file=sys.stderr)
+        data = versioning.read_at_commit(cfg, run_dir, run_dir / args.file, commit["id"])
+    except (versioning.OxenError, OSError, ValueError) as exc:
+        print(f"error: {args.file} is not in commit {commit['id'][:12]} ({exc})", file=sys.stderr)
         return 2
-    print(f"commit {matches[0].id[:12]}: {matches[0].message}")
+    print(f"commit {commit['id'][:12]}: {commit['message']}")
     print(summarize_jsonl(data.decode("utf-8"), args.file, args.rows))
     return 0
 

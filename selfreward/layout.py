@@ -14,6 +14,8 @@
       M0/train/heldout_prompts.jsonl, heldout_eft.jsonl   set aside for stage 06, never trained on
       M<t>/eval/eval.json           stage 06 after iteration t: head-to-head, judge quality, drift
       report.md, report/*.png       the report over all iterations, rewritten by stage 06
+      .selfreward/lock              held by the one process writing the run (the driver or a stage)
+      .selfreward/oxen.json         which stage outputs are committed to Oxen, and what was pushed
 
 Iteration t (1, 2, ...) starts from M<t-1>: stages 01-04 write M<t-1>/generated/, stage 05 writes M<t>.
 Every output has a `<name>.manifest.json` beside it and the effective config as `<name>.config.yaml`.
@@ -76,6 +78,19 @@ class RunLayout:
 
     def eval_result(self, t: int, name: str = "eval") -> Path:
         return self.model_root(t) / "eval" / f"{name}.json"
+
+    @property
+    def state_dir(self) -> Path:
+        """Bookkeeping about the run, not part of its results: never committed to Oxen."""
+        return self.root / ".selfreward"
+
+    @property
+    def lock(self) -> Path:
+        return self.state_dir / "lock"  # self-reward.sh opens this path itself
+
+    @property
+    def oxen_ledger(self) -> Path:
+        return self.state_dir / "oxen.json"
 
     @property
     def report(self) -> Path:

@@ -57,8 +57,14 @@ def read_jsonl(path: str | Path, fields: dict[str, tuple] | None = None, id_fiel
         raise RecordError(f"{path}: file not found")
     rows: list[dict] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise RecordError(
+                    f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -89,11 +95,15 @@ def write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # unique: torchrun ranks may write together
-    with tmp.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+    try:
+        with tmp.open("w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temporary file behind
+        raise
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
@@ -109,9 +119,10 @@ def read_manifest(path: str | Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError:  # not JSON, or not UTF-8: a manifest that cannot be trusted is no manifest
         return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def path_fingerprint(path: str | Path) -> str:

@@ -14,7 +14,9 @@ import logging
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
+from selfreward import failpoints
 from selfreward.config import Config, TrainConfig
 from selfreward.models import device_of, load_model, load_tokenizer, merge_adapter
 
@@ -129,6 +131,7 @@ def train_and_merge(
     resume = last_checkpoint(Path(trainer.args.output_dir))
     if resume:
         log.info("resuming from %s", resume)
+    trainer.add_callback(_CheckpointFailpoint())
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(adapter_dir))
     if not trainer.is_world_process_zero():
@@ -143,6 +146,14 @@ def train_and_merge(
         torch.cuda.empty_cache()
     merge_adapter(parent, adapter_dir, model_dir, config.model, tokenizer)
     return history
+
+
+class _CheckpointFailpoint(TrainerCallback):
+    """Lets the reliability tests kill training right after a checkpoint is saved (see failpoints)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            failpoints.reach("after_checkpoint")
 
 
 def write_lineage(

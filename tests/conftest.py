@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -64,9 +65,11 @@ def run_driver(run_dir: Path, cache: Path, config: str = "configs/tiny.yaml", it
 def tiny_run(tmp_path_factory, cache) -> Path:
     """SFT + 2 iterations of the tiny config through self-reward.sh."""
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    started = time.time()
     proc = run_driver(run_dir, cache)
     assert proc.returncode == 0, f"driver failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     (run_dir / "driver.log").write_text(proc.stdout + proc.stderr)
+    (run_dir / "driver.seconds").write_text(f"{time.time() - started:.3f}")
     return run_dir
 
 

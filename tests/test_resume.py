@@ -107,20 +107,16 @@ def test_a_killed_dpo_resumes_from_its_checkpoint(tiny_run, cache, tmp_path):
     layout = RunLayout(run)
     shutil.rmtree(layout.model_root(1))
     args = ["--dpo.max_steps", "12", "--dpo.save_steps", "2", "--dpo.batch_size", "1"]
-    proc = _run("05_dpo", run, *args, cache=cache)
-    deadline = time.time() + 120
-    while not (layout.checkpoints(1) / "checkpoint-4" / "trainer_state.json").exists() and time.time() < deadline:
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert list(layout.checkpoints(1).glob("checkpoint-*")), "no checkpoint was written before the kill"
+    # Killed (SIGKILL) right after its second checkpoint is saved: a failpoint, not a timer.
+    env = dict(stage_env(cache), SELFREWARD_CRASH_AT="05_dpo:1:after_checkpoint", SELFREWARD_CRASH_ONCE=str(tmp_path))
+    script = [sys.executable, str(REPO / "scripts" / "05_dpo.py"), "--run-dir", str(run), "--iteration", "1", *args]
+    killed = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert [p.name for p in layout.checkpoints(1).glob("checkpoint-*")] == ["checkpoint-2"]
     assert not (layout.model(1) / "config.json").exists()
-    done = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "05_dpo.py"), "--run-dir", str(run), "--iteration", "1", *args],
-        cwd=REPO, env=stage_env(cache), capture_output=True, text=True,
-    )  # fmt: skip
+    done = subprocess.run(script, cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "resuming from" in done.stderr
+    assert "resuming from" in done.stderr and "checkpoint-2" in done.stderr
     steps = [json.loads(line).get("step", 0) for line in layout.train_log(1).read_text().splitlines()]
     assert max(steps) == 12
     assert (layout.model(1) / "config.json").is_file()

@@ -81,7 +81,10 @@ def test_unreachable_remote_keeps_local_commits_and_says_so_once_per_push(tmp_pa
 
 
 class _Refuse(http.server.BaseHTTPRequestHandler):
+    requests = 0
+
     def do_GET(self):  # noqa: N802
+        type(self).requests += 1
         self.send_response(403)
         self.end_headers()
         self.wfile.write(b'{"status": "error", "status_message": "forbidden"}')
@@ -92,26 +95,43 @@ class _Refuse(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_refusing_remote_in_strict_mode_stops_the_stage(tiny_run, cache, tmp_path):
+def test_refusing_remote_in_strict_mode_stops_the_stage_and_the_rerun_pushes_again(tiny_run, cache, tmp_path):
     server = http.server.HTTPServer(("127.0.0.1", 0), _Refuse)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        run = tmp_path / "tiny"
-        shutil.copytree(tiny_run, run)
-        url = f"http://127.0.0.1:{server.server_port}/someone/runs"
-        proc = subprocess.run(
+    run = tmp_path / "tiny"
+    shutil.copytree(tiny_run, run)
+    url = f"http://127.0.0.1:{server.server_port}/someone/runs"
+
+    def stage04(*extra):
+        return subprocess.run(
             [sys.executable, str(REPO / "scripts" / "04_gen_preferences.py"), "--run-dir", str(run), "--iteration",
-             "1", "--preferences.min_margin", "0.5", "--oxen.strict", "true", "--oxen.push_retries", "2",
-             "--oxen.push_backoff_seconds", "0.01"],
+             "1", "--preferences.min_margin", "0.5", "--oxen.push_retries", "2", "--oxen.push_backoff_seconds",
+             "0.01", *extra],
             cwd=REPO, env=dict(stage_env(cache), OXEN_REMOTE=url), capture_output=True, text=True,
         )  # fmt: skip
+
+    def commits_of_04() -> int:
+        return sum("04_gen_preferences] iteration 1" in line for line in inspect(run, cache=cache).stdout.splitlines())
+
+    try:
+        before = commits_of_04()
+        proc = stage04("--oxen.strict", "true")
+        assert proc.returncode == 2
+        assert f"error: oxen push to {url} failed after 2 tries" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        # the commit itself was made before the push failed
+        assert "04_gen_preferences] iteration 1" in inspect(run, cache=cache).stdout.splitlines()[0]
+        tried = _Refuse.requests
+        assert tried > 0
+        # The stage is complete and committed, but its push is pending: a rerun does not just skip it.
+        again = stage04("--oxen.strict", "true", "--skip-if-complete")
+        assert again.returncode == 2 and f"error: oxen push to {url} failed" in again.stderr
+        assert _Refuse.requests > tried
+        lenient = stage04("--skip-if-complete")
+        assert lenient.returncode == 10 and f"warning: oxen push to {url} failed after 2 tries" in lenient.stdout
+        assert commits_of_04() == before + 1  # retrying the push made no second commit
     finally:
         server.shutdown()
-    assert proc.returncode == 2
-    assert f"error: oxen push to {url} failed after 2 tries" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    # the commit itself was made before the push failed
-    assert "04_gen_preferences] iteration 1" in inspect(run, cache=cache).stdout.splitlines()[0]
 
 
 def test_no_oxen(tmp_path, run_stage, tiny_run):

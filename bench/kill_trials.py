@@ -187,7 +187,7 @@ def kill_trial(k: int, kind: str, args, run: Path, env: dict, reference: dict, r
     codes, log = rerun_until_done(args, run, env)
     trial["rerun_exits"] = codes
     trial["failed_reruns"] = sum(c != 0 for c in codes)
-    trial["recovered_commits"] = log.count("(recovered)")
+    trial["recovered_commits"] = log.count("is made now (recovered)")
     trial.update(compare(run, reference, args, env))
     return trial
 

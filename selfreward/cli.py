@@ -31,7 +31,6 @@ EXIT_NO_PAIRS = 3  # stage 05 was given zero preference pairs: nothing to train 
 # EXIT_BUSY = 4: another process is writing the run folder (selfreward.runlock)
 EXIT_SKIPPED = 10  # --skip-if-complete found the output complete and did nothing
 
-
 log = logging.getLogger("selfreward")
 
 # The config sections each stage's output depends on: changing another section does not redo it.
@@ -296,7 +295,9 @@ def parse_stage(
     parser.add_argument("--config", help="YAML config (default: the run's saved config.yaml)")
     parser.add_argument("--no-oxen", action="store_true", help="do not commit the outputs to Oxen (oxen.enabled false)")
     parser.add_argument(
-        "--skip-if-complete", action="store_true", help=f"exit {EXIT_SKIPPED} without work if the output is complete"
+        "--skip-if-complete",
+        action="store_true",
+        help=f"exit {EXIT_SKIPPED} without work if the output is complete (making its Oxen commit or push if missing)",
     )
     if extra_args:
         extra_args(parser)

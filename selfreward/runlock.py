@@ -50,6 +50,16 @@ def _read_record(fd: int) -> dict:
     return record if isinstance(record, dict) else {}
 
 
+def _holder_record(fd: int) -> dict:
+    """The holder's record, allowing it a moment to write it if it has only just taken the lock."""
+    for _ in range(20):
+        record = _read_record(fd)
+        if record:
+            return record
+        time.sleep(0.05)
+    return {}
+
+
 def _write_record(fd: int, record: dict) -> None:
     """Say who holds the lock. In place, never by rename: the lock belongs to this inode. Only
     informative, so a full disk does not stop a stage that has nothing else to write."""
@@ -109,7 +119,7 @@ def lock_run(run_dir: str | Path, holder: str, *, fd: int | None = None, pid: in
         fd = os.open(layout.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         _held.append(fd)
     if not _try_lock(fd):
-        raise RunBusyError(busy_message(run_dir, _read_record(fd)))
+        raise RunBusyError(busy_message(run_dir, _holder_record(fd)))
     token = secrets.token_hex(8)
     record = {"holder": holder, "pid": pid or os.getpid(), "since": time.time(), "host": socket.gethostname()}
     _write_record(fd, {**record, "token": token})
@@ -129,7 +139,7 @@ def lock_for_stage(run_dir: str | Path, stage: str) -> None:
         _write_record(fd, {"holder": f"{stage}.py", "pid": os.getpid(), "since": time.time(),
                            "host": socket.gethostname(), "token": token})  # fmt: skip
         return
-    record = _read_record(fd)
+    record = _holder_record(fd)
     token = os.environ.get(LOCK_ENV)
     if token and record.get("token") == token:  # our driver holds it: say which stage is working
         _write_record(fd, {**record, "stage": stage, "stage_pid": os.getpid(), "stage_since": time.time()})

@@ -18,7 +18,7 @@ Two-driver trials start a second driver 0, 15 and 40 s after the first on one fr
 Checks per trial: rows lost or repeated in any JSONL output (by id), outputs that differ from the
 uninterrupted run (files that differ between two uninterrupted runs are listed and left out), Oxen
 commits missing or repeated (messages without their time and memory), working files not equal to
-their committed version, and reruns that failed (any exit code but 0, or 4 for the refused driver).
+their committed version, and reruns that failed (any exit code but 0, or 5 for the refused driver).
 The result is one JSON line per trial and a summary, also written to --out.
 """
 
@@ -199,13 +199,14 @@ def concurrent_trial(k: int, offset: float, args, run: Path, env: dict, referenc
     time.sleep(offset)
     second = start_driver(args, run, env, logs[1])
     outs = [(p.pid, p.wait(), log.read_text()) for p, log in zip((first, second), logs, strict=True)]
-    refused = [out for _, code, out in outs if code == 4]
-    holders = [pid for pid, code, _ in outs if code != 4]
+    refused = [out for _, code, out in outs if code == 5]
+    holders = [pid for pid, code, _ in outs if code != 5]
     refusal = refused[0].strip().splitlines()[-1] if refused else ""
+    named = len(holders) == 1 and re.search(rf"pid {holders[0]}\b", refusal) is not None
     trial = {"trial": k, "kind": f"two drivers, {offset:g} s apart", "exits": [code for _, code, _ in outs],
-             "refusals": len(refused), "refusal": refusal,
-             "refusal_names_holder": len(holders) == 1 and f"pid {holders[0]}," in refusal}  # fmt: skip
-    codes, _ = rerun_until_done(args, run, env) if any(code != 0 for _, code, _ in outs if code != 4) else ([], "")
+             "refusals": len(refused), "refusal": refusal, "holder_pid": holders[0] if len(holders) == 1 else None,
+             "refusal_names_holder": named}  # fmt: skip
+    codes, _ = rerun_until_done(args, run, env) if any(code != 0 for _, code, _ in outs if code != 5) else ([], "")
     trial["failed_reruns"] = sum(c != 0 for c in codes)
     trial.update(compare(run, reference, args, env))
     return trial

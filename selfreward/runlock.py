@@ -25,7 +25,7 @@ from pathlib import Path
 from selfreward.layout import RunLayout
 
 LOCK_ENV = "SELFREWARD_RUN_LOCK"  # the driver's token, inherited by the stages it starts
-EXIT_BUSY = 4  # the run folder is in use by another process
+EXIT_BUSY = 5  # the run folder is in use by another process
 
 _held: list[int] = []  # descriptors whose lock this process keeps until it exits
 

@@ -120,10 +120,13 @@ def test_two_drivers_started_at_once_one_refuses(tiny_run, cache, tmp_path):
                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
     results = [(d.pid, d.wait(), d.stderr.read()) for d in drivers]
     codes = sorted(code for _, code, _ in results)
-    assert codes == [0, 4], results
+    assert codes == [0, 5], results
     (winner,) = [pid for pid, code, _ in results if code == 0]
-    (refusal,) = [err for _, code, err in results if code == 4]
-    assert f"{run} is in use by self-reward.sh, pid {winner}, since " in refusal
+    (refusal,) = [err for _, code, err in results if code == 5]
+    # "(now running 00_sft)" when the winner had already started its first stage
+    assert re.search(
+        rf"{re.escape(str(run))} is in use by self-reward.sh, pid {winner}( \(now running 00_sft\))?, since ", refusal
+    )
     assert refusal.strip().endswith("; wait for it or stop it")
     got = history(run, cache)
     assert [same_commit(m) for m in got] == [same_commit(history(tiny_run, cache)[0])]
@@ -147,7 +150,7 @@ def test_a_stage_by_hand_is_refused_while_the_folder_is_in_use_and_runs_once_the
     try:
         assert holder.stdout.readline().strip() == "locked"
         proc = stage("04_gen_preferences", run, "--iteration", "1", cache=cache)
-        one_line_error(proc, 4, f"{run} is in use by self-reward.sh, pid {holder.pid}, since ")
+        one_line_error(proc, 5, f"{run} is in use by self-reward.sh, pid {holder.pid}, since ")
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()

@@ -24,7 +24,7 @@ folder is refused with a line that names the one at work.
 
 Environment: PYTHON (default: python) is the interpreter that runs the stages.
 Exit codes: 0 done; 2 bad arguments, config or data, a full disk or unwritable folder; 3 an iteration
-produced no preference pairs; 5 the run folder is in use by another process.
+produced no preference pairs; 4 the run folder is in use by another process.
 TXT
 }
 
@@ -81,6 +81,8 @@ run_stage() {
     10) ;;  # already complete (and committed): skipped
     3) echo "self-reward.sh: stopped at $stage $*: no preference pairs to train on (see the message above)" >&2
        exit 3 ;;
+    4) echo "self-reward.sh: stopped at $stage $*: the judge is not better than chance (judge.gate: stop)" >&2
+       exit 4 ;;
     *) echo "self-reward.sh: $stage $* failed with exit code $rc" >&2; exit "$rc" ;;
   esac
 }

@@ -9,8 +9,9 @@ data.heldout_prompts IFT rows and data.heldout_eft_questions EFT questions (with
 are drawn by a hash of the seed and their ids and set aside: no stage trains on them or shows them
 as shots, so stage 06 can compare models and measure the judge on them.
 
-EFT rows are rendered through the same judge template stage 03 uses; the loss covers the answer
-(completion) tokens only. With model.load_in_4bit the LoRA trains on an NF4 copy (QLoRA) and is
+EFT rows are rendered through the same judge template stage 03 uses, and their target is written in
+judge.format (score_first: "Score: N" then the justification; score_last: the paper's order); the
+loss covers the answer (completion) tokens only. With model.load_in_4bit the LoRA trains on an NF4 copy (QLoRA) and is
 merged into the full-precision base.
 
     python scripts/00_sft.py --run-dir runs/demo --config configs/smollm2-135m.yaml
@@ -21,7 +22,7 @@ import shutil
 from selfreward import cli
 from selfreward.chat import ChatFormat
 from selfreward.evaluation import split_heldout
-from selfreward.judge import judge_prompt, parse_judge_score
+from selfreward.judge import judge_prompt, judge_target, parse_judge_score
 from selfreward.models import load_tokenizer, resolve_model_path
 from selfreward.records import EFT, IFT, RecordError, read_jsonl, write_jsonl
 from selfreward.training import build_sft_trainer, train_and_merge, write_lineage
@@ -63,7 +64,7 @@ def main() -> None:
     rows += [
         {
             "prompt": chat.prompt(judge_prompt(r["prompt"], r["response"])),
-            "completion": chat.completion(r["justification"]),
+            "completion": chat.completion(judge_target(r["justification"], r["score"], config.judge.format)),
         }
         for r in eft
     ]

@@ -1,28 +1,58 @@
 """Stage 04: turn scored answers into preference pairs, best against worst per prompt.
 
-Reads:  <run>/M<t-1>/generated/scores.jsonl
+Reads:  <run>/M<t-1>/generated/scores.jsonl and scores.manifest.json (stage 03's check of the judge)
 Writes: <run>/M<t-1>/generated/preferences.jsonl  (prompt_id, prompt, chosen, rejected,
         score_chosen, score_rejected) and preferences.{manifest.json,config.yaml}
 
+First the gate (judge.gate): stage 03 measured the judge M<t-1> on held-out human-scored answers. If
+the lower end of the 95% interval of its pairwise accuracy is not above 0.5, its pairs are likely
+noise: "warn" says so in one line and goes on, "stop" stops here with exit code 4 before writing
+anything, "off" does not look.
+
 A prompt yields no pair when fewer than two of its answers have a score, when best and worst tie,
-when their texts are identical, or when the gap is below preferences.min_margin; the manifest
-counts each reason.
+when their texts are identical, or when the gap is below preferences.min_margin ("auto": below the
+judge noise stage 03 measured); the manifest counts each reason.
 
     python scripts/04_gen_preferences.py --run-dir runs/demo --iteration 1
 """
 
 from selfreward import cli
 from selfreward.pairs import build_pairs
-from selfreward.records import SCORE, read_jsonl, write_jsonl
+from selfreward.records import SCORE, read_jsonl, read_manifest, write_jsonl
+
+
+def gate_verdict(check: dict) -> tuple[bool | None, str]:
+    """(is the judge better than chance on held-out rows, a line that says so); None when unmeasured."""
+    quality = check.get("heldout") or {}
+    interval = (quality.get("intervals") or {}).get("pairwise_accuracy")
+    if quality.get("pairwise_accuracy") is None or not interval:
+        return None, f"the judge {check.get('judge', '?')} was not measured on held-out EFT rows"
+    figures = f"pairwise accuracy {quality['pairwise_accuracy']:.2f}, 95% CI {interval[0]:.2f}–{interval[1]:.2f}"
+    if interval[0] > 0.5:
+        return True, f"the judge {check['judge']} is better than chance on held-out EFT rows ({figures})"
+    return False, f"the judge {check['judge']} is not better than chance on held-out EFT rows ({figures}); " + (
+        "its pairs are likely noise"
+    )
 
 
 def main() -> None:
     stage = cli.parse_stage("04_gen_preferences", __doc__)
-    layout, t = stage.layout, stage.iteration
+    layout, t, config = stage.layout, stage.iteration, stage.config
     scores_path = layout.generated(t, "scores")
-    stage.begin(inputs=[scores_path])
+    check_path = layout.manifest("03_gen_scores", t)
+    stage.begin(inputs=[scores_path, check_path])
     scored = read_jsonl(scores_path, SCORE, id_field="response_id")
-    pairs, dropped = build_pairs(scored, stage.config.preferences.min_margin)
+    check = (read_manifest(check_path) or {}).get("judge_check", {})
+    good, line = gate_verdict(check)
+    if config.judge.gate != "off" and good is False:
+        if config.judge.gate == "stop":
+            raise cli.GateError(f"{line} (judge.gate: stop)")
+        print(f"warning: {line}", flush=True)
+    margin = config.preferences.min_margin
+    if margin == "auto":
+        margin = (check.get("noise") or {}).get("max_change") or 0.0
+        cli.log.info("min_margin auto: %.4f, the judge noise stage 03 measured", margin)
+    pairs, dropped = build_pairs(scored, margin)
     prompts = len({r["prompt_id"] for r in scored})
     cli.log.info("%d pairs from %d prompts; dropped: %s", len(pairs), prompts, dict(dropped) or "none")
     out = layout.generated(t, "preferences")
@@ -32,7 +62,12 @@ def main() -> None:
         rows_in=len(scored),
         rows_out=len(pairs),
         outputs=[str(out)],
-        extra={"prompts": prompts, "dropped": dict(dropped)},
+        extra={
+            "prompts": prompts,
+            "dropped": dict(dropped),
+            "min_margin": margin,
+            "gate": {"setting": config.judge.gate, "better_than_chance": good, "verdict": line},
+        },
     )
 
 

@@ -9,8 +9,10 @@ Writes: <run>/M<t>/eval/eval.json and eval.{manifest.json,config.yaml}; <run>/re
    default M<t>) is shown both answers in both orders and picks A or B from its next-token
    probabilities. M<t> wins a prompt only if it is picked in both orders; a pick that follows the
    position is a tie.
-2. Judge quality of every loaded model on held-out EFT rows: pairwise accuracy, exact match,
-   Spearman and Kendall tau against the human scores (logit judge: one forward pass per answer).
+2. Judge quality of every loaded model on held-out EFT rows, judged as stage 03 judges (judge.mode,
+   judge.format): pairwise accuracy, exact match, Spearman and Kendall tau against the human scores,
+   each with a 95% bootstrap interval over questions (eval.bootstrap_samples). Stage 03 measured M0
+   and M<t-1> that way already (its gate check); those figures are reused when its settings match.
 3. Drift of iteration t: response length, distinct-1/2, score histogram, tie rate, parse failures,
    pair yield, and the length gap between chosen and rejected answers.
 
@@ -21,11 +23,10 @@ Writes: <run>/M<t>/eval/eval.json and eval.{manifest.json,config.yaml}; <run>/re
 from pathlib import Path
 
 from selfreward import cli
-from selfreward.evaluation import drift, head_to_head, judge_quality, pairwise_prompt
+from selfreward.evaluation import drift, head_to_head, measure_judge, pairwise_prompt
 from selfreward.generation import Sampling, load_backend
-from selfreward.judge import fit_judge_prompt, score_by_logits
 from selfreward.models import prompt_budget
-from selfreward.records import EFT, PREFERENCE, PROMPT, RESPONSE, SCORE, read_jsonl, write_json
+from selfreward.records import EFT, PREFERENCE, PROMPT, RESPONSE, SCORE, read_jsonl, read_manifest, write_json
 from selfreward.report import write_report
 
 
@@ -44,6 +45,31 @@ def pick_letters(backend, rows: list[tuple[str, str, str]], batch_size: int, bud
     return ["A" if p[0] >= p[1] else "B" for p in probs]
 
 
+def judge_budget(backend, config) -> int:
+    reads_text = config.judge.mode == "sample" or config.judge.format == "score_last"  # it writes before the score
+    return prompt_budget(backend.context_length, config.model, config.judge.max_new_tokens + 2 if reads_text else 1)
+
+
+def measured_by_stage_03(layout, m: int, config) -> dict | None:
+    """Stage 03 of iteration m+1 judged the held-out EFT rows with M<m> before making pairs; when it did
+    so with the same judge settings, its figures are the ones this stage would compute again."""
+    manifest = read_manifest(layout.manifest("03_gen_scores", m + 1)) or {}
+    heldout = (manifest.get("judge_check") or {}).get("heldout")
+    used = manifest.get("config") or {}
+    ignore = {"gate", "noise_samples"}  # they change what happens after the measurement, not the measurement
+
+    def judge(settings: dict) -> dict:
+        return {k: v for k, v in settings.items() if k not in ignore}
+
+    same = (
+        manifest.get("complete")
+        and judge(used.get("judge", {})) == judge(config.to_dict()["judge"])
+        and used.get("seed") == config.seed
+        and used.get("eval", {}).get("bootstrap_samples") == config.eval.bootstrap_samples
+    )
+    return {**heldout, "measured_by": f"03_gen_scores iteration {m + 1}"} if same and heldout else None
+
+
 def main() -> None:
     stage = cli.parse_stage("06_eval", __doc__, extra_args=option)
     config, layout, t = stage.config, stage.layout, stage.iteration
@@ -53,6 +79,7 @@ def main() -> None:
     files = {n: layout.generated(t, n) for n in ("prompts", "responses", "scores", "preferences")}
     judge_path = config.eval.judge_model or layout.model(t)
     inputs = [prompts_path, eft_path, *[layout.model(m) for m in names], *files.values()]
+    inputs += [layout.manifest("03_gen_scores", m + 1) for m in names if m < t]  # their measurements are reused
     if config.eval.judge_model and Path(config.eval.judge_model).exists():
         inputs.append(config.eval.judge_model)
     stage.begin(inputs=inputs)
@@ -70,11 +97,11 @@ def main() -> None:
         budget = prompt_budget(backend.context_length, config.model, config.eval.max_new_tokens)
         gens = backend.generate([chat.fit(q, budget)[0] for q in questions], greedy, seed=config.seed, desc=f"M{m}")
         answers[m] = [g[0].text for g in gens]
-        if eft:
-            judge_budget = prompt_budget(backend.context_length, config.model, 1)
-            rendered = [fit_judge_prompt(chat, r["prompt"], r["response"], judge_budget)[0] for r in eft]
-            judged = score_by_logits(backend, rendered, config.judge.batch_size)
-            quality[f"M{m}"] = judge_quality(eft, [j["score"] for j in judged])
+        if eft:  # the judge the loop uses: stage 03's judge.mode and judge.format
+            quality[f"M{m}"] = measured_by_stage_03(layout, m, config) or measure_judge(
+                backend, eft, config.judge, budget=judge_budget(backend, config), samples=config.eval.bootstrap_samples,
+                seed=config.seed,
+            )  # fmt: skip
         if m == t and not config.eval.judge_model:
             judge = backend
         else:
@@ -103,6 +130,7 @@ def main() -> None:
         "head_to_head": comparisons,
         "judge_quality": quality,
         "drift": drift(responses, scores, pairs, len(prompts)),
+        "gate": (read_manifest(layout.manifest("04_gen_preferences", t)) or {}).get("gate"),
         "answers": {f"M{m}": answers[m] for m in names},
     }
     out = layout.eval_result(t)

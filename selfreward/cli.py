@@ -28,23 +28,27 @@ from selfreward.versioning import OxenError, PushError
 
 EXIT_BAD_INPUT = 2  # bad arguments, config, data file or model path; a disk or permission error; Oxen failed
 EXIT_NO_PAIRS = 3  # stage 05 was given zero preference pairs: nothing to train on
-# 4 is left to judge.gate (the judge failing its check, issue 10)
-# EXIT_BUSY = 5: another process is writing the run folder (selfreward.runlock)
+EXIT_GATE = 4  # judge.gate stop: the judge is not better than chance on held-out EFT rows
+# EXIT_BUSY = 4: another process is writing the run folder (selfreward.runlock)
 EXIT_SKIPPED = 10  # --skip-if-complete found the output complete and did nothing
 
 log = logging.getLogger("selfreward")
 
-# The config sections each stage's output depends on: changing another section does not redo it.
+# The config sections (or single keys, "section.key") each stage's output depends on: changing
+# anything else does not redo it.
 CONFIG_SECTIONS = {
-    "00_sft": ("seed", "data", "model", "lora", "sft"),
+    "00_sft": ("seed", "data", "model", "lora", "sft", "judge.format"),
     "01_gen_prompts": ("seed", "model", "generation", "prompts"),
     "02_gen_responses": ("seed", "model", "generation", "responses"),
-    "03_gen_scores": ("seed", "model", "generation", "judge"),
-    "04_gen_preferences": ("preferences",),
+    "03_gen_scores": ("seed", "model", "generation", "judge", "eval.bootstrap_samples"),
+    "04_gen_preferences": ("preferences", "judge.gate"),
     "05_dpo": ("seed", "model", "lora", "dpo"),
     "06_eval": ("seed", "model", "generation", "judge", "eval"),
 }
 
+
+# Keys of those sections that do not change a stage's output (the gate only decides whether to go on).
+NOT_FINGERPRINTED = {"03_gen_scores": ("judge.gate",), "06_eval": ("judge.gate",)}
 
 # Keys that only stage 00 reads: every later stage loads M<t-1> from the run folder instead.
 BASE_MODEL_KEYS = ("model.name_or_path", "model.fallback_chat_template")
@@ -54,10 +58,16 @@ class StageError(RuntimeError):
     """A stage cannot go on for a reason the user can fix; the message says which."""
 
 
+class GateError(StageError):
+    """judge.gate is stop and the judge failed its check (exit code 4)."""
+
+
 def unused_override(stage: str, key: str) -> str | None:
     """Why an override cannot change what `stage` does, or None if the stage reads that key."""
     section = key.split(".", 1)[0] if "." in key else key
     used = (*CONFIG_SECTIONS[stage], "oxen")
+    if key in used:  # a single key the stage reads, e.g. judge.format for 00_sft
+        return None
     if key in BASE_MODEL_KEYS and stage != "00_sft":
         return (
             f"--{key} does not apply to {stage}: it loads M<t-1> from the run folder; the base model is "
@@ -124,7 +134,13 @@ class Stage:
         """Fingerprint the inputs; with --skip-if-complete, exit if the output was made from exactly these."""
         self.inputs = {str(p): path_fingerprint(p) for p in inputs}
         config = self.config.to_dict()
-        used = {section: config[section] for section in CONFIG_SECTIONS[self.name]}
+        used = {}
+        for part in CONFIG_SECTIONS[self.name]:
+            section, _, key = part.partition(".")
+            used[part] = config[section][key] if key else config[section]
+        for part in NOT_FINGERPRINTED.get(self.name, ()):
+            section, _, key = part.partition(".")
+            used[section] = {k: v for k, v in used[section].items() if k != key}
         # Contents only, not paths: a moved or copied run folder is still the same run.
         payload = json.dumps([self.name, self.iteration, used, list(self.inputs.values())], sort_keys=True)
         self.fingerprint = hashlib.sha256(payload.encode()).hexdigest()
@@ -395,6 +411,8 @@ def run(main: Callable[[], None]) -> None:
     """Run a stage's main(); known failures end in one clear line and a distinct exit code."""
     try:
         main()
+    except GateError as exc:
+        _fail(str(exc), EXIT_GATE)
     except (ConfigError, RecordError, ModelNotFoundError, StageError, PushError, OxenError) as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
     except RunBusyError as exc:

@@ -28,7 +28,7 @@ class DataConfig:
     # prompts stage 06 compares models on, and the EFT questions (with all their answers) it
     # measures the judge on.
     heldout_prompts: int = 8
-    heldout_eft_questions: int = 4
+    heldout_eft_questions: int = 30  # 120 answers: about 170 scored pairs, enough for a useful interval
 
 
 @dataclass
@@ -121,6 +121,15 @@ class JudgeConfig:
     # "sample": the paper's way, num_samples sampled judgments, score = mean of the valid ones.
     # "logits": one forward pass, score = expected value of the digit after "Score:".
     mode: str = "sample"
+    # What SFT teaches the judge to write, and so where the logit judge reads the score (stages 00,
+    # 03, 06): "score_last" is the paper's justification then "Score: N"; "score_first" puts
+    # "Score: N" first, so one forward pass reads a trained position.
+    format: str = "score_last"
+    # Stage 03 also judges the held-out EFT rows and stage 04 checks the result before making pairs:
+    # if the lower end of the 95% interval of pairwise accuracy is not above 0.5, "warn" says so,
+    # "stop" stops the run there (exit 4), "off" does not check.
+    gate: str = "warn"
+    noise_samples: int = 16  # responses judged a second time, alone, to measure the judge's noise
     num_samples: int = 3  # sampled judgments per response; the score is the mean of valid ones
     batch_size: int = 16
     temperature: float = 0.7
@@ -130,7 +139,9 @@ class JudgeConfig:
 
 @dataclass
 class PreferenceConfig:
-    min_margin: float = 0.0  # drop pairs whose score gap is below this (ties are always dropped)
+    # Drop pairs whose score gap is below this (ties are always dropped); "auto": below the noise
+    # stage 03 measured by judging some answers twice.
+    min_margin: float | str = 0.0
 
 
 @dataclass
@@ -138,6 +149,7 @@ class EvalConfig:
     judge_model: str | None = None  # the head-to-head judge: a model folder or hub id; null = the newest M<t>
     max_new_tokens: int = 128  # answers to the held-out prompts are greedy, at most this long
     batch_size: int = 16
+    bootstrap_samples: int = 1000  # resamples of the held-out questions for each 95% interval; 0 = none
 
 
 @dataclass
@@ -196,20 +208,41 @@ def _unknown_key(key: str, where: str) -> ConfigError:
     return ConfigError(f"unknown config key '{key}' in {where}{hint}")
 
 
+# Keys whose string values are one of a few words.
+CHOICES = {
+    "judge.mode": ("sample", "logits"),
+    "judge.format": ("score_first", "score_last"),
+    "judge.gate": ("warn", "stop", "off"),
+    "preferences.min_margin": ("auto",),
+}
+
+
 def _coerce(key: str, value: object, hint: object) -> object:
     """Check `value` against the field's type hint; ints are accepted where floats are expected."""
+    value = _coerce_type(key, value, hint)
+    if isinstance(value, str) and key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(CHOICES[key])}, got {value!r}")
+    return value
+
+
+def _coerce_type(key: str, value: object, hint: object) -> object:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner)
+        inner = [a for a in args if a is not type(None)]
+        for kind in inner[:-1]:  # e.g. float | str: a number, else one of the key's words
+            try:
+                return _coerce_type(key, value, kind)
+            except ConfigError:
+                pass
+        return _coerce_type(key, value, inner[-1])
     if origin is list:
         (inner,) = typing.get_args(hint)
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
-        return [_coerce(key, v, inner) for v in value]
+        return [_coerce_type(key, v, inner) for v in value]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is bool and not isinstance(value, bool):

@@ -7,7 +7,14 @@ import statistics
 from collections import Counter
 
 from selfreward.chat import packaged_template
-from selfreward.metrics import both_orders_verdict, distinct_n, kendall_tau_b, pairwise_agreement, spearman
+from selfreward.metrics import (
+    bootstrap_intervals,
+    both_orders_verdict,
+    distinct_n,
+    kendall_tau_b,
+    pairwise_agreement,
+    spearman,
+)
 
 
 def _draw(key: str, seed: int) -> str:
@@ -43,38 +50,49 @@ def head_to_head(picks_x_as_a: list[str], picks_x_as_b: list[str]) -> dict:
     verdicts = [both_orders_verdict(a, b) for a, b in zip(picks_x_as_a, picks_x_as_b, strict=True)]
     counts = Counter(verdicts)
     n = len(verdicts)
+    # A tie is the same letter in both orders: the verdict followed the position, not the answer.
+    first = sum(a == b == "A" for a, b in zip(picks_x_as_a, picks_x_as_b, strict=True))
     return {
         "prompts": n,
         "wins": counts["win"],
         "ties": counts["tie"],
         "losses": counts["loss"],
         "win_rate": round(counts["win"] / n, 4) if n else None,
+        "position_bias": round(counts["tie"] / n, 4) if n else None,
+        "picked_first_both_times": first,
+        "picked_second_both_times": counts["tie"] - first,
         "verdicts": verdicts,
     }
 
 
-def judge_quality(rows: list[dict], scores: list[float | None]) -> dict:
-    """The judge against human scores on held-out EFT rows (the paper's Table 4).
+def judge_quality(rows: list[dict], scores: list[float | None], *, samples: int = 1000, seed: int = 0) -> dict:
+    """The judge against human scores on held-out EFT rows (the paper's Table 4), each figure with a
+    95% bootstrap interval that resamples questions (`samples` draws; 0 for none).
 
     Pairwise accuracy is over pairs of answers to the same question with different human scores (a
     judge tie counts half); exact match rounds the judge's score to the nearest point.
     """
     keep = [i for i, s in enumerate(scores) if s is not None]
+    questions = [rows[i]["prompt"] for i in keep]
     human = [float(rows[i]["score"]) for i in keep]
     judged = [float(scores[i]) for i in keep]
-    accuracy, pairs = pairwise_agreement([rows[i]["prompt"] for i in keep], human, judged)
-    rho, tau = spearman(human, judged), kendall_tau_b(human, judged)
-    return {
-        "rows": len(rows),
-        "scored": len(keep),
-        "pairs": pairs,
-        "pairwise_accuracy": None if accuracy is None else round(accuracy, 4),
-        "exact_match": round(sum(round(j) == h for j, h in zip(judged, human, strict=True)) / len(keep), 4)
-        if keep
-        else None,
-        "spearman": None if rho is None else round(rho, 4),
-        "kendall_tau": None if tau is None else round(tau, 4),
-    }
+
+    def figures(idx: list[int], group_of: list[str]) -> dict[str, float | None]:
+        h, j = [human[i] for i in idx], [judged[i] for i in idx]
+        return {
+            "pairwise_accuracy": pairwise_agreement(group_of, h, j)[0],
+            "exact_match": sum(round(b) == a for a, b in zip(h, j, strict=True)) / len(idx) if idx else None,
+            "spearman": spearman(h, j),
+            "kendall_tau": kendall_tau_b(h, j),
+        }
+
+    point = figures(list(range(len(keep))), questions)
+    pairs = pairwise_agreement(questions, human, judged)[1]
+    result = {"rows": len(rows), "scored": len(keep), "pairs": pairs}
+    result.update({k: None if v is None else round(v, 4) for k, v in point.items()})
+    found = bootstrap_intervals(questions, figures, samples=samples, seed=seed) if samples else {}
+    result["intervals"] = {k: [round(found[k][0], 4), round(found[k][1], 4)] if found.get(k) else None for k in point}
+    return result
 
 
 def drift(responses: list[dict], scores: list[dict], pairs: list[dict], prompts: int) -> dict:
@@ -88,6 +106,7 @@ def drift(responses: list[dict], scores: list[dict], pairs: list[dict], prompts:
         if s["score"] is not None:
             by_prompt.setdefault(s["prompt_id"], []).append(s["score"])
     tied = sum(1 for v in by_prompt.values() if len(v) >= 2 and max(v) == min(v))
+    spreads = [statistics.pstdev(v) for v in by_prompt.values() if len(v) >= 2]
 
     def mean(values):
         return round(statistics.fmean(values), 2) if values else None
@@ -100,6 +119,8 @@ def drift(responses: list[dict], scores: list[dict], pairs: list[dict], prompts:
         "distinct_2": None if (d := distinct_n(texts, 2)) is None else round(d, 4),
         "score_histogram": {str(k): histogram.get(str(k), 0) for k in range(6)},
         "mean_score": mean(valid),
+        # how far apart a prompt's answers are scored (population SD), averaged over prompts
+        "score_spread": None if not spreads else round(statistics.fmean(spreads), 4),
         "tie_rate": round(tied / len(by_prompt), 4) if by_prompt else None,
         "parse_failure_rate": round(sum(j["score"] is None for j in judgments) / len(judgments), 4)
         if judgments
@@ -107,3 +128,33 @@ def drift(responses: list[dict], scores: list[dict], pairs: list[dict], prompts:
         "pair_yield": round(len(pairs) / prompts, 4) if prompts else None,
         "chosen_minus_rejected_chars": mean([len(p["chosen"]) - len(p["rejected"]) for p in pairs]),
     }
+
+
+def measure_judge(backend, eft: list[dict], cfg, *, budget: int, samples: int, seed: int) -> dict:
+    """The judge `backend` holds, judged as stages 03 and 06 judge (cfg: a JudgeConfig), against the
+    human scores of the held-out EFT rows: judge_quality's figures with their intervals."""
+    from selfreward.judge import fit_judge_prompt, judge_all, mean_score
+
+    rendered = [fit_judge_prompt(backend.chat, r["prompt"], r["response"], budget)[0] for r in eft]
+    judged = judge_all(backend, rendered, cfg, seed=seed)
+    return judge_quality(eft, [mean_score([j["score"] for j in js]) for js in judged], samples=samples, seed=seed)
+
+
+def judge_noise(backend, prompts: list[str], scores: list[float | None], cfg, *, count: int, seed: int) -> dict:
+    """How much the judge's score of the same answer moves when it is judged again, alone (batch of
+    one, another sampling seed): the largest change over `count` answers drawn by hash. Differences of
+    scores smaller than this say nothing about the answers."""
+    from dataclasses import replace
+
+    from selfreward.judge import judge_all, mean_score
+
+    drawn = sorted(range(len(prompts)), key=lambda i: _draw(prompts[i], seed))[:count]
+    drawn = [i for i in drawn if scores[i] is not None]
+    alone = replace(cfg, batch_size=cfg.num_samples if cfg.mode == "sample" else 1)
+    again = judge_all(backend, [prompts[i] for i in drawn], alone, seed=seed + 7919)
+    changes = [
+        abs(s - scores[i])
+        for i, js in zip(drawn, again, strict=True)
+        if (s := mean_score([j["score"] for j in js])) is not None
+    ]
+    return {"answers": len(changes), "max_change": round(max(changes), 4) if changes else None}

@@ -60,6 +60,27 @@ def parse_judge_score(judgment: str) -> float | None:
     return value
 
 
+JUDGE_FORMATS = ("score_first", "score_last")
+
+
+def judge_target(justification: str, score: int, fmt: str) -> str:
+    """What SFT teaches the judge to write for an EFT row whose justification ends in "Score: N".
+
+    score_last is the paper's order (the justification, then the score line). score_first puts
+    "Score: N" on the first line and the justification after it, so that the logit judge, which
+    reads the digit right after an opening "Score:", reads it where SFT trained the model to put it.
+    """
+    if fmt == "score_last":
+        return justification
+    if fmt != "score_first":
+        raise ValueError(f"judge.format must be one of {', '.join(JUDGE_FORMATS)}, got '{fmt}'")
+    lines = justification.rstrip().splitlines()
+    while lines and not _SCORE_LINE.match(lines[-1]):
+        lines.pop()
+    body = "\n".join(lines[:-1]).strip()
+    return f"Score: {score}\n{body}" if body else f"Score: {score}"
+
+
 def mean_score(scores: list[float | None]) -> float | None:
     """The mean of the valid judgments; None when none parsed."""
     valid = [s for s in scores if s is not None]
@@ -120,3 +141,69 @@ def score_by_logits(
         [prompt + prefix for prompt in judge_prompts], digit_ids, batch_size, desc="judging", skip=skip, on_batch=save
     )
     return judged
+
+
+def judge_all(
+    backend, judge_prompts: list[str], cfg, *, seed: int, skip: Collection[int] = (), on_batch=None
+) -> list[list[dict] | None]:
+    """Every judgment of every rendered judge prompt, as `cfg` (a JudgeConfig) says: stage 03 and stage
+    06 both judge through here, so stage 06 measures the judge the loop uses.
+
+    - mode sample: cfg.num_samples sampled judgments, each scored by its last "Score: N" line.
+    - mode logits, format score_first: one forward pass; the score is the expected digit after "Score:".
+    - mode logits, format score_last: a greedy justification of up to cfg.max_new_tokens tokens (cut
+      at any score line the judge wrote itself), then the expected digit after "Score:" on the next
+      line, where SFT taught the model to put it.
+    Returns a list of judgments per prompt, each {"score", "text", ...}; `skip` and `on_batch` (called
+    with (batch, indices, judgments per index)) work as in `Backend.generate`.
+    """
+    from selfreward.generation import Sampling
+
+    if cfg.mode not in ("sample", "logits"):
+        raise ValueError(f"judge.mode must be 'sample' or 'logits', got '{cfg.mode}'")
+    if cfg.format not in JUDGE_FORMATS:
+        raise ValueError(f"judge.format must be one of {', '.join(JUDGE_FORMATS)}, got '{cfg.format}'")
+    results: list[list[dict] | None] = [None] * len(judge_prompts)
+
+    def keep(batch: int, idx: list[int], judged: list[list[dict]]) -> None:
+        for i, j in zip(idx, judged, strict=True):
+            results[i] = j
+        if on_batch:
+            on_batch(batch, idx, judged)
+
+    if cfg.mode == "sample":
+        sampling = Sampling(cfg.num_samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size)
+
+        def parsed(batch, idx, gens):
+            keep(batch, idx, [[{"score": parse_judge_score(g.text), "text": g.text} for g in row] for row in gens])
+
+        backend.generate(judge_prompts, sampling, seed=seed, desc="judging", skip=skip, on_batch=parsed)
+    elif cfg.format == "score_first":
+        score_by_logits(
+            backend,
+            judge_prompts,
+            cfg.batch_size,
+            skip=skip,
+            on_batch=lambda b, idx, js: keep(b, idx, [[j] for j in js]),
+        )
+    else:
+        greedy = Sampling(1, 0.0, 1.0, cfg.max_new_tokens, cfg.batch_size)
+
+        def then_read(batch, idx, gens):
+            reasons = [_before_score_line(row[0].text) for row in gens]
+            judged = score_by_logits(backend, [judge_prompts[i] + r + "\n" for i, r in zip(idx, reasons, strict=True)],
+                                     cfg.batch_size)  # fmt: skip
+            keep(batch, idx, [[{**j, "text": r + "\n" + j["text"]}] for j, r in zip(judged, reasons, strict=True)])
+
+        backend.generate(judge_prompts, greedy, seed=seed, desc="justifying", skip=skip, on_batch=then_read)
+    return results
+
+
+def _before_score_line(text: str) -> str:
+    """The judge's own text up to (not including) the first score line it wrote, trailing space removed."""
+    lines = text.splitlines()
+    for n, line in enumerate(lines):
+        if _SCORE_LINE.match(line) or line.strip().lower().startswith("score"):
+            lines = lines[:n]
+            break
+    return "\n".join(lines).rstrip()

@@ -98,3 +98,45 @@ def both_orders_verdict(first_order: str, second_order: str) -> str:
     if not x_first and not x_second:
         return "loss"
     return "tie"
+
+
+def bootstrap_intervals(
+    groups: list[str], statistics, *, samples: int = 1000, level: float = 0.95, seed: int = 0
+) -> dict[str, tuple[float, float] | None]:
+    """Percentile bootstrap intervals for the figures `statistics(indices, group_of)` returns (a dict
+    of name -> number or None), resampling whole groups.
+
+    Items of one group (the answers to one question) are not independent, so the resampling unit is
+    the group: each draw picks as many groups as there are, with replacement, and a group drawn twice
+    counts as two groups. `statistics` gets the drawn item indices and, for each, the draw it belongs
+    to. A figure undefined on a draw (None) is left out of that draw; it gets no interval (None) when
+    fewer than half of the draws define it.
+    """
+    import random
+
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        members[g].append(i)
+    names = sorted(members)
+    values: dict[str, list[float]] = defaultdict(list)
+    rng = random.Random(seed)
+    for _ in range(samples if names else 0):
+        indices, draw_of = [], []
+        for k, name in enumerate(rng.choices(names, k=len(names))):
+            indices += members[name]
+            draw_of += [str(k)] * len(members[name])
+        for key, value in statistics(indices, draw_of).items():
+            if value is not None:
+                values[key].append(value)
+    tail = (1 - level) / 2
+    out: dict[str, tuple[float, float] | None] = {}
+    for key, drawn in values.items():
+        if len(drawn) < samples / 2:
+            out[key] = None
+            continue
+        drawn.sort()
+        out[key] = (
+            drawn[min(len(drawn) - 1, int(tail * len(drawn)))],
+            drawn[max(0, math.ceil((1 - tail) * len(drawn)) - 1)],
+        )
+    return out

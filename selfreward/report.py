@@ -97,13 +97,20 @@ def plot_judge_quality(evals: list[dict], out: Path) -> str:
     models = sorted(quality, key=lambda m: int(m[1:]))
     plt, fig, (ax,) = _figure("Judge quality on held-out EFT rows")
     x = list(range(len(models)))
-    for key in QUALITY:
+    for shift, key in zip((-0.09, -0.03, 0.03, 0.09), QUALITY, strict=True):
         values = [quality[m][key] if quality[m][key] is not None else float("nan") for m in models]
-        ax.plot(x, values, marker="o", label=key.replace("_", " "))
+        low, high = [], []
+        for m, v in zip(models, values, strict=True):
+            interval = (quality[m].get("intervals") or {}).get(key)
+            low.append(v - interval[0] if interval else 0.0)
+            high.append(interval[1] - v if interval else 0.0)
+        # 95% bootstrap intervals as error bars, the four figures side by side at each model
+        ax.errorbar([i + shift for i in x], values, yerr=[low, high], marker="o", capsize=3,
+                    label=key.replace("_", " "))  # fmt: skip
     ax.set_xticks(x, models)
     ax.axhline(0, color="black", linewidth=0.5)
     ax.set_xlabel("model")
-    ax.set_ylabel("agreement with human scores")
+    ax.set_ylabel("agreement with human scores (95% CI)")
     ax.set_ylim(-1, 1)
     ax.legend(fontsize=8)
     return _save(plt, fig, out)
@@ -128,6 +135,12 @@ def _fmt(value) -> str:
     return "–" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
+def _with_interval(quality: dict, key: str) -> str:
+    interval = (quality.get("intervals") or {}).get(key)
+    text = _fmt(quality[key])
+    return f"{text} ({interval[0]:.2f}–{interval[1]:.2f})" if interval else text
+
+
 def write_report(layout: RunLayout) -> Path:
     """Rewrite report.md and report/*.png from everything stage 06 has written so far."""
     evals = load_evals(layout)
@@ -141,12 +154,25 @@ def write_report(layout: RunLayout) -> Path:
         "dpo": plot_dpo(layout, its, layout.report_dir / "dpo_training.png"),
     }
     lines = [f"# Self-rewarding run: {layout.root.name}", "", f"Iterations evaluated: {', '.join(map(str, its))}.", ""]
+    for e in evals:  # the gate's verdict on the judge that made this iteration's pairs (stage 04)
+        gate = e.get("gate") or {}
+        if gate.get("better_than_chance") is False:
+            lines += [f"**Warning, iteration {e['iteration']}: {gate['verdict']}.**", ""]
+        elif gate.get("verdict"):
+            lines += [f"Iteration {e['iteration']}: {gate['verdict']}.", ""]
     lines += ["## Head-to-head (held-out prompts, judged in both orders; an order-dependent verdict is a tie)", ""]
-    lines += ["| iteration | comparison | wins | ties | losses | win rate |", "|---|---|---|---|---|---|"]
+    lines += [
+        "| iteration | comparison | wins | ties | losses | win rate | position bias |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for e in evals:
         for name, c in e["head_to_head"].items():
             counts = f"{c['wins']} | {c['ties']} | {c['losses']}"
-            lines.append(f"| {e['iteration']} | {name} | {counts} | {_fmt(c['win_rate'])} |")
+            lines.append(
+                f"| {e['iteration']} | {name} | {counts} | {_fmt(c['win_rate'])} | {_fmt(c.get('position_bias'))} |"
+            )
+    lines += ["", "Position bias: the share of prompts where the judge picked the same position (A or B) in "
+              "both orders, so its verdict followed the position, not the answer.", ""]  # fmt: skip
     lines += ["", f"![head-to-head](report/{plots['head_to_head']})", ""]
     quality: dict[str, dict] = {}
     for e in evals:
@@ -155,9 +181,11 @@ def write_report(layout: RunLayout) -> Path:
     lines += ["| model | pairs | pairwise accuracy | exact match | Spearman | Kendall τ |", "|---|---|---|---|---|---|"]
     for m in sorted(quality, key=lambda m: int(m[1:])):
         q = quality[m]
-        lines.append(f"| {m} | {q['pairs']} | " + " | ".join(_fmt(q[k]) for k in QUALITY) + " |")
+        lines.append(f"| {m} | {q['pairs']} | " + " | ".join(_with_interval(q, k) for k in QUALITY) + " |")
+    lines += ["", "Each figure with its 95% bootstrap interval over held-out questions: a judge is better than "
+              "chance when the interval of its pairwise accuracy lies above 0.5.", ""]  # fmt: skip
     lines += ["", f"![judge quality](report/{plots['judge']})", ""]
-    keys = ("response_tokens", "response_chars", "distinct_1", "distinct_2", "mean_score", "tie_rate",
+    keys = ("response_tokens", "response_chars", "distinct_1", "distinct_2", "mean_score", "score_spread", "tie_rate",
             "parse_failure_rate", "pair_yield", "chosen_minus_rejected_chars")  # fmt: skip
     lines += ["## Drift", "", "| iteration | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
               "|---" * (len(keys) + 1) + "|"]  # fmt: skip

@@ -64,3 +64,11 @@ def test_script_reports_a_bad_config_key_in_one_line(run_stage, tmp_path):
     assert proc.returncode == 2
     assert "did you mean 'judge.temperature'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_keys_with_a_few_allowed_words():
+    assert apply_overrides(Config(), {"preferences.min_margin": "auto"}, "t").preferences.min_margin == "auto"
+    assert apply_overrides(Config(), {"preferences.min_margin": 0.5}, "t").preferences.min_margin == 0.5
+    for key, value in (("preferences.min_margin", "atuo"), ("judge.mode", "logit"), ("judge.gate", "halt")):
+        with pytest.raises(ConfigError, match=f"config key '{key}' must be one of"):
+            apply_overrides(Config(), {key: value}, "t")

@@ -36,10 +36,42 @@ def test_judge_quality_known_values():
     assert q["kendall_tau"] == pytest.approx(1 / 90**0.5, abs=1e-4)
 
 
+def test_judge_quality_intervals_resample_questions():
+    rows = [{"prompt": f"q{q}", "score": s} for q in range(12) for s in (0, 2, 3, 5)]
+    perfect = judge_quality(rows, [r["score"] + 0.1 for r in rows], samples=200, seed=3)
+    assert perfect["intervals"]["pairwise_accuracy"] == [1.0, 1.0]  # every resample agrees fully
+    # a judge right on 8 questions and reversed on 4: the point estimate is 2/3, and the interval,
+    # whose resamples mix the two kinds of question, spreads around it
+    mixed = [r["score"] if int(r["prompt"][1:]) < 8 else 5 - r["score"] for r in rows]
+    q = judge_quality(rows, mixed, samples=400, seed=3)
+    low, high = q["intervals"]["pairwise_accuracy"]
+    assert q["pairwise_accuracy"] == pytest.approx(8 / 12, abs=1e-4) and low < 8 / 12 < high and 0.3 < low and high < 1
+    assert judge_quality(rows, mixed, samples=400, seed=3)["intervals"] == q["intervals"]  # seeded
+    assert judge_quality(rows, mixed, samples=0)["intervals"]["spearman"] is None
+
+
+def test_bootstrap_intervals_treat_a_question_drawn_twice_as_two():
+    from selfreward.metrics import bootstrap_intervals
+
+    seen = []
+
+    def statistics(idx, group_of):
+        seen.append((idx, group_of))
+        return {"size": float(len(idx)), "never": None}
+
+    found = bootstrap_intervals(["a", "a", "b"], statistics, samples=20)
+    for idx, group_of in seen:
+        assert len(idx) == len(group_of) and len(set(group_of)) == 2  # two draws, whatever they picked
+    assert found["size"][0] >= 2 and found["size"][1] <= 4 and "never" not in found
+
+
 def test_head_to_head_counts_order_dependent_picks_as_ties():
     result = head_to_head(["A", "A", "B", "B"], ["B", "A", "A", "B"])
     assert (result["wins"], result["ties"], result["losses"]) == (1, 2, 1)
     assert result["win_rate"] == 0.25
+    # the two ties picked A both times (A, A) and B both times (B, B): half the verdicts followed the position
+    assert result["position_bias"] == 0.5
+    assert (result["picked_first_both_times"], result["picked_second_both_times"]) == (1, 1)
 
 
 def test_drift_known_values():
@@ -63,6 +95,7 @@ def test_drift_known_values():
     assert d["tie_rate"] == 0.5  # q's two answers tie
     assert d["parse_failure_rate"] == 0.2
     assert d["pair_yield"] == 0.5 and d["chosen_minus_rejected_chars"] == 2.0
+    assert d["score_spread"] == pytest.approx((1.8 + 0.0) / 2)  # p: 4.6 and 1.0 are 1.8 from their mean
 
 
 def test_eval_stage_writes_every_metric_and_the_report(tiny_run):

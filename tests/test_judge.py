@@ -66,3 +66,43 @@ def test_long_judge_input_is_cut_to_fit_and_flagged(tiny_model):
     assert cut and len(chat.encode(rendered)) <= budget
     assert "Summarise this." in rendered and "</response>" in rendered  # only the response was shortened
     assert fit_judge_prompt(chat, question, "short", budget) == (chat.prompt(judge_prompt(question, "short")), False)
+
+
+def test_judge_target_puts_the_score_where_the_format_says():
+    from selfreward.judge import judge_target
+
+    justification = "Relevant (1) and correct (2, 3).\nIt rambles, so no fourth point.\nScore: 3"
+    assert judge_target(justification, 3, "score_last") == justification
+    first = judge_target(justification, 3, "score_first")
+    assert first == "Score: 3\nRelevant (1) and correct (2, 3).\nIt rambles, so no fourth point."
+    assert parse_judge_score(first) == 3.0  # sampled judgments in this format still parse
+    with pytest.raises(ValueError, match="judge.format"):
+        judge_target(justification, 3, "score_middle")
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt"), [("sample", "score_last"), ("logits", "score_first"), ("logits", "score_last")]
+)
+def test_judge_all_reads_each_mode_and_format(tiny_model, mode, fmt):
+    from selfreward.config import JudgeConfig
+    from selfreward.judge import judge_all
+
+    model, chat, _ = tiny_model
+    prompts = [chat.prompt(judge_prompt(q, a)) for q, a in (("What is 2+2?", "4"), ("Name a colour.", "Blue."))]
+    cfg = JudgeConfig(mode=mode, format=fmt, num_samples=2, max_new_tokens=6, batch_size=4)
+    saved = {}
+    judged = judge_all(
+        HFBackend(model, chat),
+        prompts,
+        cfg,
+        seed=1,
+        on_batch=lambda b, idx, js: saved.update(zip(idx, js, strict=True)),
+    )
+    assert [saved[i] for i in range(2)] == judged
+    for judgments in judged:
+        assert len(judgments) == (2 if mode == "sample" else 1)
+        if mode == "logits":  # always a score, read from the distribution over the digits
+            assert 0 <= judgments[0]["score"] <= 5 and len(judgments[0]["distribution"]) == 6
+    if (mode, fmt) == ("logits", "score_last"):
+        # the distribution is read after the judge's own greedy justification, on a new "Score:" line
+        assert all(js[0]["text"].endswith("\nScore:") for js in judged)

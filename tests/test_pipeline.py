@@ -154,3 +154,31 @@ def test_driver_usage_and_syntax():
     assert proc.returncode == 0 and "usage: self-reward.sh" in proc.stdout
     proc = subprocess.run(["bash", str(REPO / "self-reward.sh"), "--iterashuns", "2"], capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown argument" in proc.stderr
+
+
+def test_the_gate_stops_a_run_whose_judge_is_not_better_than_chance(tiny_run, cache, tmp_path):
+    """The tiny model's judge is random: with judge.gate stop the driver stops before making pairs."""
+    import hashlib
+    import shutil
+
+    from conftest import run_driver
+
+    run = tmp_path / "tiny"
+    shutil.copytree(tiny_run, run)
+    layout = RunLayout(run)
+    check = json.loads(layout.manifest("03_gen_scores", 1).read_text())["judge_check"]
+    low = check["heldout"]["intervals"]["pairwise_accuracy"][0]
+    assert low <= 0.5  # what the gate is about: the interval does not exclude chance
+
+    def digests():
+        return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.rglob("*") if p.is_file()
+                and ".oxen" not in p.parts and ".selfreward" not in p.parts and p.name != "config.yaml"}  # fmt: skip
+
+    before = digests()
+    proc = run_driver(run, cache, iterations=1, extra=["--", "--judge.gate", "stop"])
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    assert "error: the judge M0 is not better than chance on held-out EFT rows (pairwise accuracy " in proc.stderr
+    assert "its pairs are likely noise (judge.gate: stop)" in proc.stderr
+    assert "stopped at 04_gen_preferences --iteration 1" in proc.stderr
+    assert proc.stdout.count("complete, skipped") == 4  # 00-03: the gate setting does not redo them
+    assert digests() == before  # nothing earlier was lost or changed

@@ -18,6 +18,13 @@ format, SFT steps, how the score is read):
                   after "Score:" on the next line
   eft-first-120   the 328 EFT training rows alone, score first, 120 steps (about 3 epochs): does more
                   judge training help at all?
+  eft-offtopic-first-120  the same plus 164 rows made by construction (data.off_topic_eft_rows: a good
+                  answer to another training question, graded 0), 120 steps (about 2 epochs)
+  eft-scoreonly-120  the 328 EFT training rows with the target cut to "Score: N" (no justification), so
+                  every judge row's loss is the verdict itself, 120 steps: is the digit drowned out by
+                  the justification's tokens?
+  eft-all-first-120  eft-first-120 with LoRA on every layer and on the MLP too (lora.last_layers 0,
+                  q/k/v/o/gate/up/down): does the adapter's reach limit what the judge learns?
 One JSON line per variant on stdout and in --out.
 """
 
@@ -40,7 +47,7 @@ from selfreward.records import EFT, IFT, read_jsonl, write_jsonl  # noqa: E402
 
 OLD_IFT, OLD_EFT = 72, 64  # the seed files' first rows are the ones the project had before issue 10
 VARIANTS = {
-    # name: (training rows, EFT target format, SFT max_steps (-1: one epoch), reading format)
+    # name: (training rows, EFT target format, SFT max_steps (-1: one epoch), reading format[, overrides])
     "base": (None, None, 0, "score_first"),
     "old-last": ("old", "score_last", -1, "score_first"),
     "old-first": ("old", "score_first", -1, "score_first"),
@@ -48,7 +55,12 @@ VARIANTS = {
     "new-first-70": ("new", "score_first", 70, "score_first"),
     "new-last-greedy": ("new", "score_last", 25, "score_last"),
     "eft-first-120": ("eft", "score_first", 120, "score_first"),
-}
+    "eft-offtopic-first-120": ("eft", "score_first", 120, "score_first", ["--data.off_topic_eft_rows", "164"]),
+    "eft-scoreonly-120": ("eftscore", "score_first", 120, "score_first"),
+    "eft-all-first-120": ("eft", "score_first", 120, "score_first",
+                          ["--lora.last_layers", "0", "--lora.target_modules",
+                           '["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]']),
+}  # fmt: skip
 
 
 def prepare(work: Path, config) -> dict[str, Path]:
@@ -67,11 +79,14 @@ def prepare(work: Path, config) -> dict[str, Path]:
     write_jsonl(files["old_eft"], [r for r in train_eft if r["id"] in old_ids])
     write_jsonl(files["eft_ift"], [])
     files["eft_eft"] = files["new_eft"]
+    files["eftscore_ift"] = files["eft_ift"]
+    files["eftscore_eft"] = work / "eftscore_eft.jsonl"
+    write_jsonl(files["eftscore_eft"], [{**r, "justification": f"Score: {r['score']}"} for r in train_eft])
     return files
 
 
 def run_variant(name: str, args, files: dict[str, Path], work: Path) -> dict:
-    data, target, steps, reading = VARIANTS[name]
+    data, target, steps, reading, *extra = VARIANTS[name]
     config = load_config(args.config, {"judge.mode": "logits", "judge.format": reading})
     started = time.time()
     result = {"bench": "judge_quality", "variant": name, "data": data, "target": target, "steps": steps,
@@ -81,7 +96,7 @@ def run_variant(name: str, args, files: dict[str, Path], work: Path) -> dict:
         run = work / name
         overrides = ["--data.ift", str(files[f"{data}_ift"]), "--data.eft", str(files[f"{data}_eft"]),
                      "--data.heldout_prompts", "0", "--data.heldout_eft_questions", "0", "--judge.format", target,
-                     "--sft.max_steps", str(steps)]  # fmt: skip
+                     "--sft.max_steps", str(steps), *(extra[0] if extra else [])]  # fmt: skip
         proc = subprocess.run(
             [sys.executable, str(REPO / "scripts" / "00_sft.py"), "--run-dir", str(run), "--config", args.config,
              "--no-oxen", *overrides],
@@ -91,6 +106,7 @@ def run_variant(name: str, args, files: dict[str, Path], work: Path) -> dict:
             raise SystemExit(f"SFT of {name} failed:\n{proc.stderr[-3000:]}")
         manifest = json.loads((run / "M0" / "00_sft.manifest.json").read_text())
         result.update(sft_rows=manifest["rows_in"], sft_seconds=manifest["seconds"])
+        result.update(overrides=extra[0] if extra else [])
         model = str(run / "M0" / "model")
     from selfreward.generation import load_backend
     from selfreward.models import prompt_budget

@@ -1,13 +1,15 @@
 """Stage 00: supervised fine-tuning of the base model on IFT + EFT data, giving M0.
 
 Reads:  the base model (config model.name_or_path), data.ift and data.eft
-Writes: <run>/M0/train/{ift,eft}.jsonl (the rows used), M0/train/heldout_{prompts,eft}.jsonl (set
+Writes: <run>/M0/train/{ift,eft,eft_constructed}.jsonl (the rows used), M0/train/heldout_{prompts,eft}.jsonl (set
         aside for stage 06), M0/adapter/ (LoRA), M0/model/ (merged), M0/lineage.json,
         M0/train_log.jsonl, M0/00_sft.{manifest.json,config.yaml}
 
 data.heldout_prompts IFT rows and data.heldout_eft_questions EFT questions (with all their answers)
 are drawn by a hash of the seed and their ids and set aside: no stage trains on them or shows them
-as shots, so stage 06 can compare models and measure the judge on them.
+as shots, so stage 06 can compare models and measure the judge on them. data.off_topic_eft_rows adds
+judge rows made from the training EFT rows alone (a good answer given to another question, graded 0),
+each with its origin, in eft_constructed.jsonl.
 
 EFT rows are rendered through the same judge template stage 03 uses, and their target is written in
 judge.format (score_first: "Score: N" then the justification; score_last: the paper's order); the
@@ -21,7 +23,7 @@ import shutil
 
 from selfreward import cli
 from selfreward.chat import ChatFormat
-from selfreward.evaluation import split_heldout
+from selfreward.evaluation import off_topic_rows, split_heldout
 from selfreward.judge import judge_prompt, judge_target, parse_judge_score
 from selfreward.models import load_tokenizer, resolve_model_path
 from selfreward.records import EFT, IFT, RecordError, read_jsonl, write_jsonl
@@ -51,10 +53,12 @@ def main() -> None:
     ift, eft, heldout_prompts, heldout_eft = split_heldout(
         ift, eft, config.data.heldout_prompts, config.data.heldout_eft_questions, config.seed
     )
+    constructed = off_topic_rows(eft, config.data.off_topic_eft_rows, config.seed)
     stage.start_writing()
     train_dir = layout.train_dir(0)
     write_jsonl(train_dir / "ift.jsonl", ift)
     write_jsonl(train_dir / "eft.jsonl", eft)
+    write_jsonl(train_dir / "eft_constructed.jsonl", constructed)
     write_jsonl(layout.heldout("prompts"), heldout_prompts)
     write_jsonl(layout.heldout("eft"), heldout_eft)
 
@@ -66,7 +70,7 @@ def main() -> None:
             "prompt": chat.prompt(judge_prompt(r["prompt"], r["response"])),
             "completion": chat.completion(judge_target(r["justification"], r["score"], config.judge.format)),
         }
-        for r in eft
+        for r in eft + constructed
     ]
     trainer = build_sft_trainer(base, rows, config, stage.checkpoints(0))
     history = train_and_merge(
@@ -74,7 +78,7 @@ def main() -> None:
     )
     if history is None:  # a torchrun rank other than 0: rank 0 saves and reports
         return
-    data = [train_dir / "ift.jsonl", train_dir / "eft.jsonl"]
+    data = [train_dir / "ift.jsonl", train_dir / "eft.jsonl", train_dir / "eft_constructed.jsonl"]
     write_lineage(
         layout.lineage(0),
         model="M0",
@@ -89,7 +93,12 @@ def main() -> None:
         rows_in=len(rows),
         rows_out=0,
         outputs=[str(layout.model(0)), str(layout.adapter(0))],
-        extra={"model": "M0", "heldout_prompts": len(heldout_prompts), "heldout_eft_rows": len(heldout_eft)},
+        extra={
+            "model": "M0",
+            "heldout_prompts": len(heldout_prompts),
+            "heldout_eft_rows": len(heldout_eft),
+            "constructed_eft_rows": len(constructed),
+        },
         also_version=[layout.lineage(0), layout.train_log(0), layout.train_dir(0)],
     )
 

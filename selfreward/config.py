@@ -29,6 +29,9 @@ class DataConfig:
     # measures the judge on.
     heldout_prompts: int = 8
     heldout_eft_questions: int = 30  # 120 answers: about 170 scored pairs, enough for a useful interval
+    # Judge rows made by construction from the training EFT rows (never the held-out ones): a good
+    # answer to one question given to another, graded 0. Written with their origin to M0/train/.
+    off_topic_eft_rows: int = 0
 
 
 @dataclass

@@ -40,6 +40,44 @@ def split_heldout(ift: list[dict], eft: list[dict], n_prompts: int, n_questions:
     )
 
 
+OFF_TOPIC_JUSTIFICATION = (
+    "The response does not address the question that was asked: it answers a different question, so none "
+    "of it is relevant and it earns no points.\nScore: 0"
+)
+
+
+def off_topic_rows(eft: list[dict], n: int, seed: int) -> list[dict]:
+    """`n` judge rows whose right score is known by construction: a good answer (score 4 or 5) to one
+    question, given as the answer to another, graded 0 (the rubric's first point is relevance).
+
+    Built from `eft` alone (pass the training rows, never the held-out ones). Each row records its
+    origin. Deterministic in the seed; no (question, answer) pair repeats.
+    """
+    questions = sorted({r["prompt"] for r in eft}, key=lambda q: _draw(q, seed))
+    good = sorted((r for r in eft if r["score"] >= 4), key=lambda r: _draw(r["id"], seed))
+    # Round r gives answer j the question (j + r) mod Q: the rows spread evenly over questions and
+    # answers, and every (question, answer) pair comes once before the rounds run out.
+    pairs = (
+        (questions[(j + r) % len(questions)], answer) for r in range(len(questions)) for j, answer in enumerate(good)
+    )
+    picked = [(q, a) for q, a in pairs if q != a["prompt"]][: max(0, n)]
+    first_id = {}  # a question is named by its lowest row id, whatever the file's order
+    for r in sorted(eft, key=lambda r: r["id"]):
+        first_id.setdefault(r["prompt"], r["id"])
+    return [
+        {
+            "id": f"off-topic-{k:04d}",
+            "prompt": question,
+            "response": answer["response"],
+            "score": 0,
+            "justification": OFF_TOPIC_JUSTIFICATION,
+            "origin": f"constructed: off-topic, the answer of {answer['id']} "
+            f"given to the question of {first_id[question]}",
+        }
+        for k, (question, answer) in enumerate(picked, start=1)
+    ]
+
+
 def pairwise_prompt(question: str, answer_a: str, answer_b: str) -> str:
     """The user turn asking the judge which of two answers is better (it answers "A" or "B")."""
     return packaged_template("pairwise_judge.txt").format(question=question, answer_a=answer_a, answer_b=answer_b)

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from selfreward.evaluation import drift, head_to_head, judge_quality, split_heldout
+from selfreward.evaluation import drift, head_to_head, judge_quality, off_topic_rows, split_heldout
 from selfreward.layout import RunLayout
 
 
@@ -21,6 +21,35 @@ def test_heldout_split_is_disjoint_stable_and_keeps_questions_together():
     again = split_heldout(ift[::-1], eft[::-1], 5, 2, seed=1)  # the files' order does not matter
     assert {r["id"] for r in again[2]} == {r["id"] for r in held_ift}
     assert split_heldout(ift, eft, 99, 99, seed=1)[0]  # something is always left to train on
+
+
+def test_off_topic_rows_give_good_answers_to_other_questions():
+    eft = [{"id": f"e{q}{a}", "prompt": f"q{q}", "response": f"answer {a} to q{q}", "score": a + 2,
+            "justification": ""} for q in range(5) for a in range(4)]  # fmt: skip
+    rows = off_topic_rows(eft, 12, seed=3)
+    assert len(rows) == 12 and len({r["id"] for r in rows}) == 12
+    by_id = {r["id"]: r for r in eft}
+    for row in rows:
+        source = row["origin"].split("the answer of ")[1].split(" ")[0]
+        assert row["response"] == by_id[source]["response"] and by_id[source]["score"] >= 4
+        assert row["prompt"] != by_id[source]["prompt"]  # a good answer, but to another question
+        assert row["score"] == 0 and row["justification"].endswith("Score: 0")
+    assert len({(r["prompt"], r["response"]) for r in rows}) == 12  # no pair twice
+    assert len({r["prompt"] for r in rows}) == 5  # spread over every question
+    assert off_topic_rows(eft[::-1], 12, seed=3) == rows  # the files' order does not matter
+    assert len(off_topic_rows(eft, 999, seed=3)) == 5 * 4 * 2  # every good answer to every other question
+    assert off_topic_rows(eft, 0, seed=3) == []
+
+
+def test_sft_adds_constructed_rows_from_training_questions_only(tiny_run):
+    layout = RunLayout(tiny_run)
+    rows = [json.loads(line) for line in (layout.train_dir(0) / "eft_constructed.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and all(r["origin"].startswith("constructed: off-topic") for r in rows)
+    held = [json.loads(line) for line in layout.heldout("eft").read_text().splitlines()]
+    held_text = {r["prompt"] for r in held} | {r["response"] for r in held}
+    assert not held_text & ({r["prompt"] for r in rows} | {r["response"] for r in rows})
+    manifest = json.loads(layout.manifest("00_sft", 0).read_text())
+    assert manifest["constructed_eft_rows"] == 16
 
 
 def test_judge_quality_known_values():

@@ -1,7 +1,10 @@
 """One chat format for every stage: training rows and generation prompts are rendered here only.
 
-Rendered text is always tokenized with `add_special_tokens=False`: the template itself decides
-whether a BOS token is present, so training and generation see the same tokens.
+Rendered text is always tokenized with `add_special_tokens=False`, so the rendered text holds every
+token the model sees. A tokenizer that adds BOS on its own (Mistral's, Llama's) gets it exactly once:
+the rendered prompt starts with it (from the template, or added here when the template lacks it), and
+the trainers, which tokenize text with the tokenizer's own special tokens on, get the text without it
+(`ChatFormat.for_trainer`). Training rows and generation prompts then start with the same ids.
 """
 
 from __future__ import annotations
@@ -30,12 +33,23 @@ def ensure_chat_template(tokenizer, fallback_path: str | None = None) -> None:
         tokenizer.chat_template = packaged_template("fallback_chat_template.jinja")
 
 
+def _added_prefix(tokenizer) -> str:
+    """The text of the special tokens the tokenizer puts before any text when asked to (often BOS)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return tokenizer.decode(full[:start], skip_special_tokens=False) if start else ""
+    return ""
+
+
 @dataclass(frozen=True)
 class ChatFormat:
     """Renders a user turn into the prompt text the model continues, and knows how a turn ends."""
 
     tokenizer: object
     end_of_turn: str  # text the template puts after an assistant message, e.g. "<|im_end|>"
+    added_prefix: str = ""  # text of the tokens the tokenizer itself puts before any text, e.g. "<s>"
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> ChatFormat:
@@ -44,11 +58,22 @@ class ChatFormat:
         user = [{"role": "user", "content": "x"}]
         full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": _MARK}], tokenize=False)
         end = full.split(_MARK, 1)[1].rstrip()
-        return cls(tokenizer=tokenizer, end_of_turn=end or (tokenizer.eos_token or ""))
+        end = end or (tokenizer.eos_token or "")
+        return cls(tokenizer=tokenizer, end_of_turn=end, added_prefix=_added_prefix(tokenizer))
 
     def prompt(self, user_text: str) -> str:
         messages = [{"role": "user", "content": user_text}]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if self.added_prefix and not rendered.startswith(self.added_prefix):
+            rendered = self.added_prefix + rendered  # the model was pretrained with it: keep it, once
+        return rendered
+
+    def for_trainer(self, prompt: str) -> str:
+        """A rendered prompt as TRL's trainers want it: they tokenize with special tokens on, so the
+        tokens the tokenizer adds itself (BOS) are left for it to add, rather than doubled."""
+        if self.added_prefix and prompt.startswith(self.added_prefix):
+            return prompt[len(self.added_prefix) :]
+        return prompt
 
     def fit(self, user_text: str, max_tokens: int) -> tuple[str, bool]:
         """The rendered prompt, with the user's text cut so the whole fits in `max_tokens`; and whether it was cut."""

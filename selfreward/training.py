@@ -17,6 +17,7 @@ import torch
 from transformers import TrainerCallback
 
 from selfreward import failpoints
+from selfreward.chat import ChatFormat
 from selfreward.config import Config, TrainConfig
 from selfreward.models import device_of, load_model, load_tokenizer, merge_adapter
 
@@ -83,6 +84,12 @@ def last_checkpoint(output_dir: Path) -> str | None:
     return str(max(numbered, key=lambda p: int(p.name.split("-")[-1]))) if numbered else None
 
 
+def _for_trainer(tokenizer, rows: list[dict]) -> list[dict]:
+    """Rows whose rendered prompts TRL will tokenize to the ids generation uses (see ChatFormat)."""
+    chat = ChatFormat.from_tokenizer(tokenizer)
+    return [{**row, "prompt": chat.for_trainer(row["prompt"])} for row in rows]
+
+
 def build_sft_trainer(parent: str, rows: list[dict], config: Config, checkpoints: Path):
     """An SFTTrainer on prompt/completion rows whose loss covers the completion tokens only."""
     from datasets import Dataset
@@ -98,7 +105,7 @@ def build_sft_trainer(parent: str, rows: list[dict], config: Config, checkpoints
     return SFTTrainer(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(rows),
+        train_dataset=Dataset.from_list(_for_trainer(tokenizer, rows)),
         processing_class=tokenizer,
         peft_config=_peft_config(config, model),
     )
@@ -115,7 +122,7 @@ def build_dpo_trainer(parent: str, rows: list[dict], config: Config, checkpoints
         model=model,
         ref_model=None,
         args=args,
-        train_dataset=Dataset.from_list(rows),
+        train_dataset=Dataset.from_list(_for_trainer(tokenizer, rows)),
         processing_class=tokenizer,
         peft_config=_peft_config(config, model),
     )

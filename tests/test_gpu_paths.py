@@ -1,0 +1,56 @@
+"""Code paths a GPU box takes with a 7B model, run here on the tiny model with the same flags."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from selfreward.chat import ChatFormat
+from selfreward.config import load_config
+from selfreward.models import TINY, load_tokenizer, resolve_model_path
+from selfreward.training import build_dpo_trainer, build_sft_trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tiny_with_bos_tokenizer(folder: Path, *, chat_template: str | None) -> Path:
+    """The tiny model with a tokenizer that adds BOS to any text, as Mistral's and Llama's do."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    shutil.copytree(resolve_model_path(TINY), folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    bos = tokenizer.bos_token
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_token_id)]
+    )
+    tokenizer.chat_template = chat_template
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("template", ["fallback (starts with bos_token)", "no BOS in the template"])
+def test_training_rows_and_generation_prompts_start_with_one_bos(tmp_path, template):
+    from selfreward.chat import packaged_template
+
+    chat_template = None if template.startswith("fallback") else packaged_template("tiny_chat_template.jinja")
+    model = _tiny_with_bos_tokenizer(tmp_path / "model", chat_template=chat_template)
+    config = load_config(REPO / "configs" / "tiny.yaml")
+    tokenizer = load_tokenizer(model, config.model)
+    assert tokenizer("hi")["input_ids"][0] == tokenizer.bos_token_id  # the tokenizer adds BOS itself
+    chat = ChatFormat.from_tokenizer(tokenizer)
+    prompt = chat.prompt("Name a prime number.")
+    generation_ids = chat.encode(prompt)  # what stages 01-03 and 06 feed the model
+    assert generation_ids[:2].count(tokenizer.bos_token_id) == 1
+
+    sft = build_sft_trainer(
+        str(model), [{"prompt": prompt, "completion": chat.completion("7")}], config, tmp_path / "sft"
+    )
+    sft_ids = sft.train_dataset[0]["input_ids"]
+    assert sft_ids[: len(generation_ids)] == generation_ids
+    dpo_row = {"prompt": prompt, "chosen": chat.completion("7"), "rejected": chat.completion("8")}
+    dpo = build_dpo_trainer(str(model), [dpo_row], config, tmp_path / "dpo")
+    assert dpo.train_dataset[0]["prompt_ids"] == generation_ids

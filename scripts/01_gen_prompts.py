@@ -5,8 +5,9 @@ Writes: <run>/M<t-1>/generated/prompts.jsonl  (prompt_id, prompt, source, iterat
         and prompts.{manifest.json,config.yaml}
 
 Each request shows prompts.num_shots random IFT prompts (seeded) and asks for one more. Only the
-newly generated tokens are read. Empty, overlong and duplicate prompts, near copies of each other,
-and copies of any IFT prompt (the shots included) are dropped. The stage stops at
+newly generated tokens are read. Prompts cut off by prompts.max_new_tokens, empty, overlong and
+duplicate prompts, near copies of each other, and copies of any IFT prompt (the shots included) are
+dropped. The stage stops at
 prompts.num_prompts or after prompts.max_attempts candidates, and reports both.
 
     python scripts/01_gen_prompts.py --run-dir runs/demo --iteration 1
@@ -18,7 +19,7 @@ from collections import Counter
 
 from selfreward import cli
 from selfreward.generation import Sampling, load_backend
-from selfreward.prompt_gen import PromptFilter, extract_new_task, fewshot_request, normalize, pick_shots
+from selfreward.prompt_gen import PromptFilter, extract_new_task, fewshot_request, is_cut_off, normalize, pick_shots
 from selfreward.records import IFT, read_jsonl, write_jsonl
 
 
@@ -64,7 +65,8 @@ def main() -> None:
             new_rows, new_rejected = [], Counter()
             for (gen,) in outputs:
                 candidate = extract_new_task(gen.text)
-                reason = keep.add(candidate)
+                cut_off = not cfg.keep_cut_off and is_cut_off(gen.text, gen.finish_reason)
+                reason = "cut_off" if cut_off else keep.add(candidate)
                 if reason:
                     new_rejected[reason] += 1
                     continue

@@ -108,6 +108,9 @@ class PromptGenConfig:
     min_chars: int = 10
     max_chars: int = 500
     near_duplicate_threshold: float = 0.85  # similarity (0-1) at or above which a prompt is a near copy
+    # A candidate cut off by max_new_tokens (no end of turn, no next "Task N:") is dropped as cut_off;
+    # true keeps it (the tiny random model never ends a turn).
+    keep_cut_off: bool = False
 
 
 @dataclass

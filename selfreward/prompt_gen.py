@@ -26,6 +26,12 @@ def extract_new_task(generated: str) -> str:
     return text.strip().strip('"').strip()
 
 
+def is_cut_off(generated: str, finish_reason: str) -> bool:
+    """The model ran out of tokens in the middle of its task: it neither ended its turn nor went on to
+    a next "Task N:" (which would mean the task before it was complete)."""
+    return finish_reason == "length" and not _NEXT_LABEL.search(generated)
+
+
 def normalize(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 

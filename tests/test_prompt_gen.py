@@ -1,6 +1,9 @@
+import json
 import random
+import shutil
 
-from selfreward.prompt_gen import PromptFilter, extract_new_task, fewshot_request, pick_shots
+from selfreward.layout import RunLayout
+from selfreward.prompt_gen import PromptFilter, extract_new_task, fewshot_request, is_cut_off, pick_shots
 
 SEED = [
     "Explain how photosynthesis works in simple terms.",
@@ -47,3 +50,24 @@ def test_duplicates_empty_and_overlong():
     assert keep.add("  ?! ") == "empty_or_short"
     assert keep.add("x" * 201) == "too_long"
     assert keep.add("Compare the climates of Norway and Chile.") is None
+
+
+def test_a_task_cut_off_by_the_token_limit_is_recognised():
+    assert is_cut_off(" Describe the water cycle and explain why the", "length")
+    assert not is_cut_off(" Describe the water cycle.", "eos")  # the model ended its turn
+    assert not is_cut_off(" Describe the water cycle.\nTask 10: Write a lim", "length")  # went on to the next
+
+
+def test_stage_01_drops_prompts_cut_off_by_the_token_limit(tiny_run, run_stage, tmp_path):
+    # The tiny random model never ends a turn, so every candidate it writes is cut off: the tiny config
+    # keeps them (prompts.keep_cut_off) so that the loop has prompts; the default drops them.
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns(".oxen"))
+    kept = json.loads(RunLayout(run).manifest("01_gen_prompts", 1).read_text())
+    assert kept["rows_out"] > 0 and "cut_off" not in kept["rejected"]
+    run_stage("01_gen_prompts", "--run-dir", str(run), "--iteration", "1", "--prompts.keep_cut_off", "false",
+              "--no-oxen")  # fmt: skip
+    dropped = json.loads(RunLayout(run).manifest("01_gen_prompts", 1).read_text())
+    assert dropped["rejected"]["cut_off"] >= dropped["attempts"] // 2  # (an empty answer that ended is not cut off)
+    assert dropped["rows_out"] < kept["rows_out"]
+    assert dropped["rows_out"] + sum(dropped["rejected"].values()) == dropped["attempts"]

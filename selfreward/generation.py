@@ -13,6 +13,7 @@ Both return the same `Generation` records; only the new tokens are ever decoded.
 from __future__ import annotations
 
 import copy
+import gc
 import hashlib
 import logging
 import time
@@ -198,7 +199,11 @@ class HFBackend:
         self.row_limit: int | None = None  # prompts per call after an out-of-memory halving
 
     def close(self) -> None:
-        pass
+        """Let the model go, so that the next one can load: two 7B models do not fit one 24 GB card."""
+        self.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     # -- the shared prefix and each row's own tokens -------------------------------------------------
 

@@ -42,9 +42,13 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def device_of(cfg: ModelConfig) -> str:
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.device
+    """The device this process loads onto: under torchrun or accelerate, each rank its own GPU."""
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return device
 
 
 def _build_atomically(target: Path, build) -> Path:

@@ -82,3 +82,28 @@ def test_eval_holds_one_model_at_a_time(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["06_eval.py", "--run-dir", str(run), "--iteration", "2", "--no-oxen"])
     runpy.run_path(str(REPO / "scripts" / "06_eval.py"), run_name="__main__")
     assert alive_at_load == [0, 0, 0]  # M0, M1, M2 (M2 then judges): none alive when the next loads
+
+
+def test_each_torchrun_rank_loads_4bit_onto_its_own_gpu(monkeypatch):
+    # torchrun sets LOCAL_RANK; device_map {"": "cuda"} would put every rank's copy on cuda:0.
+    import transformers
+
+    from selfreward.config import ModelConfig
+    from selfreward.models import device_of, load_model
+
+    seen = {}
+
+    def capture(path, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop before loading")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", capture)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    cfg = ModelConfig(name_or_path=TINY, device="cuda", load_in_4bit=True)
+    assert device_of(cfg) == "cuda:1"
+    with pytest.raises(RuntimeError, match="stop before loading"):
+        load_model(TINY, cfg, quantize=True)
+    assert seen["device_map"] == {"": "cuda:1"}
+    monkeypatch.delenv("LOCAL_RANK")
+    assert device_of(cfg) == "cuda"  # one process: the default GPU
+    assert device_of(ModelConfig(name_or_path=TINY, device="cpu")) == "cpu"

@@ -21,7 +21,7 @@ import yaml
 from selfreward import failpoints, versioning
 from selfreward.config import Config, ConfigError, all_keys, load_config, save_config
 from selfreward.layout import RunLayout
-from selfreward.models import ModelNotFoundError
+from selfreward.models import HostMemoryError, ModelNotFoundError
 from selfreward.records import ChunkLog, RecordError, path_fingerprint, read_manifest, write_json
 from selfreward.runlock import EXIT_BUSY, RunBusyError, lock_for_stage
 from selfreward.versioning import OxenError, PushError
@@ -413,7 +413,7 @@ def run(main: Callable[[], None]) -> None:
         main()
     except GateError as exc:
         _fail(str(exc), EXIT_GATE)
-    except (ConfigError, RecordError, ModelNotFoundError, StageError, PushError, OxenError) as exc:
+    except (ConfigError, RecordError, ModelNotFoundError, HostMemoryError, StageError, PushError, OxenError) as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
     except RunBusyError as exc:
         _fail(str(exc), EXIT_BUSY)

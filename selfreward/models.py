@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 import re
 import shutil
@@ -27,6 +28,10 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class ModelNotFoundError(FileNotFoundError):
     pass
+
+
+class HostMemoryError(MemoryError):
+    """The host has too little free RAM for a step (the merge loads the full-precision parent there)."""
 
 
 def cache_dir() -> Path:
@@ -195,6 +200,48 @@ def prompt_budget(context_length: int, cfg: ModelConfig, max_new_tokens: int) ->
     """How many prompt tokens a stage may feed the model so that its answer still fits the context."""
     budget = context_length - max_new_tokens
     return min(budget, cfg.max_prompt_tokens) if cfg.max_prompt_tokens else budget
+
+
+def _available_host_ram() -> int | None:
+    """Bytes of RAM the kernel says can be had without swapping (Linux); None elsewhere."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def merge_ram_needed(base_path: str | Path, cfg: ModelConfig) -> int | None:
+    """Bytes the merge needs on the host: the parent's parameters at model.dtype (from the safetensors
+    headers, nothing loaded), plus a tenth for the adapter and the copy being written."""
+    from safetensors import safe_open
+
+    files = sorted(Path(resolve_model_path(str(base_path))).glob("*.safetensors"))
+    if not files:
+        return None  # a hub id or .bin weights: not measured
+    params = 0
+    for file in files:
+        with safe_open(file, framework="pt") as weights:
+            for name in weights.keys():
+                shape = weights.get_slice(name).get_shape()
+                params += math.prod(shape)
+    itemsize = torch.empty(0, dtype=torch_dtype(cfg.dtype)).element_size()
+    return int(params * itemsize * 1.1)
+
+
+def check_merge_memory(base_path: str | Path, cfg: ModelConfig) -> None:
+    """Fail before training, not after it, when the host cannot hold the merge."""
+    needed, available = merge_ram_needed(base_path, cfg), _available_host_ram()
+    if needed is None or available is None or needed <= available:
+        return
+    gib = 1024**3
+    raise HostMemoryError(
+        f"merging the adapter loads {base_path} in {cfg.dtype} on the host: about {needed / gib:.1f} GiB of RAM, "
+        f"but {available / gib:.1f} GiB is available; free memory or use a host with more RAM "
+        "(the merge runs on the CPU so that the GPU is free)"
+    )
 
 
 def merge_adapter(base_path: str | Path, adapter_dir: str | Path, out_dir: str | Path, cfg: ModelConfig, tokenizer):

@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 from selfreward import failpoints
 from selfreward.chat import ChatFormat
 from selfreward.config import Config, TrainConfig
-from selfreward.models import device_of, load_model, load_tokenizer, merge_adapter
+from selfreward.models import check_merge_memory, device_of, load_model, load_tokenizer, merge_adapter
 
 log = logging.getLogger("selfreward")
 
@@ -135,6 +135,7 @@ def train_and_merge(
 
     Under torchrun every rank trains; only rank 0 saves and merges, the others get None and stop.
     """
+    check_merge_memory(parent, config.model)
     resume = last_checkpoint(Path(trainer.args.output_dir))
     if resume:
         log.info("resuming from %s", resume)

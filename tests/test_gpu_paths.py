@@ -107,3 +107,31 @@ def test_each_torchrun_rank_loads_4bit_onto_its_own_gpu(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK")
     assert device_of(cfg) == "cuda"  # one process: the default GPU
     assert device_of(ModelConfig(name_or_path=TINY, device="cpu")) == "cpu"
+
+
+def test_a_merge_that_cannot_fit_in_host_ram_fails_before_training(monkeypatch, tmp_path):
+    # A 7B fp16 merge needs about 14.5 GB of host RAM: a 16 GiB host would die by the OOM killer
+    # after hours of training. The check reads only the safetensors headers.
+    from types import SimpleNamespace
+
+    from selfreward import models
+    from selfreward.training import train_and_merge
+
+    config = load_config(REPO / "configs" / "tiny.yaml")
+    path = resolve_model_path(TINY)
+    needed = models.merge_ram_needed(path, config.model)
+    from transformers import AutoModelForCausalLM
+
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters())
+    assert needed is not None and params * 4 <= needed <= params * 4 * 1.2  # float32: 4 bytes a parameter
+
+    calls = []
+    trainer = SimpleNamespace(args=SimpleNamespace(output_dir=str(tmp_path)), train=lambda **kw: calls.append("train"))
+    monkeypatch.setattr(models, "_available_host_ram", lambda: needed // 2)
+    with pytest.raises(models.HostMemoryError, match=r"about 0\.0 GiB of RAM, but 0\.0 GiB is available"):
+        train_and_merge(
+            trainer, path, config, adapter_dir=tmp_path / "a", model_dir=tmp_path / "m", log_path=tmp_path / "l"
+        )
+    assert calls == []  # refused before the first step
+    monkeypatch.setattr(models, "_available_host_ram", lambda: needed)
+    models.check_merge_memory(path, config.model)  # enough: no error

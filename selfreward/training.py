@@ -90,6 +90,20 @@ def _for_trainer(tokenizer, rows: list[dict]) -> list[dict]:
     return [{**row, "prompt": chat.for_trainer(row["prompt"])} for row in rows]
 
 
+def _adapter_in_float32(trainer):
+    """Undo TRL's cast of a 4-bit model's LoRA weights to bf16 (before the optimizer exists).
+
+    In bf16 an entry of about 0.02 moves only in steps of about 1e-4, so an Adam step of lr 5e-6 (the
+    Mistral config's DPO rate) left every lora_A unchanged. In float32 every step counts; the forward
+    pass still runs in the compute dtype under autocast, as QLoRA intends.
+    """
+    if getattr(trainer.model, "is_loaded_in_4bit", False) or getattr(trainer.model, "is_quantized", False):
+        for param in trainer.model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
+    return trainer
+
+
 def build_sft_trainer(parent: str, rows: list[dict], config: Config, checkpoints: Path):
     """An SFTTrainer on prompt/completion rows whose loss covers the completion tokens only."""
     from datasets import Dataset
@@ -102,13 +116,14 @@ def build_sft_trainer(parent: str, rows: list[dict], config: Config, checkpoints
         train_sampling_strategy="group_by_length",  # short IFT rows batched together: less padding
     )
     model = _load_for_training(parent, config, config.sft)
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(_for_trainer(tokenizer, rows)),
         processing_class=tokenizer,
         peft_config=_peft_config(config, model),
     )
+    return _adapter_in_float32(trainer)
 
 
 def build_dpo_trainer(parent: str, rows: list[dict], config: Config, checkpoints: Path):
@@ -118,7 +133,7 @@ def build_dpo_trainer(parent: str, rows: list[dict], config: Config, checkpoints
     tokenizer = load_tokenizer(parent, config.model)
     args = DPOConfig(**_trainer_args(config.dpo, config, checkpoints), beta=config.dpo.beta)
     model = _load_for_training(parent, config, config.dpo)
-    return DPOTrainer(
+    trainer = DPOTrainer(
         model=model,
         ref_model=None,
         args=args,
@@ -126,6 +141,7 @@ def build_dpo_trainer(parent: str, rows: list[dict], config: Config, checkpoints
         processing_class=tokenizer,
         peft_config=_peft_config(config, model),
     )
+    return _adapter_in_float32(trainer)
 
 
 def train_and_merge(

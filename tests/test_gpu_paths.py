@@ -135,3 +135,35 @@ def test_a_merge_that_cannot_fit_in_host_ram_fails_before_training(monkeypatch, 
     assert calls == []  # refused before the first step
     monkeypatch.setattr(models, "_available_host_ram", lambda: needed)
     models.check_merge_memory(path, config.model)  # enough: no error
+
+
+def test_qlora_dpo_steps_at_the_mistral_learning_rate_move_both_lora_matrices(tmp_path):
+    # TRL casts a quantized model's LoRA weights to bf16; at dpo.learning_rate 5e-6 an Adam step
+    # (about 5e-6 per entry) is below bf16's resolution for lora_A's entries, so A never moved. The
+    # first step moves only B (B starts at zero, so A has no gradient yet); the second moves A.
+    import torch
+
+    config = load_config(
+        REPO / "configs" / "tiny.yaml",
+        {"model.load_in_4bit": True, "model.bnb_4bit_compute_dtype": "bfloat16", "dpo.learning_rate": 5.0e-6,
+         "dpo.max_steps": 2, "dpo.batch_size": 2, "dpo.warmup_steps": 0, "dpo.save_steps": 100},
+    )  # fmt: skip
+    path = resolve_model_path(TINY)
+    chat = ChatFormat.from_tokenizer(load_tokenizer(path, config.model))
+    rows = [
+        {
+            "prompt": chat.prompt(f"Name a colour, {k}."),
+            "chosen": chat.completion("Blue."),
+            "rejected": chat.completion("No."),
+        }
+        for k in range(2)
+    ]
+    trainer = build_dpo_trainer(path, rows, config, tmp_path / "dpo")
+    lora = {n: p for n, p in trainer.model.named_parameters() if "lora_" in n}
+    assert all(p.dtype == torch.float32 for p in lora.values())  # the trainable copy keeps full precision
+    before = {n: p.detach().clone() for n, p in lora.items()}
+    trainer.train()
+    for kind in ("lora_A", "lora_B"):
+        changed = sum(int((before[n] != p.detach()).sum()) for n, p in lora.items() if kind in n)
+        total = sum(p.numel() for n, p in lora.items() if kind in n)
+        assert changed / total > 0.9, f"{kind}: {changed} of {total} entries changed"

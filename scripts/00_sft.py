@@ -3,7 +3,7 @@
 Reads:  the base model (config model.name_or_path), data.ift and data.eft
 Writes: <run>/M0/train/{ift,eft,eft_constructed}.jsonl (the rows used), M0/train/heldout_{prompts,eft}.jsonl (set
         aside for stage 06), M0/adapter/ (LoRA), M0/model/ (merged), M0/lineage.json,
-        M0/train_log.jsonl, M0/00_sft.{manifest.json,config.yaml}
+        M0/train_log.jsonl, M0/tensorboard/ (with sft.report_to: tensorboard), M0/00_sft.{manifest.json,config.yaml}
 
 data.heldout_prompts IFT rows and data.heldout_eft_questions EFT questions (with all their answers)
 are drawn by a hash of the seed and their ids and set aside: no stage trains on them or shows them
@@ -72,7 +72,7 @@ def main() -> None:
         }
         for r in eft + constructed
     ]
-    trainer = build_sft_trainer(base, rows, config, stage.checkpoints(0))
+    trainer = build_sft_trainer(base, rows, config, stage.checkpoints(0), logs=layout.tensorboard(0))
     history = train_and_merge(
         trainer, base, config, adapter_dir=layout.adapter(0), model_dir=layout.model(0), log_path=layout.train_log(0)
     )
@@ -99,7 +99,8 @@ def main() -> None:
             "heldout_eft_rows": len(heldout_eft),
             "constructed_eft_rows": len(constructed),
         },
-        also_version=[layout.lineage(0), layout.train_log(0), layout.train_dir(0)],
+        also_version=[layout.lineage(0), layout.train_log(0), layout.train_dir(0)]
+        + [p for p in [layout.tensorboard(0)] if p.is_dir()],
     )
 
 

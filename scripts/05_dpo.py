@@ -2,7 +2,8 @@
 
 Reads:  <run>/M<t-1>/model/, <run>/M<t-1>/generated/preferences.jsonl
 Writes: <run>/M<t>/train/preferences.jsonl (a copy), M<t>/adapter/ (LoRA), M<t>/model/ (merged),
-        M<t>/lineage.json, M<t>/train_log.jsonl, M<t>/05_dpo.{manifest.json,config.yaml}
+        M<t>/lineage.json, M<t>/train_log.jsonl, M<t>/tensorboard/ (with dpo.report_to: tensorboard),
+        M<t>/05_dpo.{manifest.json,config.yaml}
 
 TRL's DPOTrainer with LoRA; the reference model is M<t-1> itself (the adapter switched off), beta
 = dpo.beta. Prompts and answers are rendered with the same chat template generation used. With zero
@@ -52,7 +53,7 @@ def main() -> None:
         }
         for p in pairs
     ]
-    trainer = build_dpo_trainer(parent, rows, config, stage.checkpoints(t))
+    trainer = build_dpo_trainer(parent, rows, config, stage.checkpoints(t), logs=layout.tensorboard(t))
     history = train_and_merge(
         trainer, parent, config, adapter_dir=layout.adapter(t), model_dir=layout.model(t), log_path=layout.train_log(t)
     )
@@ -73,7 +74,8 @@ def main() -> None:
         rows_out=0,
         outputs=[str(layout.model(t)), str(layout.adapter(t))],
         extra={"model": f"M{t}"},
-        also_version=[layout.lineage(t), layout.train_log(t), layout.train_dir(t)],
+        also_version=[layout.lineage(t), layout.train_log(t), layout.train_dir(t)]
+        + [p for p in [layout.tensorboard(t)] if p.is_dir()],
     )
 
 

@@ -74,6 +74,9 @@ class TrainConfig:
     logging_steps: int = 1
     save_steps: int = 50  # checkpoint interval, for resuming a killed run
     gradient_checkpointing: bool = False
+    # Trainer metrics: none, tensorboard (event files in M<t>/tensorboard/, versioned with the model)
+    # or wandb (its own settings: WANDB_PROJECT, WANDB_MODE, ...). train_log.jsonl is always written.
+    report_to: str = "none"
 
 
 @dataclass
@@ -220,6 +223,8 @@ CHOICES = {
     "judge.format": ("score_first", "score_last"),
     "judge.gate": ("warn", "stop", "off"),
     "preferences.min_margin": ("auto",),
+    "sft.report_to": ("none", "tensorboard", "wandb"),
+    "dpo.report_to": ("none", "tensorboard", "wandb"),
 }
 
 

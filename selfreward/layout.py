@@ -63,6 +63,10 @@ class RunLayout:
     def train_log(self, t: int) -> Path:
         return self.model_root(t) / "train_log.jsonl"
 
+    def tensorboard(self, t: int) -> Path:
+        """TensorBoard event files of the training that made M<t> (with sft/dpo.report_to: tensorboard)."""
+        return self.model_root(t) / "tensorboard"
+
     def train_dir(self, t: int) -> Path:
         return self.model_root(t) / "train"
 

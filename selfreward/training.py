@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -46,7 +47,7 @@ def _trainer_args(train: TrainConfig, config: Config, output_dir: Path) -> dict:
         "use_cpu": device_of(config.model) == "cpu",
         "seed": config.seed,
         "data_seed": config.seed,
-        "report_to": [],
+        "report_to": [] if train.report_to == "none" else [train.report_to],
         "disable_tqdm": False,
     }
 
@@ -104,10 +105,19 @@ def _adapter_in_float32(trainer):
     return trainer
 
 
-def build_sft_trainer(parent: str, rows: list[dict], config: Config, checkpoints: Path):
+def _tensorboard_into(logs: Path | None, train: TrainConfig) -> None:
+    # transformers' TensorBoard callback reads its folder from this variable when the trainer is built;
+    # its default is inside the checkpoints, which are deleted once the model is merged.
+    if train.report_to == "tensorboard" and logs is not None:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(logs)
+
+
+def build_sft_trainer(parent: str, rows: list[dict], config: Config, checkpoints: Path, logs: Path | None = None):
     """An SFTTrainer on prompt/completion rows whose loss covers the completion tokens only."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
+
+    _tensorboard_into(logs, config.sft)
 
     tokenizer = load_tokenizer(parent, config.model)
     args = SFTConfig(
@@ -126,9 +136,11 @@ def build_sft_trainer(parent: str, rows: list[dict], config: Config, checkpoints
     return _adapter_in_float32(trainer)
 
 
-def build_dpo_trainer(parent: str, rows: list[dict], config: Config, checkpoints: Path):
+def build_dpo_trainer(parent: str, rows: list[dict], config: Config, checkpoints: Path, logs: Path | None = None):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
+
+    _tensorboard_into(logs, config.dpo)
 
     tokenizer = load_tokenizer(parent, config.model)
     args = DPOConfig(**_trainer_args(config.dpo, config, checkpoints), beta=config.dpo.beta)

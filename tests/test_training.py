@@ -92,3 +92,14 @@ def test_dpo_runs_as_two_ddp_processes(tiny_run, cache, tmp_path):
     # each rank takes half the pairs: ceil(pairs / (2 ranks x batch 2)) optimizer steps
     assert json.loads(layout.manifest("05_dpo", 1).read_text())["complete"]
     assert max(s for s in steps if s is not None) == -(-pairs // 4)
+
+
+def test_trainer_metrics_go_to_tensorboard_inside_the_run(tiny_run):
+    """sft/dpo.report_to: tensorboard (set in the tiny config): event files next to each model, versioned with it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    layout = RunLayout(tiny_run)
+    for t, stage in ((0, "00_sft"), (1, "05_dpo"), (2, "05_dpo")):
+        events = EventAccumulator(str(layout.tensorboard(t))).Reload()
+        assert "train/loss" in events.Tags()["scalars"], f"M{t}: {events.Tags()['scalars']}"
+        assert f"M{t}/tensorboard" in json.loads(layout.manifest(stage, t).read_text())["versioned"]

@@ -1,5 +1,7 @@
 """One chat format for every stage: training rows and generation prompts are rendered here only.
 
+`python -m selfreward.chat --run-dir R --model M2` (or `--compare M0 M2`) talks to a run's models.
+
 Rendered text is always tokenized with `add_special_tokens=False`, so the rendered text holds every
 token the model sees. A tokenizer that adds BOS on its own (Mistral's, Llama's) gets it exactly once:
 the rendered prompt starts with it (from the template, or added here when the template lacks it), and
@@ -106,3 +108,64 @@ class ChatFormat:
         if len(end_ids) == 1 and end_ids[0] not in ids:
             ids.append(end_ids[0])
         return ids
+
+
+def _chat_main(argv: list[str] | None = None) -> int:
+    """python -m selfreward.chat --run-dir R --model M2 [--compare M0 M2]: talk to a run's models.
+
+    Each line you type is a new single-turn conversation (the loop trains and judges single turns),
+    rendered with the template every stage used. With --compare, every model named answers in turn.
+    An empty line or end of input quits.
+    """
+    import argparse
+    import os
+    import sys
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars between the turns
+    from selfreward.config import load_config
+    from selfreward.generation import Sampling, load_backend
+    from selfreward.layout import RunLayout
+
+    parser = argparse.ArgumentParser(prog="python -m selfreward.chat", description=_chat_main.__doc__)
+    parser.add_argument("--run-dir", required=True, type=Path)
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--model", help="M0, M1, M2, ...")
+    group.add_argument("--compare", nargs="+", metavar="MODEL", help="several models answer each question")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
+    args = parser.parse_args(argv)
+    layout = RunLayout(args.run_dir)
+    if not layout.config.is_file():
+        print(f"error: {layout.config}: not found; is {args.run_dir} a run folder?", file=sys.stderr)
+        return 2
+    config = load_config(layout.config)
+    names = args.compare or [args.model]
+    backends = {}
+    for name in names:
+        folder = layout.model(int(name[1:])) if name[:1] == "M" and name[1:].isdigit() else None
+        if folder is None or not (folder / "config.json").is_file():
+            print(
+                f"error: no model '{name}' in {args.run_dir} (expected M0, M1, ... with a merged model)",
+                file=sys.stderr,
+            )
+            return 2
+        backends[name] = load_backend(folder, config.model, config.generation)
+    sampling = Sampling(1, args.temperature, 1.0, args.max_new_tokens, 1)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line.strip():
+            break
+        for name, backend in backends.items():
+            chat = backend.chat
+            (generation,) = backend.generate([chat.prompt(line.strip())], sampling, seed=config.seed, desc=name)[0]
+            print(f"{name}> {generation.text.strip()}", flush=True)
+    for backend in backends.values():
+        backend.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_chat_main())

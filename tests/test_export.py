@@ -1,0 +1,88 @@
+"""python -m selfreward.export on the tiny run: a loadable folder, a model card, the Hub call."""
+
+import json
+
+import pytest
+
+from selfreward import export
+
+
+def test_export_writes_a_loadable_model_with_its_card(tiny_run, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "m2"
+    assert export.main(["--run-dir", str(tiny_run), "--model", "M2", "--out", str(out)]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert tokenizer.chat_template  # the template every stage used travels with the model
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    assert model.generate(ids, max_new_tokens=2, min_new_tokens=2).shape[1] == ids.shape[1] + 2
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    assert "| M2 | 05_dpo |" in card and "| M1 | 05_dpo |" in card and "| M0 | 00_sft |" in card
+    quality = json.loads((out / "eval.json").read_text())["judge_quality"]["M2"]
+    low, high = quality["intervals"]["pairwise_accuracy"]
+    assert f"| M2 | {quality['pairwise_accuracy']:.3f} ({low:.2f}–{high:.2f}) |" in card
+    assert "| M2 vs M1 |" in card and "seed: 7" in card  # head-to-head and the tiny config
+    assert json.loads((out / "lineage.json").read_text())["model"] == "M2"
+
+
+def test_export_pushes_the_folder_to_the_hub(tiny_run, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id, kwargs))
+
+        def upload_folder(self, **kwargs):
+            calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    out = tmp_path / "m1"
+    args = ["--run-dir", str(tiny_run), "--model", "M1", "--out", str(out), "--push-to-hub", "me/m1", "--private"]
+    assert export.main(args) == 0
+    assert [c[:2] for c in calls] == [("create_repo", "me/m1"), ("upload_folder", "me/m1")]
+    assert calls[0][2]["private"] is True and calls[1][2]["folder_path"] == str(out)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "M9"], "no merged model there"),
+        (["--model", "latest"], "--model must name a model of the run"),
+    ],
+)
+def test_export_refuses_clearly(tiny_run, tmp_path, capsys, args, message):
+    assert export.main(["--run-dir", str(tiny_run), "--out", str(tmp_path / "x"), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_export_does_not_overwrite_without_force(tiny_run, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    assert export.main(["--run-dir", str(tiny_run), "--model", "M0", "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err and (out / "mine.txt").read_text() == "keep"
+    assert export.main(["--run-dir", str(tiny_run), "--model", "M0", "--out", str(out), "--force"]) == 0
+    assert not (out / "mine.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_chat_with_two_models_of_a_run(tiny_run, cache):
+    import subprocess
+    import sys
+
+    from conftest import REPO, stage_env
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "selfreward.chat", "--run-dir", str(tiny_run), "--compare", "M0", "M2",
+         "--max-new-tokens", "4"],
+        input="Name a fruit.\nCount to three.\n\n", cwd=REPO, env=stage_env(cache), capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    labels = [line[:2] for line in proc.stdout.splitlines() if line.startswith(("M0> ", "M2> "))]
+    assert labels == ["M0", "M2", "M0", "M2"]  # both models answer each question, in order

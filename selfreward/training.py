@@ -170,7 +170,9 @@ def train_and_merge(
     trainer.add_callback(_CheckpointFailpoint())
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(adapter_dir))
-    if not trainer.is_world_process_zero():
+    main_rank = trainer.is_world_process_zero()
+    _leave_process_group()
+    if not main_rank:
         return None
     history = trainer.state.log_history
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,6 +184,20 @@ def train_and_merge(
         torch.cuda.empty_cache()
     merge_adapter(parent, adapter_dir, model_dir, config.model, tokenizer)
     return history
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, all ranks meet once training is saved and close the process group together.
+
+    A rank that returned with the group open could abort at interpreter exit ("terminate called
+    without an active exception", SIGABRT) while rank 0 was still merging, and torchrun then killed
+    rank 0 too: the stage failed after its work was done (2 of 51 DDP runs here, and once on CI).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 class _CheckpointFailpoint(TrainerCallback):

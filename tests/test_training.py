@@ -94,6 +94,47 @@ def test_dpo_runs_as_two_ddp_processes(tiny_run, cache, tmp_path):
     assert max(s for s in steps if s is not None) == -(-pairs // 4)
 
 
+def test_a_torchrun_rank_closes_the_process_group_before_it_returns(tmp_path, monkeypatch):
+    """A rank other than 0 left train_and_merge with its gloo group open and could abort at exit
+    (SIGABRT, 'terminate called without an active exception') while rank 0 merged; CI saw it once."""
+    import types
+
+    import torch.distributed as dist
+
+    from selfreward import training
+
+    class Rank1Trainer:
+        args = types.SimpleNamespace(output_dir=str(tmp_path / "checkpoints"))
+
+        def add_callback(self, callback):
+            pass
+
+        def train(self, resume_from_checkpoint=None):
+            pass
+
+        def save_model(self, path):
+            pass
+
+        def is_world_process_zero(self):
+            return False
+
+    monkeypatch.setattr(training, "check_merge_memory", lambda parent, model: None)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        out = training.train_and_merge(
+            Rank1Trainer(),
+            "parent",
+            Config(),
+            adapter_dir=tmp_path / "a",
+            model_dir=tmp_path / "m",
+            log_path=tmp_path / "l",
+        )
+        assert out is None and not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_trainer_metrics_go_to_tensorboard_inside_the_run(tiny_run):
     """sft/dpo.report_to: tensorboard (set in the tiny config): event files next to each model, versioned with it."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

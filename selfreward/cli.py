@@ -29,7 +29,7 @@ from selfreward.versioning import OxenError, PushError
 EXIT_BAD_INPUT = 2  # bad arguments, config, data file or model path; a disk or permission error; Oxen failed
 EXIT_NO_PAIRS = 3  # stage 05 was given zero preference pairs: nothing to train on
 EXIT_GATE = 4  # judge.gate stop: the judge is not better than chance on held-out EFT rows
-# EXIT_BUSY = 4: another process is writing the run folder (selfreward.runlock)
+# EXIT_BUSY = 5: another process is writing the run folder (selfreward.runlock)
 EXIT_SKIPPED = 10  # --skip-if-complete found the output complete and did nothing
 
 log = logging.getLogger("selfreward")

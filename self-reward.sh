@@ -8,11 +8,14 @@ set -euo pipefail
 
 usage() {
   cat <<'TXT'
-usage: self-reward.sh [--config FILE] [--iterations N] [--run-dir DIR] [--no-oxen] [-- STAGE OVERRIDES...]
+usage: self-reward.sh [--config FILE] [--iterations N] [--run-dir DIR] [--num-processes N] [--no-oxen]
+                      [-- STAGE OVERRIDES...]
 
   --config FILE     run config (default: configs/smollm2-135m.yaml)
   --iterations N    self-rewarding iterations after SFT (default: 2): leaves M0 .. M<N>
   --run-dir DIR     where the run lives (default: runs/default)
+  --num-processes N train stages 00 and 05 as N data-parallel processes (torchrun, DDP: one per GPU;
+                    gloo on a CPU); rank 0 alone writes, merges and commits (default: 1)
   --no-oxen         do not commit each stage's outputs to the run's Oxen repository
   -- ARGS           config overrides for this run, e.g. -- --judge.num_samples 2; they are written
                     into the run's config.yaml, so stages rerun by hand later see them too
@@ -32,12 +35,14 @@ TXT
 config=configs/smollm2-135m.yaml
 iterations=2
 run_dir=runs/default
+num_processes=1
 overrides=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --config) config=${2:?--config needs a file}; shift 2 ;;
     --iterations) iterations=${2:?--iterations needs a number}; shift 2 ;;
     --run-dir) run_dir=${2:?--run-dir needs a folder}; shift 2 ;;
+    --num-processes) num_processes=${2:?--num-processes needs a number}; shift 2 ;;
     --no-oxen) overrides+=(--no-oxen); shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; overrides+=("$@"); break ;;
@@ -45,6 +50,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 case "$iterations" in ''|*[!0-9]*) echo "self-reward.sh: --iterations must be a whole number, got '$iterations'" >&2; exit 2 ;; esac
+case "$num_processes" in ''|*[!0-9]*|0) echo "self-reward.sh: --num-processes must be a whole number from 1, got '$num_processes'" >&2; exit 2 ;; esac
 [ -f "$config" ] || { echo "self-reward.sh: config file not found: $config" >&2; exit 2; }
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -59,6 +65,22 @@ export SELFREWARD_RUN_LOCK
 
 "$python" -m selfreward.config --config "$config" --out "$run_dir/config.yaml" -- ${overrides[@]+"${overrides[@]}"}
 
+# Start a stage and return its exit code. With --num-processes N the training stages run under
+# torchrun, which exits 1 whatever went wrong in a rank; rank 0 writes its own exit code (skipped,
+# no pairs, bad input...) to a file (SELFREWARD_EXIT_FILE, selfreward/cli.py) and that code counts.
+start_stage() {
+  local stage=$1; shift
+  if [ "$num_processes" -gt 1 ] && { [ "$stage" = 00_sft ] || [ "$stage" = 05_dpo ]; }; then
+    local exit_file="$run_dir/.selfreward/exit-code" rc=0
+    rm -f "$exit_file"
+    SELFREWARD_EXIT_FILE="$exit_file" "$python" -m torch.distributed.run --standalone \
+      --nproc_per_node "$num_processes" "$here/scripts/$stage.py" --run-dir "$run_dir" "$@" || rc=$?
+    if [ -s "$exit_file" ]; then rc=$(cat "$exit_file"); rm -f "$exit_file"; fi
+    return "$rc"
+  fi
+  "$python" "$here/scripts/$stage.py" --run-dir "$run_dir" "$@"
+}
+
 # Run a stage unless its manifest is complete and was made from the same inputs and config (a stage
 # that reruns changes its output, so every later stage sees new inputs and reruns too). A crash by a
 # signal (say SIGSEGV on the way out) is checked by running the stage once more: a stage that had
@@ -66,13 +88,13 @@ export SELFREWARD_RUN_LOCK
 run_stage() {
   local stage=$1; shift
   local rc=0
-  "$python" "$here/scripts/$stage.py" --run-dir "$run_dir" "$@" --skip-if-complete || rc=$?
+  start_stage "$stage" "$@" --skip-if-complete || rc=$?
   case "$rc" in
     130|137|143) ;;  # interrupted, killed or terminated: somebody means it to stop
     129|1[3-9][0-9]|2[0-9][0-9])
       echo "self-reward.sh: warning: $stage $* crashed (exit code $rc); running it again to check its work" >&2
       rc=0
-      "$python" "$here/scripts/$stage.py" --run-dir "$run_dir" "$@" --skip-if-complete || rc=$?
+      start_stage "$stage" "$@" --skip-if-complete || rc=$?
       if [ "$rc" = 10 ]; then
         echo "self-reward.sh: warning: $stage $* had finished and committed its work before it crashed; going on" >&2
       fi ;;

@@ -27,7 +27,7 @@ from selfreward.evaluation import off_topic_rows, split_heldout
 from selfreward.judge import judge_prompt, judge_target, parse_judge_score
 from selfreward.models import load_tokenizer, resolve_model_path
 from selfreward.records import EFT, IFT, RecordError, read_jsonl, write_jsonl
-from selfreward.training import build_sft_trainer, train_and_merge, write_lineage
+from selfreward.training import build_sft_trainer, train_and_merge, training_processes, write_lineage
 
 
 def check_eft_scores(rows: list[dict], path: str) -> None:
@@ -95,6 +95,7 @@ def main() -> None:
         outputs=[str(layout.model(0)), str(layout.adapter(0))],
         extra={
             "model": "M0",
+            "processes": training_processes(),
             "heldout_prompts": len(heldout_prompts),
             "heldout_eft_rows": len(heldout_eft),
             "constructed_eft_rows": len(constructed),

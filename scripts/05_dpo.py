@@ -19,7 +19,7 @@ from selfreward import cli
 from selfreward.chat import ChatFormat
 from selfreward.models import load_tokenizer
 from selfreward.records import PREFERENCE, read_jsonl, read_manifest, write_jsonl
-from selfreward.training import build_dpo_trainer, train_and_merge, write_lineage
+from selfreward.training import build_dpo_trainer, train_and_merge, training_processes, write_lineage
 
 
 def main() -> None:
@@ -73,7 +73,7 @@ def main() -> None:
         rows_in=len(pairs),
         rows_out=0,
         outputs=[str(layout.model(t)), str(layout.adapter(t))],
-        extra={"model": f"M{t}"},
+        extra={"model": f"M{t}", "processes": training_processes()},
         also_version=[layout.lineage(t), layout.train_log(t), layout.train_dir(t)]
         + [p for p in [layout.tensorboard(t)] if p.is_dir()],
     )

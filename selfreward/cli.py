@@ -31,6 +31,7 @@ EXIT_NO_PAIRS = 3  # stage 05 was given zero preference pairs: nothing to train 
 EXIT_GATE = 4  # judge.gate stop: the judge is not better than chance on held-out EFT rows
 # EXIT_BUSY = 5: another process is writing the run folder (selfreward.runlock)
 EXIT_SKIPPED = 10  # --skip-if-complete found the output complete and did nothing
+EXIT_FILE_ENV = "SELFREWARD_EXIT_FILE"  # set by self-reward.sh --num-processes: see _report_exit
 
 log = logging.getLogger("selfreward")
 
@@ -160,7 +161,8 @@ class Stage:
                     line += "; its Oxen commit was missing and is made now (recovered)"
             else:
                 versioning.push_pending(self.config.oxen, self.layout)
-        print(line, flush=True)
+        if int(os.environ.get("RANK", "0")) == 0:  # one line, not one per torchrun rank
+            print(line, flush=True)
         sys.exit(EXIT_SKIPPED)
 
     def start_writing(self) -> None:
@@ -407,19 +409,41 @@ def _fail(line: str, code: int) -> None:
     sys.exit(code)
 
 
+def _report_exit(code: object) -> bool:
+    """Under the driver's torchrun (SELFREWARD_EXIT_FILE set), rank 0 leaves its exit code in that file:
+    torchrun itself exits 1 whenever a rank fails, which would hide skipped (10), no pairs (3) or bad
+    input (2). Returns True for a skip there: every rank then exits 0, so torchrun reports no failure."""
+    path = os.environ.get(EXIT_FILE_ENV)
+    if not path:
+        return False
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit("message") exits 1
+        code = 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(path).write_text(f"{code}\n", encoding="utf-8")
+    return code == EXIT_SKIPPED
+
+
 def run(main: Callable[[], None]) -> None:
     """Run a stage's main(); known failures end in one clear line and a distinct exit code."""
     try:
-        main()
-    except GateError as exc:
-        _fail(str(exc), EXIT_GATE)
-    except (ConfigError, RecordError, ModelNotFoundError, HostMemoryError, StageError, PushError, OxenError) as exc:
-        _fail(str(exc), EXIT_BAD_INPUT)
-    except RunBusyError as exc:
-        _fail(str(exc), EXIT_BUSY)
-    except Exception as exc:
-        line = environment_error(exc)
-        if line is None:
-            raise
-        _fail(line, EXIT_BAD_INPUT)
+        try:
+            main()
+        except GateError as exc:
+            _fail(str(exc), EXIT_GATE)
+        except (ConfigError, RecordError, ModelNotFoundError, HostMemoryError, StageError, PushError, OxenError) as exc:
+            _fail(str(exc), EXIT_BAD_INPUT)
+        except RunBusyError as exc:
+            _fail(str(exc), EXIT_BUSY)
+        except Exception as exc:
+            line = environment_error(exc)
+            if line is None:
+                raise
+            _fail(line, EXIT_BAD_INPUT)
+    except SystemExit as exc:
+        if _report_exit(exc.code):
+            sys.exit(0)
+        raise
+    _report_exit(0)
     failpoints.reach("at_exit")

@@ -186,6 +186,11 @@ def train_and_merge(
     return history
 
 
+def training_processes() -> int:
+    """How many processes train together: torchrun's WORLD_SIZE (self-reward.sh --num-processes), else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _leave_process_group() -> None:
     """Under torchrun, all ranks meet once training is saved and close the process group together.
 

@@ -94,6 +94,62 @@ def test_dpo_runs_as_two_ddp_processes(tiny_run, cache, tmp_path):
     assert max(s for s in steps if s is not None) == -(-pairs // 4)
 
 
+def _contract(run) -> dict[str, object]:
+    """What a run folder promises a user: its files, and the fields of every JSONL and JSON record."""
+    contract = {}
+    for path in sorted(run.rglob("*")):
+        rel = path.relative_to(run).as_posix()
+        if not path.is_file() or rel.startswith((".oxen", "driver.")) or "/tensorboard/" in rel:
+            continue
+        if path.suffix == ".jsonl":
+            lines = path.read_text().splitlines()
+            contract[rel] = sorted(json.loads(lines[0])) if lines else []
+        elif path.suffix == ".json" and "/model/" not in rel and "/adapter/" not in rel:
+            contract[rel] = sorted(json.loads(path.read_text()))
+        else:
+            contract[rel] = None
+    return contract
+
+
+def test_the_driver_trains_as_two_processes_and_resumes_after_a_kill(tiny_run, cache, tmp_path):
+    """self-reward.sh --num-processes 2: stages 00 and 05 under torchrun (gloo here). Rank 0 is killed
+    right after DPO's first checkpoint; the rerun resumes from it; the run keeps the 1-process contract."""
+    import subprocess
+
+    from conftest import REPO, stage_env
+
+    run = tmp_path / "run"
+    layout = RunLayout(run)
+    command = ["bash", str(REPO / "self-reward.sh"), "--config", "configs/tiny.yaml", "--iterations", "2",
+               "--run-dir", str(run), "--num-processes", "2",
+               "--", "--dpo.batch_size", "1", "--dpo.save_steps", "1"]  # fmt: skip
+    env = dict(stage_env(cache), OMP_NUM_THREADS="1")
+    crash = dict(SELFREWARD_CRASH_AT="05_dpo:1:after_checkpoint", SELFREWARD_CRASH_ONCE=str(tmp_path / "once"))
+    killed = subprocess.run(command, cwd=REPO, env={**env, **crash}, capture_output=True, text=True)
+    assert killed.returncode == 1, killed.stderr[-3000:]
+    assert "self-reward.sh: 05_dpo --iteration 1 failed" in killed.stderr
+    assert [p.name for p in layout.checkpoints(1).glob("checkpoint-*")] == ["checkpoint-1"]
+    assert not (layout.model(1) / "config.json").exists()
+
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[00_sft] iteration 0: complete, skipped" in done.stdout  # once: rank 1 says nothing
+    assert done.stdout.count("complete, skipped") == 5  # 00 and iteration 1's stages 01-04
+    assert "resuming from" in done.stderr and "checkpoint-1" in done.stderr
+    for t, manifest in [
+        (0, layout.manifest("00_sft", 0)),
+        (1, layout.manifest("05_dpo", 1)),
+        (2, layout.manifest("05_dpo", 2)),
+    ]:
+        assert json.loads(manifest.read_text())["processes"] == 2, t
+    for t in (1, 2):  # batch 1 on each of 2 ranks: half as many steps as pairs
+        pairs = len((layout.train_dir(t) / "preferences.jsonl").read_text().splitlines())
+        steps = [json.loads(line).get("step") for line in layout.train_log(t).read_text().splitlines()]
+        assert max(s for s in steps if s is not None) == -(-pairs // 2)
+    assert _contract(run) == _contract(tiny_run)
+    assert json.loads(RunLayout(tiny_run).manifest("05_dpo", 1).read_text())["processes"] == 1
+
+
 def test_a_torchrun_rank_closes_the_process_group_before_it_returns(tmp_path, monkeypatch):
     """A rank other than 0 left train_and_merge with its gloo group open and could abort at exit
     (SIGABRT, 'terminate called without an active exception') while rank 0 merged; CI saw it once."""

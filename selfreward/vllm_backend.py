@@ -56,7 +56,14 @@ class VLLMBackend:
         self.context_length = self.llm.llm_engine.model_config.max_model_len
 
     def close(self) -> None:
-        # vllm 0.32 has no shutdown(): dropping the engine stops its process.
+        """End the engine's process now, so the next model's engine finds the GPU memory free."""
+        if self.llm is None:
+            return
+        # vllm 0.32's LLM has no shutdown(); its engine client does (a finalizer would call it at
+        # garbage collection, which a reference cycle can put off).
+        engine_core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()
         self.llm = None
         gc.collect()
 

@@ -89,6 +89,39 @@ def test_next_token_probs(backend):
     assert alone == pytest.approx(probs[0], rel=1e-3)
 
 
+def _engine_processes() -> int:
+    """vLLM engine processes started by this process that still run (each holds its share of the GPU)."""
+    import psutil
+
+    engines = 0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            # the engine names itself: VLLM::EngineCore (its workers: VLLM::Worker)
+            if child.status() != psutil.STATUS_ZOMBIE and child.name().startswith("VLLM::EngineCore"):
+                engines += 1
+        except psutil.NoSuchProcess:
+            pass
+    return engines
+
+
+def test_close_lets_the_model_go(backend):
+    """Stage 06 closes each model before loading the next (tests/test_gpu_paths.py counts them): for
+    that to free the GPU, close() must end the vLLM engine's process and drop the hf model. Last test
+    of the module's backend: the fixture's own close() after it must still be harmless."""
+    import gc
+    import weakref
+
+    if backend.name == "vllm":
+        assert _engine_processes() == 1
+        backend.close()
+        assert _engine_processes() == 0
+    else:
+        model = weakref.ref(backend.model)
+        backend.close()
+        gc.collect()
+        assert model() is None
+
+
 def test_both_backends_give_the_same_probabilities(cache):
     """The judge's distribution must not depend on the backend (fp32, the same weights)."""
     need_vllm()

@@ -37,7 +37,7 @@ run: install
 	PYTHON=$(BIN)/python ./self-reward.sh --config $(CONFIG) --iterations $(ITERATIONS) --run-dir $(RUN_DIR)
 
 test: install install-vllm
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 lint: install
 	$(BIN)/ruff check .

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -233,6 +234,12 @@ def _coerce(key: str, value: object, hint: object) -> object:
     value = _coerce_type(key, value, hint)
     if isinstance(value, str) and key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"config key '{key}' must be one of {', '.join(CHOICES[key])}, got {value!r}")
+    if key.endswith(".report_to") and value == "wandb" and importlib.util.find_spec("wandb") is None:
+        # found here, when the driver writes the run's config, not hours later when the trainer starts
+        raise ConfigError(
+            f"config key '{key}' is wandb, but the wandb package is not installed: "
+            "pip install wandb (then wandb login), or use tensorboard"
+        )
     return value
 
 

@@ -72,3 +72,15 @@ def test_keys_with_a_few_allowed_words():
     for key, value in (("preferences.min_margin", "atuo"), ("judge.mode", "logit"), ("judge.gate", "halt")):
         with pytest.raises(ConfigError, match=f"config key '{key}' must be one of"):
             apply_overrides(Config(), {key: value}, "t")
+
+
+def test_wandb_without_the_package_is_refused_when_the_config_is_read(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"'dpo.report_to' is wandb, but the wandb package is not installed"):
+        apply_overrides(Config(), {"dpo.report_to": "wandb"}, "test")
+    assert apply_overrides(Config(), {"dpo.report_to": "tensorboard"}, "test").dpo.report_to == "tensorboard"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "wandb" else real(name, *a))
+    assert apply_overrides(Config(), {"sft.report_to": "wandb"}, "test").sft.report_to == "wandb"

@@ -69,7 +69,8 @@ def _kill_and_resume(script, run, args, rng, kills, cache):
         chunks_at_kill.append(_chunks_written(partial))
         if layout.generated(1, out).exists():  # it finished before the kill: start that point again
             layout.generated(1, out).unlink()
-            layout.manifest(script, 1).unlink()
+            # the kill may have landed after the output's rename and before its manifest's write
+            layout.manifest(script, 1).unlink(missing_ok=True)
     proc = _run(script, run, *args, cache=cache)
     assert proc.wait() == 0, proc.stderr.read()
     return expected, layout.generated(1, out).read_text(), chunks_at_kill

@@ -142,14 +142,14 @@ def _chat_main(argv: list[str] | None = None) -> int:
     names = args.compare or [args.model]
     backends = {}
     for name in names:
-        folder = layout.model(int(name[1:])) if name[:1] == "M" and name[1:].isdigit() else None
-        if folder is None or not (folder / "config.json").is_file():
+        t = layout.model_number(name)
+        if t is None or not (layout.model(t) / "config.json").is_file():
             print(
                 f"error: no model '{name}' in {args.run_dir} (expected M0, M1, ... with a merged model)",
                 file=sys.stderr,
             )
             return 2
-        backends[name] = load_backend(folder, config.model, config.generation)
+        backends[name] = load_backend(layout.model(t), config.model, config.generation)
     sampling = Sampling(1, args.temperature, 1.0, args.max_new_tokens, 1)
     interactive = sys.stdin.isatty()
     while True:

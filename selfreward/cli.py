@@ -425,22 +425,27 @@ def _report_exit(code: object) -> bool:
     return code == EXIT_SKIPPED
 
 
+def _run_main(main: Callable[[], None]) -> None:
+    """main(); a known failure becomes one clear line and its exit code (SystemExit)."""
+    try:
+        main()
+    except GateError as exc:
+        _fail(str(exc), EXIT_GATE)
+    except (ConfigError, RecordError, ModelNotFoundError, HostMemoryError, StageError, PushError, OxenError) as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    except RunBusyError as exc:
+        _fail(str(exc), EXIT_BUSY)
+    except Exception as exc:
+        line = environment_error(exc)
+        if line is None:
+            raise
+        _fail(line, EXIT_BAD_INPUT)
+
+
 def run(main: Callable[[], None]) -> None:
     """Run a stage's main(); known failures end in one clear line and a distinct exit code."""
     try:
-        try:
-            main()
-        except GateError as exc:
-            _fail(str(exc), EXIT_GATE)
-        except (ConfigError, RecordError, ModelNotFoundError, HostMemoryError, StageError, PushError, OxenError) as exc:
-            _fail(str(exc), EXIT_BAD_INPUT)
-        except RunBusyError as exc:
-            _fail(str(exc), EXIT_BUSY)
-        except Exception as exc:
-            line = environment_error(exc)
-            if line is None:
-                raise
-            _fail(line, EXIT_BAD_INPUT)
+        _run_main(main)
     except SystemExit as exc:
         if _report_exit(exc.code):
             sys.exit(0)

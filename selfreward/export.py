@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from selfreward.layout import RunLayout
+from selfreward.report import head_to_head_table, judge_quality_table
 
 
 class ExportError(Exception):
@@ -29,12 +30,6 @@ class ExportError(Exception):
 
 
 HUB_IDS = {"builtin:smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # the Hub's name for it
-
-
-def model_index(name: str) -> int:
-    if not (name.startswith("M") and name[1:].isdigit()):
-        raise ExportError(f"--model must name a model of the run, like M0 or M2, got '{name}'")
-    return int(name[1:])
 
 
 def lineage_chain(layout: RunLayout, t: int) -> list[dict]:
@@ -46,12 +41,6 @@ def lineage_chain(layout: RunLayout, t: int) -> list[dict]:
             raise ExportError(f"{path}: missing; did the stage that made M{k} finish?")
         chain.append(json.loads(path.read_text(encoding="utf-8")))
     return chain
-
-
-def _fmt(value, interval) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.3f} ({interval[0]:.2f}–{interval[1]:.2f})" if interval else f"{value:.3f}"
 
 
 def model_card(name: str, chain: list[dict], evaluation: dict | None) -> str:
@@ -78,27 +67,20 @@ def model_card(name: str, chain: list[dict], evaluation: dict | None) -> str:
     lines.append("")
     if evaluation:
         lines += ["## Evaluation (held-out rows, measured by stage 06)", ""]
-        quality = evaluation.get("judge_quality") or {}
-        if quality:
-            lines += ["| judge | pairwise accuracy | Spearman | Kendall τ | exact match |", "|---|---|---|---|---|"]
-            for model, q in quality.items():
-                iv = q.get("intervals") or {}
-                cells = [_fmt(q.get(k), iv.get(k)) for k in ("pairwise_accuracy", "spearman", "kendall_tau")]
-                lines.append(f"| {model} | {' | '.join(cells)} | {_fmt(q.get('exact_match'), iv.get('exact_match'))} |")
+        if evaluation.get("judge_quality"):
+            lines += judge_quality_table(evaluation["judge_quality"])
             lines += ["", "Each figure with its 95% bootstrap interval over held-out questions.", ""]
-        comparisons = evaluation.get("head_to_head") or {}
-        if comparisons:
-            lines += ["| comparison | wins | ties | losses | position bias |", "|---|---|---|---|---|"]
-            for label, c in comparisons.items():
-                lines.append(f"| {label} | {c['wins']} | {c['ties']} | {c['losses']} | {c.get('position_bias')} |")
-            lines.append("")
+        if evaluation.get("head_to_head"):
+            lines += head_to_head_table([evaluation]) + [""]
     lines += ["## The run's config", "", "```yaml", yaml.safe_dump(chain[0]["config"], sort_keys=False).strip(), "```"]
     return "\n".join(lines) + "\n"
 
 
 def export(run_dir: Path, name: str, out: Path, *, force: bool = False) -> Path:
     layout = RunLayout(run_dir)
-    t = model_index(name)
+    t = layout.model_number(name)
+    if t is None:
+        raise ExportError(f"--model must name a model of the run, like M0 or M2, got '{name}'")
     model_dir = layout.model(t)
     if not (model_dir / "config.json").is_file():
         raise ExportError(f"{model_dir}: no merged model there (is '{name}' a model of {run_dir}?)")

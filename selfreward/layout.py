@@ -51,6 +51,11 @@ class RunLayout:
     def model(self, t: int) -> Path:
         return self.model_root(t) / "model"
 
+    @staticmethod
+    def model_number(name: str) -> int | None:
+        """t for a model's name "M<t>" (M0, M2, ...); None for anything else."""
+        return int(name[1:]) if name[:1] == "M" and name[1:].isdigit() else None
+
     def adapter(self, t: int) -> Path:
         return self.model_root(t) / "adapter"
 

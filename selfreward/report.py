@@ -141,6 +141,27 @@ def _with_interval(quality: dict, key: str) -> str:
     return f"{text} ({interval[0]:.2f}–{interval[1]:.2f})" if interval else text
 
 
+def head_to_head_table(evals: list[dict]) -> list[str]:
+    """The head-to-head results of these eval.json records as Markdown table lines."""
+    lines = ["| iteration | comparison | wins | ties | losses | win rate | position bias |", "|---" * 7 + "|"]
+    for e in evals:
+        for name, c in e["head_to_head"].items():
+            counts = f"{c['wins']} | {c['ties']} | {c['losses']}"
+            lines.append(
+                f"| {e['iteration']} | {name} | {counts} | {_fmt(c['win_rate'])} | {_fmt(c.get('position_bias'))} |"
+            )
+    return lines
+
+
+def judge_quality_table(quality: dict[str, dict]) -> list[str]:
+    """Judge quality per model ("M0": eval.json's figures), each with its interval, as Markdown table lines."""
+    lines = ["| model | pairs | pairwise accuracy | exact match | Spearman | Kendall τ |", "|---|---|---|---|---|---|"]
+    for m in sorted(quality, key=lambda m: int(m[1:])):
+        q = quality[m]
+        lines.append(f"| {m} | {q['pairs']} | " + " | ".join(_with_interval(q, k) for k in QUALITY) + " |")
+    return lines
+
+
 def write_report(layout: RunLayout) -> Path:
     """Rewrite report.md and report/*.png from everything stage 06 has written so far."""
     evals = load_evals(layout)
@@ -161,16 +182,7 @@ def write_report(layout: RunLayout) -> Path:
         elif gate.get("verdict"):
             lines += [f"Iteration {e['iteration']}: {gate['verdict']}.", ""]
     lines += ["## Head-to-head (held-out prompts, judged in both orders; an order-dependent verdict is a tie)", ""]
-    lines += [
-        "| iteration | comparison | wins | ties | losses | win rate | position bias |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for e in evals:
-        for name, c in e["head_to_head"].items():
-            counts = f"{c['wins']} | {c['ties']} | {c['losses']}"
-            lines.append(
-                f"| {e['iteration']} | {name} | {counts} | {_fmt(c['win_rate'])} | {_fmt(c.get('position_bias'))} |"
-            )
+    lines += head_to_head_table(evals)
     lines += ["", "Position bias: the share of prompts where the judge picked the same position (A or B) in "
               "both orders, so its verdict followed the position, not the answer.", ""]  # fmt: skip
     lines += ["", f"![head-to-head](report/{plots['head_to_head']})", ""]
@@ -178,10 +190,7 @@ def write_report(layout: RunLayout) -> Path:
     for e in evals:
         quality.update(e["judge_quality"])
     lines += ["## Judge quality (held-out EFT rows against their human scores)", ""]
-    lines += ["| model | pairs | pairwise accuracy | exact match | Spearman | Kendall τ |", "|---|---|---|---|---|---|"]
-    for m in sorted(quality, key=lambda m: int(m[1:])):
-        q = quality[m]
-        lines.append(f"| {m} | {q['pairs']} | " + " | ".join(_with_interval(q, k) for k in QUALITY) + " |")
+    lines += judge_quality_table(quality)
     lines += ["", "Each figure with its 95% bootstrap interval over held-out questions: a judge is better than "
               "chance when the interval of its pairwise accuracy lies above 0.5.", ""]  # fmt: skip
     lines += ["", f"![judge quality](report/{plots['judge']})", ""]

@@ -25,7 +25,8 @@ def test_export_writes_a_loadable_model_with_its_card(tiny_run, tmp_path, capsys
     assert "| M2 | 05_dpo |" in card and "| M1 | 05_dpo |" in card and "| M0 | 00_sft |" in card
     quality = json.loads((out / "eval.json").read_text())["judge_quality"]["M2"]
     low, high = quality["intervals"]["pairwise_accuracy"]
-    assert f"| M2 | {quality['pairwise_accuracy']:.3f} ({low:.2f}–{high:.2f}) |" in card
+    # the same judge-quality table as report.md: pairs, then each figure with its interval
+    assert f"| M2 | {quality['pairs']} | {quality['pairwise_accuracy']:.3g} ({low:.2f}–{high:.2f}) |" in card
     assert "| M2 vs M1 |" in card and "seed: 7" in card  # head-to-head and the tiny config
     assert json.loads((out / "lineage.json").read_text())["model"] == "M2"
 

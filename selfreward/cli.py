@@ -130,6 +130,7 @@ class Stage:
     started: float
     inputs: dict[str, str] = field(default_factory=dict)  # path -> content fingerprint
     fingerprint: str = ""
+    dry_run: dict | None = None  # --dry-run: the model stood in for and its estimated memory here
 
     def begin(self, inputs: list[str | Path]) -> None:
         """Fingerprint the inputs; with --skip-if-complete, exit if the output was made from exactly these."""
@@ -226,6 +227,7 @@ class Stage:
             "fingerprint": self.fingerprint,
             "versions": library_versions(),
             **(extra or {}),
+            **({"dry_run": self.dry_run} if self.dry_run else {}),
             "versioned": [self._relative(p) for p in versioned],  # what its Oxen commit holds
             "config": self.config.to_dict(),
         }
@@ -318,6 +320,12 @@ def parse_stage(
         action="store_true",
         help=f"exit {EXIT_SKIPPED} without work if the output is complete (making its Oxen commit or push if missing)",
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run with every setting of the config but a tiny random stand-in for the model, on the CPU, and "
+        "print the real model's estimated memory (see selfreward/dryrun.py)",
+    )
     if extra_args:
         extra_args(parser)
     keys = parser.add_argument_group("config overrides (any key of the config, e.g. --dpo.beta 0.2)")
@@ -347,18 +355,45 @@ def parse_stage(
     if not os.path.exists(config_path):
         raise ConfigError(f"no config: {config_path} does not exist; pass --config FILE")
     config = load_config(config_path, overrides)
+    dry_run = None
+    if args.dry_run:
+        config, dry_run = _dry_run(name, config, layout)
+    elif (layout.root / ".selfreward" / "dry-run").is_file():
+        from selfreward.dryrun import guard_run_folder
+
+        guard_run_folder(layout.root, dry=False)  # refuses: a real stage in a dry run's folder
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s")
     # bitsandbytes says at every start on CPU that an optional kernels package is missing; it is harmless.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     lock_for_stage(layout.root, name)  # one writer per run folder: the driver that started us, or this stage
-    stage = Stage(name, args, config, layout, t, time.time())
+    stage = Stage(name, args, config, layout, t, time.time(), dry_run=dry_run)
     _running.append(stage)
     failpoints.set_stage(name, t)
     return stage
 
 
 _running: list[Stage] = []  # the stage this process runs, for the error handler
+
+
+def _dry_run(name: str, config: Config, layout: RunLayout) -> tuple[Config, dict]:
+    """--dry-run: check the settings, print this stage's memory estimate, swap in the stand-in model."""
+    from selfreward import dryrun
+
+    dryrun.guard_run_folder(layout.root, dry=True)
+    if dryrun.is_stand_in(config.model.name_or_path):  # a config written by a dry run: already swapped
+        return config, {"stands_in_for": config.model.name_or_path}
+    plan = dryrun.plan(config)
+    rows = [r for r in plan.rows if r.stage == name or (r.stage == "merge" and name in ("00_sft", "05_dpo"))]
+    if rows and int(os.environ.get("RANK", "0")) == 0:
+        print(f"[{name}] dry run: {config.model.name_or_path} replaced by a tiny random model of its "
+              "architecture; the real model's estimated memory (GiB):", flush=True)  # fmt: skip
+        print("\n".join(f"[{name}]   {line}" for line in dryrun.memory_table(rows).splitlines()), flush=True)
+    estimate = {r.stage: {"gpu_gib": round(r.gpu / dryrun.GIB, 2), "host_gib": round(r.host / dryrun.GIB, 2),
+                          "what": r.what} for r in rows}  # fmt: skip
+    info = {"stands_in_for": config.model.name_or_path, "architecture_from": plan.source, "estimate": estimate}
+    return dryrun.dry_config(config), info
+
 
 # Messages of libraries that failed to write because the disk is full (torch.save says basic_ios::clear).
 DISK_FULL_SIGNS = ("No space left on device", "basic_ios::clear", "PytorchStreamWriter failed", "StorageFull",

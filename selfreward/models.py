@@ -97,14 +97,20 @@ def _convert_smollm2(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _build_tiny(out: Path) -> None:
-    """A 2-layer Llama with a small byte-level BPE tokenizer trained on the packaged templates."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+def byte_bpe_tokenizer(
+    *, specials: list[str], bos: str | None, eos: str, pad: str | None, unk: str | None, add_bos: bool = False
+):
+    """A small byte-level BPE tokenizer trained on the packaged templates, with the given special tokens.
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+    `add_bos` makes it put BOS before any text it encodes with special tokens on, as Mistral's and
+    Llama's tokenizers do. Digits stand alone, as in SmolLM2, so each score 0-5 is one token.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from selfreward.chat import packaged_template
+
     bpe = Tokenizer(models.BPE())
-    # Digits stand alone, as in SmolLM2, so each score 0-5 is one token.
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
     )
@@ -114,12 +120,24 @@ def _build_tiny(out: Path) -> None:
         vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     bpe.train_from_iterator(corpus, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        bos_token="<|endoftext|>",
-        eos_token="<|im_end|>",
-        pad_token="<|pad|>",
-        unk_token="<|endoftext|>",
+    if add_bos:
+        bos_id = bpe.token_to_id(bos)
+        bpe.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+        )
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk)
+
+
+def _build_tiny(out: Path) -> None:
+    """A 2-layer Llama with a small byte-level BPE tokenizer trained on the packaged templates."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = byte_bpe_tokenizer(
+        specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"],
+        bos="<|endoftext|>",
+        eos="<|im_end|>",
+        pad="<|pad|>",
+        unk="<|endoftext|>",
     )
     tokenizer.chat_template = packaged_template("tiny_chat_template.jinja")
     torch.manual_seed(0)

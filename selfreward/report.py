@@ -112,7 +112,8 @@ def plot_judge_quality(evals: list[dict], out: Path) -> str:
     ax.set_xlabel("model")
     ax.set_ylabel("agreement with human scores (95% CI)")
     ax.set_ylim(-1, 1)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # nothing measured yet: no legend, no warning
+        ax.legend(fontsize=8)
     return _save(plt, fig, out)
 
 
@@ -127,7 +128,8 @@ def plot_dpo(layout: RunLayout, iterations: list[int], out: Path) -> str:
     for ax, label in zip(axes, ("DPO loss", "reward margin (chosen - rejected)", "reward accuracy"), strict=True):
         ax.set_xlabel("step")
         ax.set_ylabel(label)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     return _save(plt, fig, out)
 
 

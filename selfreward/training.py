@@ -55,6 +55,13 @@ def _trainer_args(train: TrainConfig, config: Config, output_dir: Path) -> dict:
 def _peft_config(config: Config, model):
     from peft import LoraConfig
 
+    from selfreward.config import ConfigError
+    from selfreward.dryrun import lora_target_problem
+
+    problem = lora_target_problem(model, list(config.lora.target_modules))
+    if problem:  # peft's own error comes from deep inside the trainer's set-up
+        raise ConfigError(problem)
+
     layers = None
     if config.lora.last_layers:
         total = model.config.num_hidden_layers

@@ -1,0 +1,631 @@
+"""Dry runs: a config's whole loop on this CPU with a tiny stand-in for the model, and the real model's memory.
+
+    ./self-reward.sh --config configs/mistral-7b-qlora.yaml --dry-run
+    python scripts/00_sft.py --run-dir runs/dry --config configs/mistral-7b-qlora.yaml --dry-run
+    python -m selfreward.dryrun --config configs/mistral-7b-qlora.yaml     # the checks and the table only
+
+Every setting of the config is used as written (LoRA targets and rank, 4-bit, dtypes, chat template,
+judge mode and format, batch sizes, lengths) except the weights: the model is a random 2-layer one of
+the same architecture (model_type, attention layout, biases, rope, tied embeddings) with a tokenizer
+that behaves like the real one (the same BOS, EOS and pad tokens, BOS added or not, the same chat
+template or none), on the CPU. Counts shrink so it takes minutes: one optimizer step per training
+stage, two new prompts, two held-out prompts and EFT questions.
+
+The architecture comes from the model's own config.json when it is on this machine (a local folder,
+a builtin model, or the Hugging Face cache), else from the shapes of the known models below, which are
+embedded because nothing may be downloaded. Before any stage runs, the settings that cannot work are
+refused with the key named (a LoRA target the architecture lacks, a pre-quantized checkpoint as the
+merge target, a length beyond the context, a tensor-parallel size that does not divide the heads), and
+the real model's memory is estimated per stage. The estimates are arithmetic on the architecture, not
+measurements: see `memory_rows` for what each column counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from selfreward.config import Config, ConfigError
+
+GIB = 1024**3
+# CUDA context, cuBLAS workspaces and the allocator's slack: added to every GPU figure.
+GPU_OVERHEAD = int(0.75 * GIB)
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A model's architecture (its config.json fields) and how its tokenizer behaves."""
+
+    architecture: dict
+    specials: tuple[str, ...]
+    bos: str | None
+    eos: str
+    pad: str | None = None
+    unk: str | None = None
+    add_bos: bool = False  # the tokenizer puts BOS before any text it encodes (Mistral, Llama)
+    chat_template: str | None = None  # a packaged template file; None: the model has no template
+
+
+_MISTRAL_7B = KnownModel(
+    architecture={
+        "model_type": "mistral",
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 32768,
+        "rope_theta": 10000.0,
+        "sliding_window": 4096,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    },
+    specials=("<unk>", "<s>", "</s>"),
+    bos="<s>",
+    eos="</s>",
+    unk="<unk>",
+    add_bos=True,
+)
+_LLAMA31_8B_INSTRUCT = KnownModel(
+    architecture={
+        "model_type": "llama",
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 131072,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    },
+    specials=("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    bos="<|begin_of_text|>",
+    eos="<|eot_id|>",
+    add_bos=True,
+    chat_template="llama3_chat_template.jinja",
+)
+_QWEN25_7B_INSTRUCT = KnownModel(
+    architecture={
+        "model_type": "qwen2",
+        "vocab_size": 152064,
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0,
+        "use_sliding_window": False,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+    },
+    specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+    bos=None,
+    eos="<|im_end|>",
+    pad="<|endoftext|>",
+    chat_template="qwen2_chat_template.jinja",
+)
+
+# Hub ids (compared without case) whose shapes are known here. Parameter counts, which the tests
+# check: 7,241,732,096 (Mistral), 8,030,261,248 (Llama 3.1), 7,615,616,512 (Qwen2.5).
+KNOWN_MODELS = {
+    "mistralai/mistral-7b-v0.1": _MISTRAL_7B,
+    "meta-llama/llama-3.1-8b-instruct": _LLAMA31_8B_INSTRUCT,
+    "meta-llama/meta-llama-3.1-8b-instruct": _LLAMA31_8B_INSTRUCT,
+    "qwen/qwen2.5-7b-instruct": _QWEN25_7B_INSTRUCT,
+}
+
+
+def _local_source(name_or_path: str) -> str | None:
+    """A folder on this machine with the model's config.json and tokenizer: a path, a builtin model,
+    or a hub id already in the Hugging Face cache. None when only the hub has it."""
+    from selfreward.models import resolve_model_path
+
+    path = resolve_model_path(name_or_path)
+    if Path(path).is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(path, local_files_only=True, allow_patterns=["*.json", "*.model", "*.jinja"])
+    except Exception:  # not cached (or no hub library): the embedded shapes are the other source
+        return None
+    return folder if (Path(folder) / "config.json").is_file() else None
+
+
+def real_architecture(name_or_path: str):
+    """(the real model's transformers config, where it came from)."""
+    from transformers import AutoConfig
+
+    source = _local_source(name_or_path)
+    if source:
+        return AutoConfig.from_pretrained(source), source
+    known = KNOWN_MODELS.get(name_or_path.lower())
+    if known is None:
+        raise ConfigError(
+            f"model.name_or_path '{name_or_path}': its architecture is unknown here (not a local folder, not "
+            f"in the Hugging Face cache, not one of {', '.join(sorted(KNOWN_MODELS))}); download it once "
+            "(huggingface-cli download ID --include '*.json' '*.model') so the dry run can read its config.json"
+        )
+    fields = dict(known.architecture)
+    return AutoConfig.for_model(fields.pop("model_type"), **fields), "shapes embedded in selfreward/dryrun.py"
+
+
+def meta_model(real_config):
+    """The real model's modules with no memory behind them: for counting parameters and module names."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(real_config)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stand-in
+
+
+def _small_shape(real: dict) -> dict:
+    """The real config's fields at 2 layers with heads of size 32, keeping the query/key-value ratio."""
+    heads, kv = (
+        real.get("num_attention_heads", 4),
+        real.get("num_key_value_heads") or real.get("num_attention_heads", 4),
+    )
+    per_kv = max(1, heads // max(1, kv))
+    small_kv = 1 if per_kv > 1 else 2
+    small_heads = small_kv * per_kv
+    small = dict(real)
+    small.update(
+        hidden_size=32 * small_heads,
+        num_attention_heads=small_heads,
+        num_key_value_heads=small_kv,
+        intermediate_size=64 * small_heads,
+        num_hidden_layers=2,
+    )
+    if "head_dim" in small:
+        small["head_dim"] = 32
+    for key in ("layer_types", "mlp_only_layers"):
+        if isinstance(small.get(key), list):
+            small[key] = small[key][:2]
+    if "max_window_layers" in small:
+        small["max_window_layers"] = min(small["max_window_layers"], 2)
+    return small
+
+
+def _stand_in_tokenizer(name_or_path: str, source: str | None):
+    from transformers import AutoTokenizer
+
+    from selfreward.chat import packaged_template
+    from selfreward.models import byte_bpe_tokenizer
+
+    if source:  # the real tokenizer: its vocabulary is kept, only the model is small
+        return AutoTokenizer.from_pretrained(source)
+    known = KNOWN_MODELS[name_or_path.lower()]
+    tokenizer = byte_bpe_tokenizer(
+        specials=list(known.specials), bos=known.bos, eos=known.eos, pad=known.pad, unk=known.unk, add_bos=known.add_bos
+    )
+    if known.chat_template:
+        tokenizer.chat_template = packaged_template(known.chat_template)
+    return tokenizer
+
+
+def stand_in(name_or_path: str) -> Path:
+    """The folder of the tiny random model that stands in for `name_or_path` (built once, then cached)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from selfreward.models import _build_atomically, cache_dir
+
+    real, where = real_architecture(name_or_path)
+    source = _local_source(name_or_path)
+    fields = real.to_dict()
+    digest = hashlib.sha256(json.dumps([name_or_path, fields, where], sort_keys=True, default=str).encode())
+    slug = "".join(c if c.isalnum() else "-" for c in name_or_path.split("/")[-1].lower())[:40]
+    target = cache_dir() / "dry-run" / f"{slug}-{digest.hexdigest()[:10]}"
+
+    def build(out: Path) -> None:
+        tokenizer = _stand_in_tokenizer(name_or_path, source)
+        small = _small_shape({k: v for k, v in fields.items() if k not in ("quantization_config", "auto_map")})
+        small.update(
+            vocab_size=max(len(tokenizer), small.get("vocab_size", 0) if source else 0),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model_type = small.pop("model_type")
+        for key in ("architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype"):
+            small.pop(key, None)
+        config = AutoConfig.for_model(model_type, **small)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        (out / "stand_in.json").write_text(
+            json.dumps({"stands_in_for": name_or_path, "architecture_from": where}, indent=1) + "\n"
+        )
+
+    return _build_atomically(target, build)
+
+
+def is_stand_in(path: str | Path) -> bool:
+    return (Path(path) / "stand_in.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Settings that cannot work
+
+
+def linear_module_names(model) -> list[str]:
+    """The distinct last names of the model's linear layers inside its blocks (what LoRA can target)."""
+    import torch
+
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] != "lm_head":
+            names.add(name.split(".")[-1])
+    return sorted(names)
+
+
+def lora_target_problem(model, targets: list[str]) -> str | None:
+    """Why `lora.target_modules` cannot be applied to `model`, or None."""
+    if targets in (["all-linear"], "all-linear"):
+        return None
+    have = set(linear_module_names(model))
+    every = {name.split(".")[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in have]
+    if not missing:
+        return None
+    kind = type(model).__name__
+    bad = ", ".join(f"'{m}'" + ("" if m not in every else " (not a linear layer)") for m in missing)
+    return f"config key 'lora.target_modules': {bad} not in {kind}; its linear layers are: {', '.join(sorted(have))}"
+
+
+def context_length(real_config) -> int:
+    return int(getattr(real_config, "max_position_embeddings", 0) or 0) or 1_000_000
+
+
+def setting_problems(config: Config, real_config, model) -> list[str]:
+    """Every setting of `config` that cannot work with this architecture, one line each."""
+    problems = []
+    problem = lora_target_problem(model, list(config.lora.target_modules))
+    if problem:
+        problems.append(problem)
+    layers = real_config.num_hidden_layers
+    if config.lora.last_layers and config.lora.last_layers > layers:
+        problems.append(
+            f"config key 'lora.last_layers' is {config.lora.last_layers}, but the model has {layers} layers"
+        )
+    quant = getattr(real_config, "quantization_config", None)
+    if quant:
+        method = quant.get("quant_method", "quantized") if isinstance(quant, dict) else "quantized"
+        problems.append(
+            f"model.name_or_path '{config.model.name_or_path}' is a pre-quantized ({method}) checkpoint: every "
+            "iteration merges its LoRA adapter into the parent, which needs full-precision weights; use the "
+            "full-precision checkpoint with model.load_in_4bit: true"
+        )
+    context = context_length(real_config)
+    for key, value in (
+        ("sft.max_length", config.sft.max_length),
+        ("dpo.max_length", config.dpo.max_length),
+        ("generation.max_model_len", config.generation.max_model_len),
+    ):
+        if value and value > context:
+            problems.append(f"config key '{key}' is {value}, beyond the model's context of {context} tokens")
+    window = config.generation.max_model_len or context
+    for key, value in (
+        ("prompts.max_new_tokens", config.prompts.max_new_tokens),
+        ("responses.max_new_tokens", config.responses.max_new_tokens),
+        ("judge.max_new_tokens", config.judge.max_new_tokens),
+        ("eval.max_new_tokens", config.eval.max_new_tokens),
+    ):
+        if value >= window:
+            problems.append(f"config key '{key}' is {value}: no room for a prompt in a context of {window} tokens")
+    tp = config.generation.tensor_parallel_size
+    heads = real_config.num_attention_heads
+    kv = getattr(real_config, "num_key_value_heads", None) or heads
+    if tp > 1 and (heads % tp or (kv % tp if kv >= tp else tp % kv)):
+        problems.append(
+            f"config key 'generation.tensor_parallel_size' is {tp}: vLLM splits the {heads} attention heads "
+            f"({kv} key/value heads) evenly over the GPUs, which {tp} does not divide"
+        )
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory
+
+
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class MemoryRow:
+    stage: str
+    what: str
+    weights: int = 0
+    trainable: int = 0  # LoRA weights, gradients and Adam's two moments, all float32
+    activations: int = 0  # training: kept for backward; generation: the logits of one step
+    cache: int = 0  # key/value cache of one generate call, or vLLM's reservation
+    host: int = 0  # host RAM of the merge
+    note: str = ""
+
+    @property
+    def gpu(self) -> int:
+        used = self.weights + self.trainable + self.activations + self.cache
+        return used + GPU_OVERHEAD if used else 0
+
+
+def parameter_counts(model, config: Config) -> dict[str, int]:
+    """total, in the blocks' linear layers (what bitsandbytes quantizes), and LoRA's (r x (in + out) per target)."""
+    import torch
+
+    total = sum(p.numel() for p in model.parameters())
+    linear = lora = 0
+    layers = model.config.num_hidden_layers
+    first_lora_layer = layers - config.lora.last_layers if config.lora.last_layers else 0
+    targets = set(config.lora.target_modules)
+    all_linear = targets == {"all-linear"}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name.endswith("lm_head"):
+            continue
+        linear += module.weight.numel()
+        short = name.split(".")[-1]
+        index = next((int(part) for part in name.split(".") if part.isdigit()), 0)
+        if (all_linear or short in targets) and index >= first_lora_layer:
+            lora += config.lora.r * (module.in_features + module.out_features)
+    return {"total": total, "linear": linear, "lora": lora}
+
+
+def weight_bytes(counts: dict[str, int], dtype: str, four_bit: bool) -> int:
+    """The model's weights on the GPU. NF4 stores half a byte per weight of the blocks' linear layers plus
+    one float32 scale per block of 64; everything else stays in model.dtype."""
+    if not four_bit:
+        return counts["total"] * _BYTES[dtype]
+    return int(counts["linear"] * (0.5 + 4 / 64)) + (counts["total"] - counts["linear"]) * _BYTES[dtype]
+
+
+def kv_bytes_per_token(real_config, dtype: str) -> int:
+    """Keys and values of one token in every layer."""
+    heads = real_config.num_attention_heads
+    head_dim = getattr(real_config, "head_dim", None) or real_config.hidden_size // heads
+    kv = getattr(real_config, "num_key_value_heads", None) or heads
+    return 2 * real_config.num_hidden_layers * kv * head_dim * _BYTES[dtype]
+
+
+def _training_row(stage: str, config: Config, real_config, counts: dict, dpo: bool) -> MemoryRow:
+    train = config.dpo if dpo else config.sft
+    four_bit = config.model.load_in_4bit
+    compute = config.model.bnb_4bit_compute_dtype if four_bit else config.model.dtype
+    width = _BYTES[compute]
+    sequences = train.batch_size * (2 if dpo else 1)  # DPO runs chosen and rejected together
+    tokens = sequences * train.max_length
+    h, inner = real_config.hidden_size, real_config.intermediate_size
+    heads = real_config.num_attention_heads
+    kv_dim = (getattr(real_config, "num_key_value_heads", None) or heads) * (
+        getattr(real_config, "head_dim", None) or h // heads
+    )
+    # What one block keeps for backward per token: its input and norm, q, k, v, the attention output
+    # and its projection, the second norm, and the MLP's gate, up, activation and product.
+    per_block = (6 * h + 2 * kv_dim + 4 * inner) * width
+    layers = real_config.num_hidden_layers
+    if train.gradient_checkpointing:  # only each block's input is kept; one block is recomputed at a time
+        kept = layers * tokens * h * width + tokens * per_block
+    else:
+        kept = layers * tokens * per_block
+    # The logits in the compute dtype, their float32 copy for the loss, and its gradient.
+    logits = tokens * real_config.vocab_size * (width + 8)
+    what = f"{'DPO' if dpo else 'SFT'} {train.batch_size} x {train.max_length} tokens"
+    what += f"{' x 2 (chosen, rejected)' if dpo else ''}, {'4-bit' if four_bit else config.model.dtype}"
+    what += ", checkpointing" if train.gradient_checkpointing else ""
+    return MemoryRow(
+        stage,
+        what,
+        weights=weight_bytes(counts, config.model.dtype, four_bit),
+        trainable=16 * counts["lora"],
+        activations=kept + logits,
+    )
+
+
+def _generation_row(stage: str, config: Config, real_config, counts: dict, batch: int, new: int, what: str):
+    dtype = config.model.dtype
+    context = config.generation.max_model_len or context_length(real_config)
+    # Prompts longer than the training length are rare: the training rows are cut there too.
+    prompt = min(max(config.sft.max_length, config.dpo.max_length), context - new)
+    cache = batch * (prompt + new) * kv_bytes_per_token(real_config, dtype)
+    logits = batch * real_config.vocab_size * 4  # one step's logits, float32 for sampling
+    return MemoryRow(
+        stage,
+        f"{what}: {batch} sequences x ({prompt} prompt + {new} new) tokens, {dtype}",
+        weights=weight_bytes(counts, dtype, False),
+        activations=logits,
+        cache=cache,
+    )
+
+
+def memory_rows(config: Config, real_config, counts: dict) -> list[MemoryRow]:
+    """Estimated peak memory of the real model per stage.
+
+    weights: model.dtype, or NF4 for QLoRA training; trainable: 16 bytes per LoRA parameter (float32
+    weight, gradient, two Adam moments); activations: training keeps per token what `_training_row`
+    lists, plus the logits; cache: the key/value cache of a full batch at the prompt length the
+    training rows are cut to, plus the new tokens. GPU totals add GPU_OVERHEAD. Merge: the parent in
+    model.dtype on the host, plus a tenth (the same figure the merge checks before training).
+    """
+    gen = config.generation
+    rows = [
+        _training_row("00_sft", config, real_config, counts, dpo=False),
+        MemoryRow(
+            "merge",
+            f"adapter into the {config.model.dtype} parent, on the host (end of 00 and 05)",
+            host=int(counts["total"] * _BYTES[config.model.dtype] * 1.1),
+        ),
+        _generation_row("01_gen_prompts", config, real_config, counts, config.prompts.batch_size,
+                        config.prompts.max_new_tokens, "prompts"),
+        _generation_row("02_gen_responses", config, real_config, counts, config.responses.batch_size,
+                        config.responses.max_new_tokens, "responses"),
+        _generation_row("03_gen_scores", config, real_config, counts, config.judge.batch_size,
+                        config.judge.max_new_tokens if config.judge.mode == "sample" else 1,
+                        f"judge ({config.judge.mode})"),
+        _training_row("05_dpo", config, real_config, counts, dpo=True),
+        _generation_row("06_eval", config, real_config, counts, config.eval.batch_size,
+                        config.eval.max_new_tokens, "answers"),
+    ]  # fmt: skip
+    if gen.backend in ("vllm", "auto"):
+        share = gen.gpu_memory_utilization or 0.9
+        length = gen.max_model_len or context_length(real_config)
+        need = weight_bytes(counts, config.model.dtype, False) + length * kv_bytes_per_token(
+            real_config, config.model.dtype
+        )
+        rows.append(
+            MemoryRow(
+                "01-03, 06",
+                f"with vLLM ({gen.backend}): reserves {share:.0%} of each GPU; must hold the weights and one "
+                f"{length}-token sequence",
+                weights=weight_bytes(counts, config.model.dtype, False) // gen.tensor_parallel_size,
+                cache=(need - weight_bytes(counts, config.model.dtype, False)) // gen.tensor_parallel_size,
+            )
+        )
+    return rows
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.1f}" if n else "-"
+
+
+def memory_table(rows: list[MemoryRow]) -> str:
+    header = f"{'stage':<16} {'GPU GiB':>7} {'weights':>7} {'LoRA+opt':>8} {'activ.':>6} {'KV':>6} {'host':>5}  what"
+    lines = [header]
+    for r in rows:
+        lines.append(
+            f"{r.stage:<16} {_gib(r.gpu):>7} {_gib(r.weights):>7} {_gib(r.trainable):>8} {_gib(r.activations):>6} "
+            f"{_gib(r.cache):>6} {_gib(r.host):>5}  {r.what}"
+        )
+    return "\n".join(lines)
+
+
+@dataclass
+class Plan:
+    """What a dry run of a config knows before running anything."""
+
+    config: Config
+    real_config: object
+    source: str
+    counts: dict
+    rows: list[MemoryRow]
+
+    def describe(self) -> str:
+        name = self.config.model.name_or_path
+        per_gpu = f" (GPU columns per GPU of {self.config.generation.tensor_parallel_size})" if (
+            self.config.generation.tensor_parallel_size > 1) else ""  # fmt: skip
+        return (
+            f"dry run of {name} ({self.counts['total'] / 1e9:.2f} B parameters, {self.counts['lora'] / 1e6:.1f} M in "
+            f"LoRA; architecture from {self.source})\nestimated memory of the real model{per_gpu}, GiB "
+            f"(estimates, not measurements; GPU adds {GPU_OVERHEAD / GIB:.2f} for the CUDA context):\n"
+            + memory_table(self.rows)
+        )
+
+
+def plan(config: Config) -> Plan:
+    """Check the config's settings against the real architecture and estimate its memory; ConfigError
+    lists every setting that cannot work."""
+    real_config, source = real_architecture(config.model.name_or_path)
+    model = meta_model(real_config)
+    problems = setting_problems(config, real_config, model)
+    if problems:
+        raise ConfigError("this config cannot run:\n  " + "\n  ".join(problems))
+    counts = parameter_counts(model, config)
+    return Plan(config, real_config, source, counts, memory_rows(config, real_config, counts))
+
+
+def dry_config(config: Config) -> Config:
+    """`config` as the dry run runs it: the stand-in on the CPU, counts cut to one step or batch."""
+    dry = dataclasses.replace
+    stand = config.model.name_or_path
+    if not is_stand_in(stand):
+        stand = str(stand_in(stand))
+    prompts = config.prompts
+    return dry(
+        config,
+        model=dry(config.model, name_or_path=stand, device="cpu"),
+        data=dry(
+            config.data,
+            heldout_prompts=min(config.data.heldout_prompts, 2),
+            heldout_eft_questions=min(config.data.heldout_eft_questions, 2),
+            off_topic_eft_rows=min(config.data.off_topic_eft_rows, 4),
+        ),
+        sft=dry(config.sft, max_steps=1, report_to=_offline(config.sft.report_to)),
+        dpo=dry(config.dpo, max_steps=1, report_to=_offline(config.dpo.report_to)),
+        # generation.backend auto picks hf here (no GPU); vllm stays vllm when it is installed
+        prompts=dry(
+            prompts, num_prompts=min(prompts.num_prompts, 2), max_attempts=prompts.batch_size, keep_cut_off=True
+        ),  # fmt: skip  (random text never ends a turn)
+        # the stand-in judges at chance: judge.gate stop would end every dry run at stage 04
+        judge=dry(
+            config.judge,
+            noise_samples=min(config.judge.noise_samples, 2),
+            gate="warn" if config.judge.gate == "stop" else config.judge.gate,
+        ),  # fmt: skip
+        # judge_model null: the newest stand-in judges the head-to-head, not a real model from the hub
+        eval=dry(config.eval, bootstrap_samples=min(config.eval.bootstrap_samples, 50), judge_model=None),
+    )
+
+
+def _offline(report_to: str) -> str:
+    return "none" if report_to == "wandb" else report_to  # a dry run does not log to a wandb project
+
+
+MARKER = "dry-run"
+
+
+def guard_run_folder(root: Path, dry: bool) -> None:
+    """A dry run and a real run never share a run folder: stand-in weights must not become an M<t>."""
+    marker = root / ".selfreward" / MARKER
+    has_work = any(root.glob("M*/*.manifest.json"))
+    if dry and not marker.is_file() and has_work:
+        raise ConfigError(f"{root} holds a real run; give the dry run its own --run-dir")
+    if not dry and marker.is_file():
+        raise ConfigError(
+            f"{root} holds a dry run (a random stand-in model, not the real one): use another --run-dir, "
+            f"or delete {root} first"
+        )
+    if dry:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("stages here ran with --dry-run\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from selfreward.config import load_config
+
+    parser = argparse.ArgumentParser(
+        prog="python -m selfreward.dryrun",
+        description="Check a config's settings against its model's architecture and estimate its memory.",
+    )
+    parser.add_argument("--config", required=True)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        print(plan(load_config(args.config)).describe(), flush=True)
+    except ConfigError as exc:
+        print(f"error: {args.config}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,196 @@
+"""The dry run: stand-ins of the real architectures, settings refused before anything runs, memory arithmetic."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from selfreward import dryrun
+from selfreward.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+MISTRAL = REPO / "configs" / "mistral-7b-qlora.yaml"
+QWEN = REPO / "configs" / "qwen2.5-7b-qlora.yaml"
+
+# Published parameter counts of the models whose shapes are embedded (model cards / safetensors index).
+PUBLISHED = {
+    "mistralai/Mistral-7B-v0.1": 7_241_732_096,
+    "meta-llama/Llama-3.1-8B-Instruct": 8_030_261_248,
+    "Qwen/Qwen2.5-7B-Instruct": 7_615_616_512,
+}
+
+
+@pytest.fixture(autouse=True)
+def _no_hub_cache(monkeypatch):
+    """The embedded shapes are under test, not a copy of the model that this machine's hub cache may hold."""
+    real = dryrun._local_source
+    monkeypatch.setattr(dryrun, "_local_source", lambda name: None if name in PUBLISHED else real(name))
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_embedded_architectures_have_the_published_parameter_counts(name):
+    real, source = dryrun.real_architecture(name)
+    assert "embedded" in source
+    model = dryrun.meta_model(real)
+    assert sum(p.numel() for p in model.parameters()) == PUBLISHED[name]
+
+
+@pytest.mark.parametrize(
+    ("name", "adds_bos", "has_template"),
+    [
+        ("mistralai/Mistral-7B-v0.1", True, False),
+        ("meta-llama/Llama-3.1-8B-Instruct", True, True),
+        ("Qwen/Qwen2.5-7B-Instruct", False, True),
+    ],
+)
+def test_the_stand_in_has_the_real_architecture_and_a_tokenizer_that_behaves_like_the_real_one(
+    name, adds_bos, has_template
+):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from selfreward.chat import ChatFormat
+    from selfreward.config import ModelConfig
+    from selfreward.models import load_tokenizer
+
+    folder = dryrun.stand_in(name)
+    real, _ = dryrun.real_architecture(name)
+    small = AutoConfig.from_pretrained(folder)
+    assert small.model_type == real.model_type and small.num_hidden_layers == 2
+    assert small.tie_word_embeddings == real.tie_word_embeddings
+    ratio = real.num_attention_heads // real.num_key_value_heads
+    assert small.num_attention_heads // small.num_key_value_heads == ratio  # the same grouped-query layout
+    assert small.rope_parameters == real.rope_parameters
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    # the same module names, so a LoRA target the stand-in accepts is one the real model has
+    assert dryrun.linear_module_names(model) == dryrun.linear_module_names(dryrun.meta_model(real))
+    biases = {n for n, _ in model.named_parameters() if n.endswith(".bias")}
+    assert bool(biases) == (real.model_type == "qwen2")  # Qwen2's q, k, v projections carry biases
+
+    raw = AutoTokenizer.from_pretrained(folder)
+    known = dryrun.KNOWN_MODELS[name.lower()]
+    assert (raw("hi")["input_ids"][0] == raw.bos_token_id) == adds_bos
+    assert raw.eos_token == known.eos and raw.bos_token == known.bos and raw.pad_token == known.pad
+    assert bool(raw.chat_template) == has_template
+    tokenizer = load_tokenizer(folder, ModelConfig(name_or_path=str(folder)))
+    ids = ChatFormat.from_tokenizer(tokenizer).encode(ChatFormat.from_tokenizer(tokenizer).prompt("Name a prime."))
+    if raw.bos_token_id is not None:
+        assert ids.count(raw.bos_token_id) == (1 if adds_bos else 0)
+
+
+def test_lora_parameters_and_4bit_weights_are_counted_as_peft_and_bitsandbytes_hold_them():
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from selfreward.models import load_model
+    from selfreward.training import _peft_config
+
+    config = load_config(MISTRAL)
+    folder = dryrun.stand_in(config.model.name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    counts = dryrun.parameter_counts(model, config)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    peft_model = get_peft_model(model, _peft_config(config, model))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert counts["lora"] == trainable
+
+    four_bit = load_model(folder, dataclasses.replace(config.model, device="cpu"), quantize=True)
+    held = 0
+    for param in four_bit.parameters():
+        held += param.numel() * param.element_size()
+        state = getattr(param, "quant_state", None)
+        if state is not None:
+            held += state.absmax.numel() * state.absmax.element_size()  # one float32 scale per 64 weights
+    assert dryrun.weight_bytes(counts, config.model.dtype, four_bit=True) == held
+    assert any(p.dtype == torch.uint8 for p in four_bit.parameters())  # it really is 4-bit
+
+
+def test_the_key_value_cache_estimate_is_what_generation_holds_per_token():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = dryrun.stand_in("Qwen/Qwen2.5-7B-Instruct")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    tokens = 7
+    out = model(torch.arange(tokens).unsqueeze(0), use_cache=True)
+    cache = out.past_key_values
+    held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    assert dryrun.kv_bytes_per_token(model.config, "bfloat16") * tokens == held
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides", "message"),
+    [
+        (
+            MISTRAL,
+            {"lora.target_modules": ["q_proj", "c_attn"]},
+            r"lora.target_modules.*'c_attn' not in MistralForCausalLM",
+        ),
+        (MISTRAL, {"lora.target_modules": ["q_proj", "embed_tokens"]}, r"'embed_tokens' \(not a linear layer\)"),
+        (MISTRAL, {"lora.last_layers": 40}, r"lora.last_layers' is 40, but the model has 32 layers"),
+        (QWEN, {"generation.tensor_parallel_size": 8}, r"tensor_parallel_size' is 8.*28 attention heads"),
+        (QWEN, {"dpo.max_length": 40000}, r"dpo.max_length' is 40000, beyond the model's context of 32768"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_with_the_key_named(config, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        dryrun.plan(load_config(config, overrides))
+
+
+def test_a_pre_quantized_checkpoint_is_refused_as_a_merge_target(tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "mistral-bnb-4bit"
+    shutil.copytree(dryrun.stand_in("mistralai/Mistral-7B-v0.1"), folder)
+    config_json = json.loads((folder / "config.json").read_text())
+    config_json["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (folder / "config.json").write_text(json.dumps(config_json))
+    config = load_config(MISTRAL, {"model.name_or_path": str(folder)})
+    with pytest.raises(ConfigError, match=r"pre-quantized \(bitsandbytes\) checkpoint.*full-precision"):
+        dryrun.plan(config)
+
+
+def test_an_unknown_hub_model_says_how_to_make_it_known():
+    config = load_config(MISTRAL, {"model.name_or_path": "someone/never-heard-of-it"})
+    with pytest.raises(ConfigError, match="architecture is unknown here.*huggingface-cli download"):
+        dryrun.plan(config)
+
+
+def test_a_real_run_rejects_a_lora_target_its_model_lacks(tmp_path):
+    from selfreward.models import TINY, resolve_model_path
+    from selfreward.training import build_sft_trainer
+
+    config = load_config(REPO / "configs" / "tiny.yaml", {"lora.target_modules": ["q_proj", "query_key_value"]})
+    with pytest.raises(
+        ConfigError, match="'query_key_value' not in LlamaForCausalLM; its linear layers are: down_proj"
+    ):
+        build_sft_trainer(resolve_model_path(TINY), [{"prompt": "a", "completion": "b"}], config, tmp_path)
+
+
+def test_a_stage_dry_runs_alone_and_dry_and_real_runs_never_share_a_folder(tmp_path, tiny_run, run_stage):
+    import json
+    import shutil
+
+    run = tmp_path / "dry"
+    done = run_stage("00_sft", "--run-dir", str(run), "--config", str(QWEN), "--dry-run", "--no-oxen", check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Qwen/Qwen2.5-7B-Instruct replaced by a tiny random model" in done.stdout
+    assert "00_sft" in done.stdout and "merge" in done.stdout and "4-bit, checkpointing" in done.stdout
+    manifest = json.loads((run / "M0" / "00_sft.manifest.json").read_text())
+    assert manifest["dry_run"]["stands_in_for"] == "Qwen/Qwen2.5-7B-Instruct"
+    assert manifest["config"]["model"]["load_in_4bit"] is True  # the config's settings, not the tiny ones
+    assert manifest["config"]["lora"]["target_modules"] == load_config(QWEN).lora.target_modules
+    assert (run / "M0" / "model" / "config.json").is_file()
+
+    real = run_stage(
+        "00_sft", "--run-dir", str(run), "--config", str(QWEN), "--no-oxen", check=False
+    )  # the real model into a dry folder
+    assert real.returncode == 2 and "holds a dry run" in real.stderr
+
+    copy = tmp_path / "real"
+    shutil.copytree(tiny_run, copy, ignore=shutil.ignore_patterns(".oxen"))
+    dry = run_stage("01_gen_prompts", "--run-dir", str(copy), "--iteration", "1", "--dry-run", "--no-oxen", check=False)
+    assert dry.returncode == 2 and "holds a real run" in dry.stderr

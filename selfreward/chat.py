@@ -114,7 +114,9 @@ def _chat_main(argv: list[str] | None = None) -> int:
     """python -m selfreward.chat --run-dir R --model M2 [--compare M0 M2]: talk to a run's models.
 
     Each line you type is a new single-turn conversation (the loop trains and judges single turns),
-    rendered with the template every stage used. With --compare, every model named answers in turn.
+    rendered with the template every stage used. With --compare, every model named answers in turn;
+    they stay loaded together only if they fit (never two vLLM engines), else each loads in turn.
+    Questions piped in (`< questions.txt`) are answered by one model at a time, each loaded once.
     An empty line or end of input quits.
     """
     import argparse
@@ -140,7 +142,7 @@ def _chat_main(argv: list[str] | None = None) -> int:
         return 2
     config = load_config(layout.config)
     names = args.compare or [args.model]
-    backends = {}
+    folders = {}
     for name in names:
         t = layout.model_number(name)
         if t is None or not (layout.model(t) / "config.json").is_file():
@@ -149,22 +151,79 @@ def _chat_main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-        backends[name] = load_backend(layout.model(t), config.model, config.generation)
-    sampling = Sampling(1, args.temperature, 1.0, args.max_new_tokens, 1)
+        folders[name] = layout.model(t)
+    sampling = Sampling(1, args.temperature, 1.0, args.max_new_tokens, 8)
     interactive = sys.stdin.isatty()
+    if not interactive:  # piped questions: each model loads once, answers them all, and goes
+        questions = []
+        for line in sys.stdin:
+            if not line.strip():
+                break
+            questions.append(line.strip())
+        answers = _answer_in_turn(folders, questions, config, sampling)
+        for i in range(len(questions)):
+            for name in names:
+                print(f"{name}> {answers[name][i]}", flush=True)
+        return 0
+    held = {}
+    if _fit_together(folders, config):
+        held = {name: load_backend(folder, config.model, config.generation) for name, folder in folders.items()}
+    else:
+        print(f"note: {', '.join(names)} do not fit in memory together: each loads in turn for every question")
     while True:
-        if interactive:
-            print("you> ", end="", flush=True)
+        print("you> ", end="", flush=True)
         line = sys.stdin.readline()
         if not line.strip():
             break
-        for name, backend in backends.items():
-            chat = backend.chat
-            (generation,) = backend.generate([chat.prompt(line.strip())], sampling, seed=config.seed, desc=name)[0]
-            print(f"{name}> {generation.text.strip()}", flush=True)
-    for backend in backends.values():
+        if held:
+            for name, backend in held.items():
+                (generation,) = backend.generate([backend.chat.prompt(line.strip())], sampling, seed=config.seed)[0]
+                print(f"{name}> {generation.text.strip()}", flush=True)
+        else:
+            answers = _answer_in_turn(folders, [line.strip()], config, sampling)
+            for name in names:
+                print(f"{name}> {answers[name][0]}", flush=True)
+    for backend in held.values():
         backend.close()
     return 0
+
+
+def _answer_in_turn(folders: dict, questions: list[str], config, sampling) -> dict[str, list[str]]:
+    """Every model answers every question, one model in memory at a time (two 7B models do not share a
+    24 GB card, and two vLLM engines would each reserve most of it)."""
+    import gc
+
+    from selfreward.generation import load_backend
+
+    answers = {}
+    for name, folder in folders.items():
+        backend = load_backend(folder, config.model, config.generation)
+        prompts = [backend.chat.prompt(q) for q in questions]
+        answers[name] = [gen.text.strip() for (gen,) in backend.generate(prompts, sampling, seed=config.seed)]
+        backend.close()
+        del backend
+        gc.collect()
+    return answers
+
+
+def _fit_together(folders: dict, config) -> bool:
+    """Whether the models can all stay loaded: one model always can; vLLM engines never share a GPU here;
+    otherwise their weights, with a fifth to spare, must fit in the free memory of the device."""
+    import torch
+
+    from selfreward.generation import choose_backend
+    from selfreward.models import _available_host_ram, device_of
+
+    if len(folders) == 1:
+        return True
+    if choose_backend(config.generation.backend) == "vllm":
+        return False
+    size = sum(f.stat().st_size for folder in folders.values() for f in Path(folder).glob("*.safetensors"))
+    if device_of(config.model).startswith("cuda"):
+        free = torch.cuda.mem_get_info()[0]
+    else:
+        free = _available_host_ram()
+    return free is None or size * 1.2 <= free
 
 
 if __name__ == "__main__":

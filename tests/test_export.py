@@ -87,3 +87,39 @@ def test_chat_with_two_models_of_a_run(tiny_run, cache):
     assert proc.returncode == 0, proc.stderr[-2000:]
     labels = [line[:2] for line in proc.stdout.splitlines() if line.startswith(("M0> ", "M2> "))]
     assert labels == ["M0", "M2", "M0", "M2"]  # both models answer each question, in order
+
+
+@pytest.mark.parametrize("mode", ["piped questions", "a terminal, models too large to share memory"])
+def test_chat_compare_holds_one_model_at_a_time(tiny_run, monkeypatch, capsys, mode):
+    # Two 7B models do not share a 24 GB card: --compare must let one go before the next loads.
+    import gc
+    import io
+    import sys
+    import weakref
+
+    from selfreward import chat, generation
+
+    live, alive_at_load = weakref.WeakSet(), []
+    real_load = generation.load_backend
+
+    def load_and_count(*args, **kwargs):
+        gc.collect()
+        alive_at_load.append(len(live))
+        backend = real_load(*args, **kwargs)
+        live.add(backend.model)
+        return backend
+
+    monkeypatch.setattr(generation, "load_backend", load_and_count)
+    questions = io.StringIO("Name a fruit.\nCount to three.\n\n")
+    if mode.startswith("a terminal"):
+        monkeypatch.setattr(questions, "isatty", lambda: True)
+        monkeypatch.setattr(chat, "_fit_together", lambda folders, config: False)
+    monkeypatch.setattr(sys, "stdin", questions)
+    code = chat._chat_main(["--run-dir", str(tiny_run), "--compare", "M0", "M2", "--max-new-tokens", "3"])
+    assert code == 0
+    labels = [
+        line[:2] for line in capsys.readouterr().out.replace("you> ", "").splitlines() if line[:3] in ("M0>", "M2>")
+    ]
+    assert labels == ["M0", "M2", "M0", "M2"]
+    assert alive_at_load and set(alive_at_load) == {0}  # none alive when the next one loads
+    assert len(alive_at_load) == (2 if mode.startswith("piped") else 4)  # piped: each model loads once

@@ -23,7 +23,7 @@ from selfreward.config import Config, ConfigError, all_keys, load_config, save_c
 from selfreward.layout import RunLayout
 from selfreward.models import HostMemoryError, ModelNotFoundError
 from selfreward.records import ChunkLog, RecordError, path_fingerprint, read_manifest, write_json
-from selfreward.runlock import EXIT_BUSY, RunBusyError, lock_for_stage
+from selfreward.runlock import EXIT_BUSY, RunBusyError, is_rank_zero, lock_for_stage
 from selfreward.versioning import OxenError, PushError
 
 EXIT_BAD_INPUT = 2  # bad arguments, config, data file or model path; a disk or permission error; Oxen failed
@@ -155,14 +155,14 @@ class Stage:
     def _skip(self, manifest: dict) -> None:
         """The output is complete: make up its Oxen commit and push if they never happened, then exit."""
         line = summary_line(manifest).replace(":", ": complete, skipped;", 1)
-        if self.config.oxen.enabled and int(os.environ.get("RANK", "0")) == 0:  # torchrun: rank 0 commits
+        if self.config.oxen.enabled and is_rank_zero():  # torchrun: rank 0 commits
             if versioning.committed_commit(self.config.oxen, self.layout, self.name, self.iteration) is None:
                 # Killed between its summary line and its commit, or run with --no-oxen before.
                 if self._version(manifest, recovered=True):
                     line += "; its Oxen commit was missing and is made now (recovered)"
             else:
                 versioning.push_pending(self.config.oxen, self.layout)
-        if int(os.environ.get("RANK", "0")) == 0:  # one line, not one per torchrun rank
+        if is_rank_zero():  # one line, not one per torchrun rank
             print(line, flush=True)
         sys.exit(EXIT_SKIPPED)
 
@@ -385,7 +385,7 @@ def _dry_run(name: str, config: Config, layout: RunLayout) -> tuple[Config, dict
         return config, {"stands_in_for": config.model.name_or_path}
     plan = dryrun.plan(config)
     rows = [r for r in plan.rows if r.stage == name or (r.stage == "merge" and name in ("00_sft", "05_dpo"))]
-    if rows and int(os.environ.get("RANK", "0")) == 0:
+    if rows and is_rank_zero():
         print(f"[{name}] dry run: {config.model.name_or_path} replaced by a tiny random model of its "
               "architecture; the real model's estimated memory (GiB):", flush=True)  # fmt: skip
         print("\n".join(f"[{name}]   {line}" for line in dryrun.memory_table(rows).splitlines()), flush=True)
@@ -455,7 +455,7 @@ def _report_exit(code: object) -> bool:
         code = 0
     elif not isinstance(code, int):  # sys.exit("message") exits 1
         code = 1
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_rank_zero():
         Path(path).write_text(f"{code}\n", encoding="utf-8")
     return code == EXIT_SKIPPED
 

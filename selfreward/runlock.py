@@ -126,9 +126,15 @@ def lock_run(run_dir: str | Path, holder: str, *, fd: int | None = None, pid: in
     return token
 
 
+def is_rank_zero() -> bool:
+    """Whether this process writes for its stage: always, except a torchrun rank other than 0, whose
+    rank 0 holds the lock, writes, commits and prints for all of them."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def lock_for_stage(run_dir: str | Path, stage: str) -> None:
     """Every stage calls this first: run under the driver that started it, or take the lock itself."""
-    if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 holds the lock for every rank
+    if not is_rank_zero():
         return
     layout = RunLayout(run_dir)
     layout.state_dir.mkdir(parents=True, exist_ok=True)

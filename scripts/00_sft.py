@@ -24,7 +24,7 @@ import shutil
 from selfreward import cli
 from selfreward.chat import ChatFormat
 from selfreward.evaluation import off_topic_rows, split_heldout
-from selfreward.judge import judge_prompt, judge_target, parse_judge_score
+from selfreward.judge import judge_target, parse_judge_score, rubric_of, template_files
 from selfreward.models import load_tokenizer, resolve_model_path
 from selfreward.records import EFT, IFT, RecordError, read_jsonl, write_jsonl
 from selfreward.training import build_sft_trainer, train_and_merge, training_processes, write_lineage
@@ -44,7 +44,7 @@ def check_eft_scores(rows: list[dict], path: str) -> None:
 def main() -> None:
     stage = cli.parse_stage("00_sft", __doc__, iteration=False)
     config, layout = stage.config, stage.layout
-    stage.begin(inputs=[config.data.ift, config.data.eft])
+    stage.begin(inputs=[config.data.ift, config.data.eft, *template_files(config.judge)])
     ift = read_jsonl(config.data.ift, IFT, id_field="id")
     eft = read_jsonl(config.data.eft, EFT, id_field="id")
     check_eft_scores(eft, config.data.eft)
@@ -65,10 +65,11 @@ def main() -> None:
     base = resolve_model_path(config.model.name_or_path)
     chat = ChatFormat.from_tokenizer(load_tokenizer(base, config.model))
     rows = [{"prompt": chat.prompt(r["prompt"]), "completion": chat.completion(r["completion"])} for r in ift]
+    rubric = rubric_of(config.judge)  # the judge learns the prompt stage 03 asks it, and to answer as it shows
     rows += [
         {
-            "prompt": chat.prompt(judge_prompt(r["prompt"], r["response"])),
-            "completion": chat.completion(judge_target(r["justification"], r["score"], config.judge.format)),
+            "prompt": chat.prompt(rubric.prompt(r["prompt"], r["response"])),
+            "completion": chat.completion(judge_target(r["justification"], r["score"], config.judge.format, rubric)),
         }
         for r in eft + constructed
     ]

@@ -23,7 +23,7 @@ largest change of a score when judge.noise_samples answers are judged again, alo
 from selfreward import cli
 from selfreward.evaluation import judge_noise, measure_judge
 from selfreward.generation import load_backend
-from selfreward.judge import fit_judge_prompt, judge_all, mean_score
+from selfreward.judge import fit_judge_prompt, judge_all, mean_score, rubric_of, template_files
 from selfreward.models import prompt_budget
 from selfreward.records import EFT, RESPONSE, read_jsonl, write_jsonl
 
@@ -35,7 +35,7 @@ def main() -> None:
     responses_path = layout.generated(t, "responses")
     model_dir = layout.model(t - 1)
     heldout_path = layout.heldout("eft")
-    stage.begin(inputs=[responses_path, model_dir, heldout_path])
+    stage.begin(inputs=[responses_path, model_dir, heldout_path, *template_files(cfg)])
     responses = read_jsonl(responses_path, RESPONSE, id_field="response_id")
     heldout = read_jsonl(heldout_path, EFT, id_field="id") if heldout_path.is_file() else []
     if not responses:
@@ -43,7 +43,8 @@ def main() -> None:
     backend = load_backend(model_dir, config.model, config.generation)
     reads_text = cfg.mode == "sample" or cfg.format == "score_last"  # the judge writes before its score
     budget = prompt_budget(backend.context_length, config.model, cfg.max_new_tokens + 2 if reads_text else 1)
-    fitted = [fit_judge_prompt(backend.chat, r["prompt"], r["response"], budget) for r in responses]
+    rubric = rubric_of(cfg)
+    fitted = [fit_judge_prompt(backend.chat, r["prompt"], r["response"], budget, rubric) for r in responses]
     prompts = [rendered for rendered, _ in fitted]
     chunks = stage.chunk_log()  # each finished batch is saved at once; a rerun after a kill skips it
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from selfreward import cli
 from selfreward.evaluation import drift, head_to_head, measure_judge, pairwise_prompt
 from selfreward.generation import Sampling, load_backend
+from selfreward.judge import pairwise_template, template_files
 from selfreward.models import prompt_budget
 from selfreward.records import EFT, PREFERENCE, PROMPT, RESPONSE, SCORE, read_jsonl, read_manifest, write_json
 from selfreward.report import write_report
@@ -34,13 +35,13 @@ def option(parser) -> None:
     parser.add_argument("--prompts", help="a JSONL file with a 'prompt' field per row (default: the held-out prompts)")
 
 
-def pick_letters(backend, rows: list[tuple[str, str, str]], batch_size: int, budget: int) -> list[str]:
-    """The judge's pick, "A" or "B", for each (question, answer A, answer B)."""
+def pick_letters(backend, rows: list[tuple[str, str, str]], batch_size: int, budget: int, template: str) -> list[str]:
+    """The judge's pick, "A" or "B", for each (question, answer A, answer B), asked with `template`."""
     chat = backend.chat
     letters = [chat.encode(x) for x in ("A", "B")]
     if any(len(ids) != 1 for ids in letters):
         raise cli.StageError("the head-to-head judge needs a tokenizer where 'A' and 'B' are single tokens")
-    prompts = [chat.fit(pairwise_prompt(q, a, b), budget)[0] for q, a, b in rows]
+    prompts = [chat.fit(pairwise_prompt(q, a, b, template), budget)[0] for q, a, b in rows]
     probs = backend.next_token_probs(prompts, [letters[0][0], letters[1][0]], batch_size, desc="head-to-head")
     return ["A" if p[0] >= p[1] else "B" for p in probs]
 
@@ -82,7 +83,7 @@ def main() -> None:
     inputs += [layout.manifest("03_gen_scores", m + 1) for m in names if m < t]  # their measurements are reused
     if config.eval.judge_model and Path(config.eval.judge_model).exists():
         inputs.append(config.eval.judge_model)
-    stage.begin(inputs=inputs)
+    stage.begin(inputs=inputs + template_files(config.judge))
     questions = [r["prompt"] for r in read_jsonl(prompts_path, {"prompt": (str,)})]
     eft = read_jsonl(eft_path, EFT, id_field="id")
     if not questions:
@@ -109,11 +110,11 @@ def main() -> None:
 
     judge = judge or load_backend(judge_path, config.model, config.generation)
     budget = prompt_budget(judge.context_length, config.model, 1)
-    comparisons = {}
+    comparisons, template = {}, pairwise_template(config.judge)
     for other in sorted({t - 1, 0}, reverse=True):
         triples = list(zip(questions, answers[t], answers[other], strict=True))
-        x_as_a = pick_letters(judge, triples, config.eval.batch_size, budget)
-        x_as_b = pick_letters(judge, [(q, b, a) for q, a, b in triples], config.eval.batch_size, budget)
+        x_as_a = pick_letters(judge, triples, config.eval.batch_size, budget, template)
+        x_as_b = pick_letters(judge, [(q, b, a) for q, a, b in triples], config.eval.batch_size, budget, template)
         comparisons[f"M{t} vs M{other}"] = head_to_head(x_as_a, x_as_b)
     judge.close()
 

@@ -16,10 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from selfreward import failpoints, versioning
-from selfreward.config import Config, ConfigError, all_keys, load_config, save_config
+from selfreward.config import Config, ConfigError, all_keys, load_config, override_value, save_config
 from selfreward.layout import RunLayout
 from selfreward.models import HostMemoryError, ModelNotFoundError
 from selfreward.records import ChunkLog, RecordError, path_fingerprint, read_manifest, write_json
@@ -38,7 +36,7 @@ log = logging.getLogger("selfreward")
 # The config sections (or single keys, "section.key") each stage's output depends on: changing
 # anything else does not redo it.
 CONFIG_SECTIONS = {
-    "00_sft": ("seed", "data", "model", "lora", "sft", "judge.format"),
+    "00_sft": ("seed", "data", "model", "lora", "sft", "judge.format", "judge.template", "judge.score_pattern"),
     "01_gen_prompts": ("seed", "model", "generation", "prompts"),
     "02_gen_responses": ("seed", "model", "generation", "responses"),
     "03_gen_scores": ("seed", "model", "generation", "judge", "eval.bootstrap_samples"),
@@ -348,7 +346,7 @@ def parse_stage(
             why = unused_override(name, key)
             if why:
                 parser.error(why)
-            overrides[key] = yaml.safe_load(raw) if raw.strip() else raw
+            overrides[key] = override_value(key, raw)
     if args.no_oxen:
         overrides["oxen.enabled"] = False
     config_path = args.config or layout.config

@@ -139,6 +139,15 @@ class JudgeConfig:
     # if the lower end of the 95% interval of pairwise accuracy is not above 0.5, "warn" says so,
     # "stop" stops the run there (exit 4), "off" does not check.
     gate: str = "warn"
+    # The judge's prompt: "compact" (the project's short rubric), "paper" (the paper's Figure 2 point for
+    # point, in this project's words) or a text file with {question}, {response} and the line the judge
+    # must end with, <points> where the number goes (e.g. "Score: <points>"); checked when the config loads.
+    template: str = "compact"
+    # A regex with a group named score that reads the judge's score from its text (the last match
+    # counts); null: lines like "Score: 4". It must read the template's own score line.
+    score_pattern: str | None = None
+    # Stage 06's pairwise judge: "default" or a text file with {question}, {answer_a} and {answer_b}.
+    pairwise_template: str = "default"
     noise_samples: int = 16  # responses judged a second time, alone, to measure the judge's noise
     num_samples: int = 3  # sampled judgments per response; the score is the mean of valid ones
     batch_size: int = 16
@@ -337,13 +346,31 @@ def load_config(path: str | Path, overrides: dict[str, object] | None = None) ->
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
     config = from_dict(data or {}, str(path))
-    return apply_overrides(config, overrides or {}, "command-line overrides")
+    config = apply_overrides(config, overrides or {}, "command-line overrides")
+    from selfreward.judge import check_judge_settings  # here: judge imports this module
+
+    check_judge_settings(config.judge)
+    return config
 
 
 def save_config(config: Config, path: str | Path, header: str = "") -> None:
     from selfreward.records import write_text
 
     write_text(path, header + yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def override_value(key: str, raw: str) -> object:
+    """A command-line value read as YAML (numbers, true/false, null, lists), except that a key that holds
+    text keeps the text as typed: a regex like `Rating: \\[\\[(?P<score>\\d)\\]\\]` is not a YAML mapping."""
+    hint = all_keys()[key]
+    text_only = hint is str or set(typing.get_args(hint)) == {str, type(None)}
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        return raw
+    if text_only and value is not None and not isinstance(value, str):
+        return raw
+    return value
 
 
 def parse_override_args(args: list[str]) -> dict[str, object]:
@@ -366,7 +393,7 @@ def parse_override_args(args: list[str]) -> dict[str, object]:
             i += 1
         if key not in all_keys():
             raise _unknown_key(key, "the command-line overrides")
-        overrides[key] = yaml.safe_load(raw) if raw.strip() else raw
+        overrides[key] = override_value(key, raw)
         i += 1
     return overrides
 

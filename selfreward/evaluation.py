@@ -78,9 +78,13 @@ def off_topic_rows(eft: list[dict], n: int, seed: int) -> list[dict]:
     ]
 
 
-def pairwise_prompt(question: str, answer_a: str, answer_b: str) -> str:
-    """The user turn asking the judge which of two answers is better (it answers "A" or "B")."""
-    return packaged_template("pairwise_judge.txt").format(question=question, answer_a=answer_a, answer_b=answer_b)
+def pairwise_prompt(question: str, answer_a: str, answer_b: str, template: str | None = None) -> str:
+    """The user turn asking the judge which of two answers is better (it answers "A" or "B"); `template`
+    is judge.pairwise_template's text (default: the packaged one)."""
+    from selfreward.judge import fill_template
+
+    template = template if template is not None else packaged_template("pairwise_judge.txt")
+    return fill_template(template, question=question, answer_a=answer_a, answer_b=answer_b)
 
 
 def head_to_head(picks_x_as_a: list[str], picks_x_as_b: list[str]) -> dict:
@@ -171,9 +175,10 @@ def drift(responses: list[dict], scores: list[dict], pairs: list[dict], prompts:
 def measure_judge(backend, eft: list[dict], cfg, *, budget: int, samples: int, seed: int) -> dict:
     """The judge `backend` holds, judged as stages 03 and 06 judge (cfg: a JudgeConfig), against the
     human scores of the held-out EFT rows: judge_quality's figures with their intervals."""
-    from selfreward.judge import fit_judge_prompt, judge_all, mean_score
+    from selfreward.judge import fit_judge_prompt, judge_all, mean_score, rubric_of
 
-    rendered = [fit_judge_prompt(backend.chat, r["prompt"], r["response"], budget)[0] for r in eft]
+    rubric = rubric_of(cfg)
+    rendered = [fit_judge_prompt(backend.chat, r["prompt"], r["response"], budget, rubric)[0] for r in eft]
     judged = judge_all(backend, rendered, cfg, seed=seed)
     return judge_quality(eft, [mean_score([j["score"] for j in js]) for js in judged], samples=samples, seed=seed)
 

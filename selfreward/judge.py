@@ -5,8 +5,12 @@ from __future__ import annotations
 import re
 import statistics
 from collections.abc import Collection
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 from selfreward.chat import packaged_template
+from selfreward.config import ConfigError
 
 MAX_SCORE = 5
 
@@ -17,14 +21,146 @@ _SCORE_LINE = re.compile(
 )
 
 
-def judge_prompt(question: str, response: str) -> str:
-    """The user turn the judge sees: the rubric with the question and the response filled in."""
-    return packaged_template("judge_rubric.txt").format(question=question, response=response)
+# judge.template and judge.pairwise_template: the packaged templates by name, or a text file.
+RUBRICS = {"compact": "judge_rubric.txt", "paper": "judge_rubric_paper.txt"}
+PAIRWISE = {"default": "pairwise_judge.txt"}
+POINTS = "<points>"  # where the number goes in a template's example score line, e.g. "Score: <points>"
 
 
-def fit_judge_prompt(chat, question: str, response: str, max_tokens: int) -> tuple[str, bool]:
+def fill_template(template: str, **values: str) -> str:
+    """Each {name} replaced once, in one pass: other braces stay, and a question that contains
+    "{response}" is not filled in again."""
+    return re.sub(r"\{(\w+)\}", lambda m: values.get(m.group(1), m.group(0)), template)
+
+
+def _template_text(key: str, value: str, packaged: dict[str, str]) -> str:
+    if value in packaged:
+        return packaged_template(packaged[value])
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"config key '{key}': '{value}' is neither one of {', '.join(packaged)} nor a file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config key '{key}': cannot read {path}: {exc}") from None
+
+
+def _need_placeholders(key: str, value: str, text: str, names: tuple[str, ...]) -> None:
+    missing = [f"{{{n}}}" for n in names if f"{{{n}}}" not in text]
+    if missing:
+        raise ConfigError(f"config key '{key}': the template {value} has no {' or '.join(missing)} placeholder")
+
+
+@dataclass(frozen=True)
+class Rubric:
+    """The judge's prompt (judge.template) and how a score is read from what it writes (judge.score_pattern)."""
+
+    text: str  # holds {question} and {response}
+    score_line: str  # the template's example score line, e.g. "Score: <points>"
+    pattern: re.Pattern | None = None  # None: the built-in reader of lines like "Score: 4"
+
+    def prompt(self, question: str, response: str) -> str:
+        """The user turn the judge sees: the rubric with the question and the response filled in."""
+        return fill_template(self.text, question=question, response=response)
+
+    def parse(self, judgment: str) -> float | None:
+        """The score the judge gave in its own text (the last one it wrote), or None; see parse_judge_score."""
+        if self.pattern is None:
+            return parse_judge_score(judgment)
+        found = list(self.pattern.finditer(judgment))
+        if not found:
+            return None
+        try:
+            value = float(found[-1].group("score"))
+        except (TypeError, ValueError):
+            return None
+        return value if 0 <= value <= MAX_SCORE else None
+
+    @property
+    def logit_prefix(self) -> str:
+        """What comes before the number on the score line: the logit judge reads the next token."""
+        return self.score_line.split(POINTS, 1)[0]
+
+    def score_text(self, score: int | float) -> str:
+        return self.score_line.replace(POINTS, f"{score:g}")
+
+    def is_score_line(self, line: str) -> bool:
+        head = self.logit_prefix.strip().lower()
+        return self.parse(line) is not None or bool(head) and line.strip().lower().startswith(head)
+
+
+def _example_score_line(key: str, value: str, text: str) -> str:
+    for line in text.splitlines():
+        if POINTS in line:
+            quoted = re.search(r'"([^"]*<points>[^"]*)"', line)
+            return quoted.group(1) if quoted else line.strip()
+    raise ConfigError(
+        f"config key '{key}': the template {value} shows no score line: write the line the judge must end "
+        f'with, with {POINTS} where the number goes (e.g. "Score: {POINTS}")'
+    )
+
+
+@lru_cache(maxsize=8)
+def load_rubric(template: str = "compact", score_pattern: str | None = None) -> Rubric:
+    """The rubric of judge.template, checked: placeholders present, and the score pattern (or the built-in
+    reader) reads the template's own example score line. A ConfigError names the key otherwise."""
+    text = _template_text("judge.template", template, RUBRICS)
+    _need_placeholders("judge.template", template, text, ("question", "response"))
+    line = _example_score_line("judge.template", template, text)
+    pattern = None
+    if score_pattern is not None:
+        try:
+            pattern = re.compile(score_pattern, re.MULTILINE)
+        except re.error as exc:
+            raise ConfigError(f"config key 'judge.score_pattern': not a valid regular expression: {exc}") from None
+        if "score" not in pattern.groupindex:
+            raise ConfigError(
+                f"config key 'judge.score_pattern': {score_pattern!r} has no group named score, e.g. (?P<score>\\d+)"
+            )
+    rubric = Rubric(text, line, pattern)
+    example = rubric.score_text(4)
+    if rubric.parse(example) != 4:
+        key = "judge.score_pattern" if pattern is not None else "judge.template"
+        hint = "" if pattern is not None else "; set judge.score_pattern to a regex that reads it"
+        raise ConfigError(
+            f"config key '{key}': the score in the template's own score line '{example}' is not read{hint}"
+        )
+    return rubric
+
+
+def rubric_of(cfg) -> Rubric:
+    """The rubric of a JudgeConfig."""
+    return load_rubric(cfg.template, cfg.score_pattern)
+
+
+def pairwise_template(cfg) -> str:
+    """Stage 06's pairwise prompt (judge.pairwise_template), with {question}, {answer_a} and {answer_b}."""
+    text = _template_text("judge.pairwise_template", cfg.pairwise_template, PAIRWISE)
+    _need_placeholders("judge.pairwise_template", cfg.pairwise_template, text, ("question", "answer_a", "answer_b"))
+    return text
+
+
+def template_files(cfg) -> list[str]:
+    """The judge's template files named in the config (not the packaged ones): a stage that uses them
+    fingerprints their contents, so editing one reruns it."""
+    return [v for v, packaged in ((cfg.template, RUBRICS), (cfg.pairwise_template, PAIRWISE)) if v not in packaged]
+
+
+def check_judge_settings(cfg) -> None:
+    """Raise ConfigError for a judge template or score pattern that cannot work (called on config load)."""
+    rubric_of(cfg)
+    pairwise_template(cfg)
+
+
+def judge_prompt(question: str, response: str, rubric: Rubric | None = None) -> str:
+    """The user turn the judge sees: the rubric (default: the compact one) with the question and response."""
+    return (rubric or load_rubric()).prompt(question, response)
+
+
+def fit_judge_prompt(chat, question: str, response: str, max_tokens: int, rubric: Rubric | None = None):
     """The rendered judge prompt within `max_tokens`, cutting the response first, then the question."""
-    rendered = chat.prompt(judge_prompt(question, response))
+    rubric = rubric or load_rubric()
+    rendered = chat.prompt(rubric.prompt(question, response))
     overflow = len(chat.encode(rendered)) - max_tokens
     if overflow <= 0:
         return rendered, False
@@ -35,7 +171,7 @@ def fit_judge_prompt(chat, question: str, response: str, max_tokens: int) -> tup
         if cut < overflow:
             q_ids = chat.encode(question)
             question = chat.tokenizer.decode(q_ids[: max(0, len(q_ids) - (overflow - cut))])
-        rendered = chat.prompt(judge_prompt(question, response))
+        rendered = chat.prompt(rubric.prompt(question, response))
         overflow = len(chat.encode(rendered)) - max_tokens
         if overflow <= 0:
             return rendered, True
@@ -63,22 +199,28 @@ def parse_judge_score(judgment: str) -> float | None:
 JUDGE_FORMATS = ("score_first", "score_last")
 
 
-def judge_target(justification: str, score: int, fmt: str) -> str:
+def judge_target(justification: str, score: int, fmt: str, rubric: Rubric | None = None) -> str:
     """What SFT teaches the judge to write for an EFT row whose justification ends in "Score: N".
 
-    score_last is the paper's order (the justification, then the score line). score_first puts
-    "Score: N" on the first line and the justification after it, so that the logit judge, which
-    reads the digit right after an opening "Score:", reads it where SFT trained the model to put it.
+    score_last is the paper's order (the justification, then the score line). score_first puts the
+    score line first and the justification after it, so that the logit judge, which reads the digit
+    right after an opening "Score:", reads it where SFT trained the model to put it. The score line is
+    written the way the rubric's template shows it ("Score: N" for the packaged ones).
     """
-    if fmt == "score_last":
-        return justification
-    if fmt != "score_first":
+    rubric = rubric or load_rubric()
+    if fmt not in JUDGE_FORMATS:
         raise ValueError(f"judge.format must be one of {', '.join(JUDGE_FORMATS)}, got '{fmt}'")
+    default_line = rubric.score_line == f"Score: {POINTS}"
+    if fmt == "score_last" and default_line:
+        return justification  # already ends in its "Score: N" line, as written
     lines = justification.rstrip().splitlines()
     while lines and not _SCORE_LINE.match(lines[-1]):
         lines.pop()
     body = "\n".join(lines[:-1]).strip()
-    return f"Score: {score}\n{body}" if body else f"Score: {score}"
+    line = rubric.score_text(score)
+    if fmt == "score_last":
+        return f"{body}\n{line}" if body else line
+    return f"{line}\n{body}" if body else line
 
 
 def mean_score(scores: list[float | None]) -> float | None:
@@ -87,13 +229,15 @@ def mean_score(scores: list[float | None]) -> float | None:
     return round(statistics.fmean(valid), 4) if valid else None
 
 
-def score_token_ids(chat) -> tuple[str, list[int]]:
+def score_token_ids(chat, rubric: Rubric | None = None) -> tuple[str, list[int]]:
     """The answer prefix the logit judge is given, and the token of each score 0-5 that follows it.
 
     Tokenizers differ on whether the space before the digit stands alone ("Score: " + "4") or is
     merged with it ("Score:" + " 4"); whichever gives one token per digit is used.
     """
-    for prefix, fmt in (("Score: ", "{}"), ("Score:", " {}")):
+    head = (rubric or load_rubric()).logit_prefix
+    tries = [(head, "{}")] + ([(head.rstrip(), " {}")] if head.endswith(" ") else [])
+    for prefix, fmt in tries:
         base = chat.encode(prefix)
         ids = []
         for digit in range(MAX_SCORE + 1):
@@ -103,11 +247,17 @@ def score_token_ids(chat) -> tuple[str, list[int]]:
             ids.append(full[-1])
         if len(ids) == MAX_SCORE + 1 and len(set(ids)) == len(ids):
             return prefix, ids
-    raise ValueError("judge.mode 'logits' needs a tokenizer with one token per score digit 0-5")
+    raise ValueError(f"judge.mode 'logits' needs one token per score digit 0-5 after {head!r}")
 
 
 def score_by_logits(
-    backend, judge_prompts: list[str], batch_size: int, *, skip: Collection[int] = (), on_batch=None
+    backend,
+    judge_prompts: list[str],
+    batch_size: int,
+    *,
+    skip: Collection[int] = (),
+    on_batch=None,
+    rubric: Rubric | None = None,
 ) -> list[dict | None]:
     """Judge in one forward pass per batch: the expected score under the next-token distribution.
 
@@ -117,7 +267,7 @@ def score_by_logits(
     with is computed once and reused (see `generation.HFBackend`). Returns one judgment per prompt:
     {"score", "text", "distribution", "mass"}; `skip` and `on_batch` work as in `Backend.generate`.
     """
-    prefix, digit_ids = score_token_ids(backend.chat)
+    prefix, digit_ids = score_token_ids(backend.chat, rubric)
 
     def judgment(probs: list[float]) -> dict:
         mass = sum(probs)
@@ -163,6 +313,7 @@ def judge_all(
         raise ValueError(f"judge.mode must be 'sample' or 'logits', got '{cfg.mode}'")
     if cfg.format not in JUDGE_FORMATS:
         raise ValueError(f"judge.format must be one of {', '.join(JUDGE_FORMATS)}, got '{cfg.format}'")
+    rubric = rubric_of(cfg)
     results: list[list[dict] | None] = [None] * len(judge_prompts)
 
     def keep(batch: int, idx: list[int], judged: list[list[dict]]) -> None:
@@ -175,7 +326,7 @@ def judge_all(
         sampling = Sampling(cfg.num_samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size)
 
         def parsed(batch, idx, gens):
-            keep(batch, idx, [[{"score": parse_judge_score(g.text), "text": g.text} for g in row] for row in gens])
+            keep(batch, idx, [[{"score": rubric.parse(g.text), "text": g.text} for g in row] for row in gens])
 
         backend.generate(judge_prompts, sampling, seed=seed, desc="judging", skip=skip, on_batch=parsed)
     elif cfg.format == "score_first":
@@ -185,25 +336,26 @@ def judge_all(
             cfg.batch_size,
             skip=skip,
             on_batch=lambda b, idx, js: keep(b, idx, [[j] for j in js]),
+            rubric=rubric,
         )
     else:
         greedy = Sampling(1, 0.0, 1.0, cfg.max_new_tokens, cfg.batch_size)
 
         def then_read(batch, idx, gens):
-            reasons = [_before_score_line(row[0].text) for row in gens]
+            reasons = [_before_score_line(row[0].text, rubric) for row in gens]
             judged = score_by_logits(backend, [judge_prompts[i] + r + "\n" for i, r in zip(idx, reasons, strict=True)],
-                                     cfg.batch_size)  # fmt: skip
+                                     cfg.batch_size, rubric=rubric)  # fmt: skip
             keep(batch, idx, [[{**j, "text": r + "\n" + j["text"]}] for j, r in zip(judged, reasons, strict=True)])
 
         backend.generate(judge_prompts, greedy, seed=seed, desc="justifying", skip=skip, on_batch=then_read)
     return results
 
 
-def _before_score_line(text: str) -> str:
+def _before_score_line(text: str, rubric: Rubric) -> str:
     """The judge's own text up to (not including) the first score line it wrote, trailing space removed."""
     lines = text.splitlines()
     for n, line in enumerate(lines):
-        if _SCORE_LINE.match(line) or line.strip().lower().startswith("score"):
+        if rubric.is_score_line(line) or line.strip().lower().startswith("score"):
             lines = lines[:n]
             break
     return "\n".join(lines).rstrip()

@@ -106,3 +106,115 @@ def test_judge_all_reads_each_mode_and_format(tiny_model, mode, fmt):
     if (mode, fmt) == ("logits", "score_last"):
         # the distribution is read after the judge's own greedy justification, on a new "Score:" line
         assert all(js[0]["text"].endswith("\nScore:") for js in judged)
+
+
+# judge.template, judge.score_pattern, judge.pairwise_template
+
+
+def _file(tmp_path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+RATING = 'Rate the answer.\n{question}\n---\n{response}\nEnd with "Rating: [[<points>]]".'
+RATING_PATTERN = r"Rating: \[\[(?P<score>\d(?:\.\d+)?)\]\]"
+
+
+def test_the_paper_template_follows_figure_2_and_reads_like_the_compact_one():
+    from selfreward.judge import load_rubric
+
+    paper = load_rubric("paper")
+    text = paper.prompt("What is 2+2?", "4")
+    assert "User: What is 2+2?" in text and "<response>\n4\n</response>" in text
+    assert text.count("point") >= 5 and "100 words" in text  # five additive criteria, a short justification
+    assert paper.score_line == "Score: <points>" and paper.parse("Fine.\nScore: 3") == 3
+    assert load_rubric("compact").prompt("q", "r") == judge_prompt("q", "r")  # the default is unchanged
+
+
+def test_a_custom_template_and_pattern_read_and_write_their_own_score_line(tmp_path):
+    from selfreward.judge import judge_target, load_rubric
+
+    rubric = load_rubric(_file(tmp_path, "rating.txt", RATING), RATING_PATTERN)
+    assert (
+        rubric.prompt("a {response} inside", "b")
+        == 'Rate the answer.\na {response} inside\n---\nb\nEnd with "Rating: [[<points>]]".'
+    )
+    assert rubric.parse("Good.\nRating: [[2]]\nRating: [[4]]") == 4  # the last one counts
+    assert rubric.parse("Score: 5") is None and rubric.parse("Rating: [[7]]") is None
+    assert judge_target("Helpful.\nScore: 4", 4, "score_last", rubric) == "Helpful.\nRating: [[4]]"
+    assert judge_target("Helpful.\nScore: 4", 4, "score_first", rubric) == "Rating: [[4]]\nHelpful."
+    assert rubric.logit_prefix == "Rating: [["
+
+
+@pytest.mark.parametrize(
+    ("template", "pattern", "message"),
+    [
+        (
+            "Judge {question}.\nScore: <points>",
+            None,
+            r"judge.template': the template .* has no \{response\} placeholder",
+        ),
+        ("{question} {response}\nJust a number.", None, r"shows no score line: write the line the judge must end with"),
+        (RATING, None, r"'Rating: \[\[4\]\]' is not read; set judge.score_pattern"),
+        (RATING, r"Rating: \[\[(\d)\]\]", r"judge.score_pattern': .* has no group named score"),
+        (RATING, r"Rating: (?P<score>\d", r"judge.score_pattern': not a valid regular expression"),
+        (RATING, r"Score: (?P<score>\d)", r"judge.score_pattern': the score in the template's own score line"),
+    ],
+)
+def test_a_template_or_pattern_that_cannot_work_is_refused_when_the_config_loads(tmp_path, template, pattern, message):
+    from pathlib import Path
+
+    from selfreward.config import ConfigError, load_config
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    overrides = {"judge.template": _file(tmp_path, "t.txt", template), "judge.score_pattern": pattern}
+    with pytest.raises(ConfigError, match=message):
+        load_config(tiny, overrides)
+
+
+def test_a_missing_template_or_a_pairwise_template_without_its_answers_is_refused(tmp_path):
+    from pathlib import Path
+
+    from selfreward.config import ConfigError, load_config
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    with pytest.raises(ConfigError, match="'judge.template': 'nope.txt' is neither one of compact, paper nor a file"):
+        load_config(tiny, {"judge.template": "nope.txt"})
+    pairwise = _file(tmp_path, "p.txt", "Which is better?\n{question}\nA: {answer_a}\nReply A or B.")
+    with pytest.raises(ConfigError, match=r"judge.pairwise_template': .* has no \{answer_b\} placeholder"):
+        load_config(tiny, {"judge.pairwise_template": pairwise})
+
+
+def test_the_loop_runs_with_a_judge_template_and_score_pattern_of_its_own(tmp_path, cache):
+    # The done-when of issue 12: a user's own rubric, score line and pairwise prompt, end to end.
+    import json
+
+    from conftest import run_driver
+
+    template = _file(tmp_path, "rating.txt", RATING)
+    pairwise = _file(tmp_path, "pairwise.txt", "Q: {question}\n(A) {answer_a}\n(B) {answer_b}\nBetter, A or B?")
+    overrides = ["--judge.template", template, "--judge.score_pattern", RATING_PATTERN,
+                 "--judge.pairwise_template", pairwise]  # fmt: skip
+    run = tmp_path / "run"
+    proc = run_driver(run, cache, iterations=1, extra=["--no-oxen", "--", *overrides])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scores = [json.loads(r) for r in (run / "M0" / "generated" / "scores.jsonl").read_text().splitlines()]
+    # the logit judge reads the digit after the template's own "Rating: [[", where SFT taught it to write it
+    assert scores and all(j["text"] == "Rating: [[" for r in scores for j in r["judgments"])
+    assert all(r["score"] is not None for r in scores)
+    sft = json.loads((run / "M0" / "00_sft.manifest.json").read_text())
+    assert any(i["path"] == template for i in sft["inputs"])  # editing the file retrains the judge
+    manifest = json.loads((run / "M1" / "eval" / "eval.manifest.json").read_text())
+    assert any(i["path"] == pairwise for i in manifest["inputs"])
+
+
+def test_stage_03_judges_with_the_paper_template(tiny_run, tmp_path, run_stage):
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns(".oxen"))
+    run_stage("03_gen_scores", "--run-dir", str(run), "--iteration", "1", "--judge.template", "paper", "--no-oxen")
+    manifest = json.loads((run / "M0" / "generated" / "scores.manifest.json").read_text())
+    assert manifest["config"]["judge"]["template"] == "paper" and manifest["rows_out"] > 0

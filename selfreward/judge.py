@@ -342,7 +342,7 @@ def judge_all(
         greedy = Sampling(1, 0.0, 1.0, cfg.max_new_tokens, cfg.batch_size)
 
         def then_read(batch, idx, gens):
-            reasons = [_before_score_line(row[0].text, rubric) for row in gens]
+            reasons = [text_before_score_line(row[0].text, rubric) for row in gens]
             judged = score_by_logits(backend, [judge_prompts[i] + r + "\n" for i, r in zip(idx, reasons, strict=True)],
                                      cfg.batch_size, rubric=rubric)  # fmt: skip
             keep(batch, idx, [[{**j, "text": r + "\n" + j["text"]}] for j, r in zip(judged, reasons, strict=True)])
@@ -351,7 +351,7 @@ def judge_all(
     return results
 
 
-def _before_score_line(text: str, rubric: Rubric) -> str:
+def text_before_score_line(text: str, rubric: Rubric) -> str:
     """The judge's own text up to (not including) the first score line it wrote, trailing space removed."""
     lines = text.splitlines()
     for n, line in enumerate(lines):

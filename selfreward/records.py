@@ -5,6 +5,7 @@ A bad row stops the stage with `file:line: what is wrong` before anything is wri
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from pathlib import Path
@@ -50,14 +51,18 @@ def _type_names(types: tuple) -> str:
     return " or ".join(names.get(t, t.__name__) for t in types)
 
 
-def read_jsonl(path: str | Path, fields: dict[str, tuple] | None = None, id_field: str | None = None) -> list[dict]:
-    """Read every row of `path`, checking that each has `fields` with the right types and unique ids."""
+def read_jsonl(
+    path: str | Path, fields: dict[str, tuple] | None = None, id_field: str | None = None, check=None
+) -> list[dict]:
+    """Read every row of `path`, checking that each has `fields` with the right types and unique ids;
+    `check(row, "file:line")` may check more and raise RecordError."""
     path = Path(path)
     if not path.is_file():
         raise RecordError(f"{path}: file not found")
     rows: list[dict] = []
     seen: dict[str, int] = {}
-    with path.open("rb") as handle:
+    opener = gzip.open if path.suffix == ".gz" else open  # e.g. a message table exported as .jsonl.gz
+    with opener(path, "rb") as handle:
         for lineno, raw in enumerate(handle, start=1):
             try:
                 line = raw.decode("utf-8")
@@ -86,6 +91,8 @@ def read_jsonl(path: str | Path, fields: dict[str, tuple] | None = None, id_fiel
                 if key in seen:
                     raise RecordError(f"{path}:{lineno}: duplicate {id_field} '{key}' (first on line {seen[key]})")
                 seen[key] = lineno
+            if check is not None:
+                check(row, f"{path}:{lineno}")
             rows.append(row)
     return rows
 

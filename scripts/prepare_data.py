@@ -1,0 +1,207 @@
+"""Build the run's IFT and EFT files from Open Assistant, the paper's way.
+
+Reads:  --source FILE, a local export of the Open Assistant message table (.jsonl, .jsonl.gz or
+        .parquet; one message per row, the fields of OpenAssistant/oasst2), or --source hub, which
+        loads --hub-dataset (default OpenAssistant/oasst2, train and validation) with `datasets` on
+        a machine with internet; --config, for the judge's model and settings
+Writes: DIR/ift.jsonl (id, prompt, completion), DIR/eft.jsonl and DIR/eft_eval.jsonl (id, prompt,
+        response, score, justification, human_rank, judge_mean), DIR/manifest.json (source, filters and
+        what each removed, counts, judge), DIR/sft-baseline/ (the judge, unless --judge-model is given)
+
+IFT: the first turn of English conversations (a tree's opening prompt and a direct assistant reply),
+the reply humans ranked first (rank 0); deleted messages, failed reviews, synthetic messages, other
+languages and later turns are removed and counted. EFT: every first-turn prompt with replies of
+different human rank is judged by the SFT baseline (the config's model after SFT on the new IFT rows,
+trained here like stage 00; or --judge-model), judge.num_samples sampled judgments per reply with the
+run's rubric (judge.template); a prompt's rows are kept only when the judge's mean scores rank its
+replies as humans did. Questions are split into train and eval by a hash of the seed (--eval-fraction).
+A killed run resumes: the baseline from its checkpoints, the judging from its finished batches. With
+oxen.enabled, DIR's files are committed to an Oxen repository in DIR.
+
+    python scripts/prepare_data.py --source oasst2.jsonl.gz --config configs/mistral-7b-qlora.yaml --out data/oasst
+    ./self-reward.sh --config configs/mistral-7b-qlora-oasst.yaml --iterations 3 --run-dir runs/paper
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+from collections import Counter
+from pathlib import Path
+
+from selfreward import cli, generation, oasst, versioning
+from selfreward.chat import ChatFormat
+from selfreward.config import load_config
+from selfreward.judge import fit_judge_prompt, judge_all, mean_score, rubric_of
+from selfreward.models import load_tokenizer, prompt_budget, resolve_model_path
+from selfreward.records import RecordError, path_fingerprint, write_json, write_jsonl
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="prepare_data.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--source", required=True, help="hub, or a local message table (.jsonl, .jsonl.gz, .parquet)")
+    parser.add_argument("--hub-dataset", default="OpenAssistant/oasst2", help="with --source hub (or oasst1)")
+    parser.add_argument("--config", default="configs/smollm2-135m.yaml", help="the judge's model and settings")
+    parser.add_argument("--out", required=True, type=Path, help="the folder to write")
+    parser.add_argument("--max-prompts", type=int, help="use at most this many first-turn prompts (drawn by seed)")
+    parser.add_argument("--seed", type=int, help="default: the config's seed")
+    parser.add_argument("--judge-model", help="judge with this model instead of training the SFT baseline")
+    parser.add_argument("--eval-fraction", type=float, default=0.25, help="share of EFT questions held out")
+    parser.add_argument("--lang", default="en")
+    parser.add_argument("--no-oxen", action="store_true", help="do not commit the outputs to Oxen")
+    return parser.parse_args(argv)
+
+
+def hub_messages(name: str) -> list[dict]:
+    try:
+        from datasets import concatenate_datasets, load_dataset
+
+        parts = load_dataset(name)
+        table = concatenate_datasets([parts[split] for split in parts])
+    except Exception as exc:
+        raise cli.StageError(
+            f"cannot load {name} from the Hugging Face Hub ({str(exc)[:200]}); on a machine with internet, save it "
+            "once (datasets: load_dataset(...).to_json('oasst.jsonl')) and pass --source oasst.jsonl"
+        ) from None
+    rows = table.to_list()
+    for n, row in enumerate(rows, start=1):
+        oasst._check(row, f"{name}: row {n}")
+    return rows
+
+
+def fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def sft_baseline(config, ift: list[dict], out: Path) -> Path:
+    """The config's model after SFT on the IFT rows alone (the paper's judge for EFT); resumable."""
+    from selfreward.training import build_sft_trainer, train_and_merge
+
+    folder = out / "sft-baseline"
+    stamp = fingerprint(ift, config.model, config.lora, config.sft, config.seed)
+    done = (folder / "fingerprint").is_file() and (folder / "fingerprint").read_text() == stamp
+    if done and (folder / "model" / "config.json").is_file():
+        cli.log.info("SFT baseline: %s is complete", folder / "model")
+        return folder / "model"
+    if not done:
+        shutil.rmtree(folder, ignore_errors=True)  # checkpoints of other rows or settings
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "fingerprint").write_text(stamp)
+    base = resolve_model_path(config.model.name_or_path)
+    chat = ChatFormat.from_tokenizer(load_tokenizer(base, config.model))
+    rows = [{"prompt": chat.prompt(r["prompt"]), "completion": chat.completion(r["completion"])} for r in ift]
+    trainer = build_sft_trainer(base, rows, config, folder / "checkpoints")
+    train_and_merge(
+        trainer, base, config, adapter_dir=folder / "adapter", model_dir=folder / "model",
+        log_path=folder / "train_log.jsonl",
+    )  # fmt: skip
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    return folder / "model"
+
+
+def judge_candidates(config, judge_path, candidates: list[dict], out: Path, stamp: str) -> list[list[list[dict]]]:
+    """Every reply of every candidate judged: candidates x replies x judgments; finished batches are logged
+    so that a killed run judges only what is left."""
+    from selfreward.records import ChunkLog
+
+    cfg = dataclasses.replace(config.judge, mode="sample")  # EFT rows need the judge's written justifications
+    rubric = rubric_of(cfg)
+    flat = [(c, r) for c, conv in enumerate(candidates) for r in range(len(conv["replies"]))]
+    backend = generation.load_backend(judge_path, config.model, config.generation)
+    budget = prompt_budget(backend.context_length, config.model, cfg.max_new_tokens + 2)
+    prompts = [
+        fit_judge_prompt(backend.chat, candidates[c]["prompt"], candidates[c]["replies"][r]["text"], budget, rubric)[0]
+        for c, r in flat
+    ]
+    chunks = ChunkLog(out / ".eft_judgments.partial.jsonl", stamp)
+
+    def save(batch: int, idx: list[int], judged: list[list[dict]]) -> None:
+        chunks.append(batch, [{"index": i, "judgments": j} for i, j in zip(idx, judged, strict=True)])
+
+    judge_all(backend, prompts, cfg, seed=config.seed, skip=chunks.done, on_batch=save)
+    backend.close()
+    by_index = {row["index"]: row["judgments"] for row in chunks.rows()}
+    result = [[None] * len(conv["replies"]) for conv in candidates]
+    for i, (c, r) in enumerate(flat):
+        result[c][r] = by_index[i]
+    chunks.remove()
+    return result
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="[prepare_data] %(message)s")
+    config = load_config(args.config)
+    seed = config.seed if args.seed is None else args.seed
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    if args.source == "hub":
+        messages, source = hub_messages(args.hub_dataset), {"hub": args.hub_dataset}
+    else:
+        messages = oasst.read_messages(args.source)
+        source = {"file": args.source, "fingerprint": path_fingerprint(args.source)}
+    conversations, removed = oasst.first_turns(messages, args.lang)
+    if args.max_prompts is not None:
+        conversations = sorted(conversations, key=lambda c: fingerprint(seed, c["prompt_id"]))[: args.max_prompts]
+        conversations.sort(key=lambda c: c["prompt_id"])
+    ift, ift_counts = oasst.ift_rows(conversations)
+    if not ift:
+        raise RecordError(f"{args.source}: no first-turn {args.lang} prompt with a rank-0 reply: no IFT rows")
+    write_jsonl(out / "ift.jsonl", ift)
+    cli.log.info("%d messages -> %d first-turn prompts -> %d IFT rows; removed: %s", len(messages),
+                 len(conversations), len(ift), dict(removed + ift_counts))  # fmt: skip
+
+    candidates = oasst.eft_candidates(conversations)
+    judge_path = args.judge_model or sft_baseline(config, ift, out)
+    stamp = fingerprint(candidates, str(judge_path), path_fingerprint(judge_path), config.judge, config.model,
+                        config.generation, seed)  # fmt: skip
+    judged = judge_candidates(config, judge_path, candidates, out, stamp) if candidates else []
+    rubric = rubric_of(config.judge)
+    train, held, eft_counts = [], [], Counter()
+    for conv, replies in zip(candidates, judged, strict=True):
+        means = [mean_score([j["score"] for j in judgments]) for judgments in replies]
+        if not oasst.ranking_agrees([r["rank"] for r in conv["replies"]], means):
+            eft_counts["judge_disagrees_with_humans"] += 1
+            continue
+        rows = oasst.eft_rows(conv, replies, rubric)
+        (held if oasst.is_eval_question(conv["prompt_id"], args.eval_fraction, seed) else train).extend(rows)
+    write_jsonl(out / "eft.jsonl", train)
+    write_jsonl(out / "eft_eval.jsonl", held)
+    manifest = {
+        "source": source,
+        "lang": args.lang,
+        "seed": seed,
+        "messages": len(messages),
+        "removed_messages": dict(removed),
+        "first_turn_prompts": len(conversations),
+        "ift_rows": len(ift),
+        "ift_skipped": dict(ift_counts),
+        "eft_candidate_prompts": len(candidates),
+        "eft_dropped_prompts": dict(eft_counts),
+        "eft_rows": len(train),
+        "eft_eval_rows": len(held),
+        "eval_fraction": args.eval_fraction,
+        "judge": {"model": str(judge_path), "template": config.judge.template, "num_samples": config.judge.num_samples},
+        "config": args.config,
+    }
+    write_json(out / "manifest.json", manifest)
+    print(
+        f"[prepare_data] {len(ift)} IFT rows, {len(train)} EFT train rows and {len(held)} eval rows from "
+        f"{len(candidates)} ranked prompts ({eft_counts['judge_disagrees_with_humans']} dropped: the judge ranked "
+        f"them otherwise) in {out}",
+        flush=True,
+    )
+    if config.oxen.enabled and not args.no_oxen:
+        files = [out / n for n in ("ift.jsonl", "eft.jsonl", "eft_eval.jsonl", "manifest.json")]
+        cfg = dataclasses.replace(config.oxen, repo=None)  # the repository lives in DIR
+        made, _ = versioning.commit(cfg, out, files, f"prepare_data: {len(ift)} IFT, {len(train)} + {len(held)} EFT")
+        if made:
+            cli.log.info("oxen commit %s", made[:12])
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -135,6 +135,7 @@ def judge_candidates(config, judge_path, candidates: list[dict], out: Path, stam
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="[prepare_data] %(message)s")
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # a harmless note on CPU
     config = load_config(args.config)
     seed = config.seed if args.seed is None else args.seed
     out = args.out
@@ -182,6 +183,9 @@ def main() -> None:
         "ift_skipped": dict(ift_counts),
         "eft_candidate_prompts": len(candidates),
         "eft_dropped_prompts": dict(eft_counts),
+        # a small judge often writes no score line at all: then no ranking can agree
+        "judgments_with_a_score": sum(j["score"] is not None for r in judged for js in r for j in js),
+        "judgments": sum(len(js) for r in judged for js in r),
         "eft_rows": len(train),
         "eft_eval_rows": len(held),
         "eval_fraction": args.eval_fraction,

@@ -153,6 +153,7 @@ def test_prepare_data_writes_files_the_loop_accepts(tmp_path, monkeypatch, run_s
     assert all(r["justification"].endswith(f"Score: {r['score']}") for r in eft)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["eft_dropped_prompts"] == {"judge_disagrees_with_humans": 1}
+    assert manifest["judgments"] == manifest["judgments_with_a_score"] == 12 * 3
     assert manifest["removed_messages"]["later_turn"] == 2 and manifest["ift_rows"] == 5
     assert manifest["eft_rows"] + manifest["eft_eval_rows"] == 10
 

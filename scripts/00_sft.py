@@ -6,7 +6,8 @@ Writes: <run>/M0/train/{ift,eft,eft_constructed}.jsonl (the rows used), M0/train
         M0/train_log.jsonl, M0/tensorboard/ (with sft.report_to: tensorboard), M0/00_sft.{manifest.json,config.yaml}
 
 data.heldout_prompts IFT rows and data.heldout_eft_questions EFT questions (with all their answers)
-are drawn by a hash of the seed and their ids and set aside: no stage trains on them or shows them
+are drawn by a hash of the seed and their ids and set aside (or data.heldout_eft, a file of its own, is
+the held-out EFT set, as prepare_data.py's eft_eval.jsonl): no stage trains on them or shows them
 as shots, so stage 06 can compare models and measure the judge on them. data.off_topic_eft_rows adds
 judge rows made from the training EFT rows alone (a good answer given to another question, graded 0),
 each with its origin, in eft_constructed.jsonl.
@@ -44,15 +45,27 @@ def check_eft_scores(rows: list[dict], path: str) -> None:
 def main() -> None:
     stage = cli.parse_stage("00_sft", __doc__, iteration=False)
     config, layout = stage.config, stage.layout
-    stage.begin(inputs=[config.data.ift, config.data.eft, *template_files(config.judge)])
+    heldout_file = config.data.heldout_eft
+    stage.begin(inputs=[config.data.ift, config.data.eft, *([heldout_file] if heldout_file else []),
+                        *template_files(config.judge)])  # fmt: skip
     ift = read_jsonl(config.data.ift, IFT, id_field="id")
     eft = read_jsonl(config.data.eft, EFT, id_field="id")
     check_eft_scores(eft, config.data.eft)
     if not ift and not eft:
         raise cli.StageError(f"no training rows in {config.data.ift} or {config.data.eft}")
+    questions = 0 if heldout_file else config.data.heldout_eft_questions
     ift, eft, heldout_prompts, heldout_eft = split_heldout(
-        ift, eft, config.data.heldout_prompts, config.data.heldout_eft_questions, config.seed
+        ift, eft, config.data.heldout_prompts, questions, config.seed
     )
+    if heldout_file:
+        heldout_eft = read_jsonl(heldout_file, EFT, id_field="id")
+        check_eft_scores(heldout_eft, heldout_file)
+        shared = {r["prompt"] for r in heldout_eft} & {r["prompt"] for r in eft}
+        if shared:
+            raise RecordError(
+                f"{heldout_file}: {len(shared)} question(s) also in {config.data.eft}, e.g. "
+                f"{sorted(shared)[0][:80]!r}: the judge would be measured on questions it was trained on"
+            )
     constructed = off_topic_rows(eft, config.data.off_topic_eft_rows, config.seed)
     stage.start_writing()
     train_dir = layout.train_dir(0)

@@ -169,7 +169,7 @@ def main() -> None:
             eft_counts["judge_disagrees_with_humans"] += 1
             continue
         rows = oasst.eft_rows(conv, replies, rubric)
-        (held if oasst.is_eval_question(conv["prompt_id"], args.eval_fraction, seed) else train).extend(rows)
+        (held if oasst.is_eval_question(conv["prompt"], args.eval_fraction, seed) else train).extend(rows)
     write_jsonl(out / "eft.jsonl", train)
     write_jsonl(out / "eft_eval.jsonl", held)
     manifest = {

@@ -30,6 +30,9 @@ class DataConfig:
     # measures the judge on.
     heldout_prompts: int = 8
     heldout_eft_questions: int = 30  # 120 answers: about 170 scored pairs, enough for a useful interval
+    # A separate file of held-out judge rows (EFT format), e.g. prepare_data.py's eft_eval.jsonl, the
+    # paper's eval split: used instead of drawing data.heldout_eft_questions from data.eft.
+    heldout_eft: str | None = None
     # Judge rows made by construction from the training EFT rows (never the held-out ones): a good
     # answer to one question given to another, graded 0. Written with their origin to M0/train/.
     off_topic_eft_rows: int = 0

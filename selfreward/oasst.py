@@ -166,10 +166,10 @@ def ranking_agrees(ranks: list[int], scores: list[float | None]) -> bool:
     return True
 
 
-def is_eval_question(prompt_id: str, fraction: float, seed: int) -> bool:
-    """Whether a question goes to the EFT eval split: a hash of the seed and its id, so the split does not
-    depend on the file's order and all of a question's rows go the same way."""
-    digest = hashlib.sha256(f"{seed}\x00{prompt_id}".encode()).digest()
+def is_eval_question(question: str, fraction: float, seed: int) -> bool:
+    """Whether a question goes to the EFT eval split: a hash of the seed and its text, so the split does
+    not depend on the file's order, and a question asked in several trees goes one way only."""
+    digest = hashlib.sha256(f"{seed}\x00{question}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 

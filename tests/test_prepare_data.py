@@ -159,9 +159,17 @@ def test_prepare_data_writes_files_the_loop_accepts(tmp_path, monkeypatch, run_s
 
     # The loop takes the files through data.ift / data.eft as they are.
     run = tmp_path / "run"
-    run_stage("00_sft", "--run-dir", str(run), "--config", config, "--data.ift", str(out / "ift.jsonl"),
-              "--data.eft", str(out / "eft.jsonl"), "--data.heldout_eft_questions", "1", "--no-oxen")  # fmt: skip
+    data = ["--data.ift", str(out / "ift.jsonl"), "--data.eft", str(out / "eft.jsonl"), "--no-oxen"]
+    run_stage(
+        "00_sft", "--run-dir", str(run), "--config", config, *data, "--data.heldout_eft", str(out / "eft_eval.jsonl")
+    )
     assert json.loads((run / "M0" / "00_sft.manifest.json").read_text())["complete"]
+    # the eval split is the held-out set stages 03 and 06 measure the judge on; the train split is all trained on
+    assert read_jsonl(run / "M0" / "train" / "heldout_eft.jsonl") == held
+    assert read_jsonl(run / "M0" / "train" / "eft.jsonl") == train
+    overlap = run_stage("00_sft", "--run-dir", str(tmp_path / "run2"), "--config", config, *data,
+                        "--data.heldout_eft", str(out / "eft.jsonl"), check=False)  # fmt: skip
+    assert overlap.returncode == 2 and "the judge would be measured on questions it was trained on" in overlap.stderr
 
     # A rerun with the baseline in place trains nothing again and writes the same files.
     before = {n: (out / n).read_bytes() for n in ("ift.jsonl", "eft.jsonl", "eft_eval.jsonl")}

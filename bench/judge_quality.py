@@ -25,6 +25,9 @@ format, SFT steps, how the score is read):
                   the justification's tokens?
   eft-all-first-120  eft-first-120 with LoRA on every layer and on the MLP too (lora.last_layers 0,
                   q/k/v/o/gate/up/down): does the adapter's reach limit what the judge learns?
+  base-pairwise, new-first-25-pairwise  the base model and new-first-25's judge asked which of two
+                  answers is better (stage 06's A/B prompt), each pair in both orders, the two
+                  probabilities averaged: is comparing easier than grading for a small model?
 One JSON line per variant on stdout and in --out.
 """
 
@@ -57,6 +60,9 @@ VARIANTS = {
     "eft-first-120": ("eft", "score_first", 120, "score_first"),
     "eft-offtopic-first-120": ("eft", "score_first", 120, "score_first", ["--data.off_topic_eft_rows", "164"]),
     "eft-scoreonly-120": ("eftscore", "score_first", 120, "score_first"),
+    # the same judges asked to compare two answers (A or B, both orders) instead of grading one
+    "base-pairwise": (None, None, 0, "pairwise"),
+    "new-first-25-pairwise": ("new", "score_first", 25, "pairwise"),
     "eft-all-first-120": ("eft", "score_first", 120, "score_first",
                           ["--lora.last_layers", "0", "--lora.target_modules",
                            '["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]']),
@@ -87,7 +93,9 @@ def prepare(work: Path, config) -> dict[str, Path]:
 
 def run_variant(name: str, args, files: dict[str, Path], work: Path) -> dict:
     data, target, steps, reading, *extra = VARIANTS[name]
-    config = load_config(args.config, {"judge.mode": "logits", "judge.format": reading})
+    pairwise = reading == "pairwise"
+    config = load_config(args.config, {"judge.mode": "logits", "judge.format": target or "score_first"} if pairwise
+                         else {"judge.mode": "logits", "judge.format": reading})  # fmt: skip
     started = time.time()
     result = {"bench": "judge_quality", "variant": name, "data": data, "target": target, "steps": steps,
               "reading": reading}  # fmt: skip
@@ -115,7 +123,14 @@ def run_variant(name: str, args, files: dict[str, Path], work: Path) -> dict:
     budget = prompt_budget(backend.context_length, config.model, config.judge.max_new_tokens + 2)
     held = read_jsonl(files["heldout"], EFT, id_field="id")
     judged_at = time.time()
-    quality = measure_judge(backend, held, config.judge, budget=budget, samples=1000, seed=config.seed)
+    if pairwise:
+        from selfreward.evaluation import measure_pairwise_judge
+
+        quality = measure_pairwise_judge(backend, held, template=None, batch_size=config.judge.batch_size,
+                                         budget=prompt_budget(backend.context_length, config.model, 1),
+                                         samples=1000, seed=config.seed)  # fmt: skip
+    else:
+        quality = measure_judge(backend, held, config.judge, budget=budget, samples=1000, seed=config.seed)
     backend.close()
     result.update(judge_seconds=round(time.time() - judged_at, 1), seconds=round(time.time() - started, 1), **quality)
     return result

@@ -137,6 +137,55 @@ def judge_quality(rows: list[dict], scores: list[float | None], *, samples: int 
     return result
 
 
+def measure_pairwise_judge(
+    backend, rows: list[dict], *, template: str | None, batch_size: int, budget: int, samples: int, seed: int
+) -> dict:
+    """The judge comparing two answers instead of grading one: for every two held-out answers to the same
+    question with different human scores, P("A") with each answer first, averaged over both orders
+    (which cancels a preference for a position). Pairwise accuracy counts a pair right when the judge's
+    averaged preference points to the answer humans scored higher (exactly 0.5 counts half); position
+    bias is the share of pairs where the letter picked did not change with the order."""
+    chat = backend.chat
+    letters = [chat.encode(x) for x in ("A", "B")]
+    if any(len(ids) != 1 for ids in letters):
+        raise ValueError("the pairwise judge needs a tokenizer where 'A' and 'B' are single tokens")
+    pairs = [
+        (i, j)
+        for i in range(len(rows))
+        for j in range(i + 1, len(rows))
+        if rows[i]["prompt"] == rows[j]["prompt"] and rows[i]["score"] != rows[j]["score"]
+    ]
+    prompts = []
+    for i, j in pairs:
+        q, a, b = rows[i]["prompt"], rows[i]["response"], rows[j]["response"]
+        prompts += [
+            chat.fit(pairwise_prompt(q, a, b, template), budget)[0],
+            chat.fit(pairwise_prompt(q, b, a, template), budget)[0],
+        ]
+    probs = backend.next_token_probs(prompts, [letters[0][0], letters[1][0]], batch_size, desc="comparing")
+    right, same_letter = [], []
+    for k, (i, j) in enumerate(pairs):
+        first, second = probs[2 * k], probs[2 * k + 1]
+        p_i = (first[0] / sum(first) + second[1] / sum(second)) / 2  # i as A, then i as B
+        humans_pick_i = rows[i]["score"] > rows[j]["score"]
+        right.append(0.5 if p_i == 0.5 else float((p_i > 0.5) == humans_pick_i))
+        same_letter.append(float((first[0] >= first[1]) == (second[0] >= second[1])))
+    questions = [rows[i]["prompt"] for i, _ in pairs]
+
+    def figures(idx: list[int], group_of: list[str]) -> dict[str, float | None]:
+        return {
+            "pairwise_accuracy": sum(right[i] for i in idx) / len(idx) if idx else None,
+            "position_bias": sum(same_letter[i] for i in idx) / len(idx) if idx else None,
+        }
+
+    point = figures(list(range(len(pairs))), questions)
+    result = {"rows": len(rows), "pairs": len(pairs), "comparisons": len(prompts)}
+    result.update({k: None if v is None else round(v, 4) for k, v in point.items()})
+    found = bootstrap_intervals(questions, figures, samples=samples, seed=seed) if samples else {}
+    result["intervals"] = {k: [round(found[k][0], 4), round(found[k][1], 4)] if found.get(k) else None for k in point}
+    return result
+
+
 def drift(responses: list[dict], scores: list[dict], pairs: list[dict], prompts: int) -> dict:
     """The signs of a loop going wrong in one iteration's files: length, diversity, score pile-up, ties."""
     texts = [r["response"] for r in responses]

@@ -153,3 +153,41 @@ def test_eval_on_any_prompts_file(tiny_run, run_stage, tmp_path):
     run_stage("06_eval", "--run-dir", str(run), "--iteration", "1", "--prompts", str(prompts), "--no-oxen")
     result = json.loads(RunLayout(run).eval_result(1).read_text())
     assert result["prompts_file"] == str(prompts) and result["head_to_head"]["M1 vs M0"]["prompts"] == 2
+
+
+def test_the_pairwise_judge_is_scored_over_both_orders():
+    from types import SimpleNamespace
+
+    from selfreward.chat import ChatFormat
+    from selfreward.config import ModelConfig
+    from selfreward.evaluation import measure_pairwise_judge
+    from selfreward.models import TINY, load_tokenizer, resolve_model_path
+
+    chat = ChatFormat.from_tokenizer(load_tokenizer(resolve_model_path(TINY), ModelConfig(name_or_path=TINY)))
+    rows = [
+        {"prompt": f"q{q}", "response": text, "score": score}
+        for q in range(3)
+        for text, score in (("a good answer", 5), ("a fair answer", 3), ("bad", 0), ("also bad", 0))
+    ]
+
+    def judge(prefers):
+        def probs(prompts, token_ids, batch_size, desc=""):
+            return [prefers(p) for p in prompts]
+
+        return SimpleNamespace(chat=chat, next_token_probs=probs)
+
+    def first_listed_better(prompt):  # the answer shown first is the better one by human score
+        a, b = prompt.split("<answer_a>")[1], prompt.split("<answer_b>")[1]
+        rank = {"a good answer": 2, "a fair answer": 1}
+        better_a = max((v for k, v in rank.items() if k in a), default=0) > max(
+            (v for k, v in rank.items() if k in b), default=0
+        )
+        return [0.9, 0.1] if better_a else [0.1, 0.9]
+
+    knows = measure_pairwise_judge(judge(first_listed_better), rows, template=None, batch_size=4, budget=10_000,
+                                   samples=50, seed=0)  # fmt: skip
+    assert knows["pairs"] == 3 * 5 and knows["comparisons"] == 30  # 6 pairs per question minus the 0-0 tie
+    assert knows["pairwise_accuracy"] == 1.0 and knows["position_bias"] == 0.0
+    always_a = measure_pairwise_judge(judge(lambda p: [0.8, 0.2]), rows, template=None, batch_size=4, budget=10_000,
+                                      samples=50, seed=0)  # fmt: skip
+    assert always_a["pairwise_accuracy"] == 0.5 and always_a["position_bias"] == 1.0  # both orders cancel out

@@ -52,13 +52,14 @@ def main() -> None:
     if margin == "auto":
         margin = (check.get("noise") or {}).get("max_change") or 0.0
         cli.log.info("min_margin auto: %.4f, the judge noise stage 03 measured", margin)
-    pairs, dropped = build_pairs(scored, margin)
+    tolerance = config.preferences.length_tolerance if config.preferences.length_control else None
+    pairs, dropped = build_pairs(scored, margin, tolerance)
     stand_in_scores = False
     if not pairs and stage.dry_run:
         # A random model writes no "Score: N": rank the answers by their sample index instead, so the
         # dry run still trains DPO on pairs of the configured shape.
         scored = [{**r, "score": float(-r["sample_index"])} for r in scored]
-        pairs, dropped = build_pairs(scored, margin)
+        pairs, dropped = build_pairs(scored, margin, tolerance)
         stand_in_scores = True
         cli.log.info("dry run: the stand-in judged nothing; %d pairs ranked by sample index", len(pairs))
     prompts = len({r["prompt_id"] for r in scored})
@@ -74,6 +75,7 @@ def main() -> None:
             "prompts": prompts,
             "dropped": dict(dropped),
             "min_margin": margin,
+            "shorter_chosen": sum(bool(p.get("chosen_by_length")) for p in pairs),
             **({"stand_in_scores": True} if stand_in_scores else {}),
             "gate": {"setting": config.judge.gate, "better_than_chance": good, "verdict": line},
         },

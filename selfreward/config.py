@@ -164,6 +164,10 @@ class PreferenceConfig:
     # Drop pairs whose score gap is below this (ties are always dropped); "auto": below the noise
     # stage 03 measured by judging some answers twice.
     min_margin: float | str = 0.0
+    # Meta-Rewarding's rule against answers that grow longer every iteration: among the answers scored
+    # within length_tolerance of the best, the shortest is chosen (the rejected one is still the worst).
+    length_control: bool = False
+    length_tolerance: float = 0.25
 
 
 @dataclass

@@ -218,6 +218,8 @@ def drift(responses: list[dict], scores: list[dict], pairs: list[dict], prompts:
         else None,
         "pair_yield": round(len(pairs) / prompts, 4) if prompts else None,
         "chosen_minus_rejected_chars": mean([len(p["chosen"]) - len(p["rejected"]) for p in pairs]),
+        # preferences.length_control: pairs whose chosen answer is a shorter one than the top-scored
+        "shorter_chosen": sum(bool(p.get("chosen_by_length")) for p in pairs),
     }
 
 

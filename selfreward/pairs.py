@@ -5,12 +5,16 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 
-def build_pairs(scored: list[dict], min_margin: float = 0.0) -> tuple[list[dict], Counter]:
+def build_pairs(
+    scored: list[dict], min_margin: float = 0.0, length_tolerance: float | None = None
+) -> tuple[list[dict], Counter]:
     """One pair per prompt, chosen = highest score, rejected = lowest; returns (pairs, why prompts were dropped).
 
     Responses with a null score never take part. A prompt is dropped when fewer than two responses
     were scored, when best and worst tie, when their texts are the same, or when the gap is below
     `min_margin`. Among equal scores the lower sample index wins, so the result is deterministic.
+    With `length_tolerance` (preferences.length_control), chosen is the shortest answer scored within
+    that much of the best, and the pair records `chosen_by_length` when that is not the best one.
     """
     by_prompt: dict[str, list[dict]] = defaultdict(list)
     for row in scored:
@@ -21,8 +25,12 @@ def build_pairs(scored: list[dict], min_margin: float = 0.0) -> tuple[list[dict]
         if len(valid) < 2:
             dropped["fewer_than_two_scored"] += 1
             continue
-        chosen = max(valid, key=lambda r: r["score"])
+        best = max(valid, key=lambda r: r["score"])
+        chosen = best
         rejected = min(valid, key=lambda r: r["score"])
+        if length_tolerance is not None:
+            near = [r for r in valid if r["score"] >= best["score"] - length_tolerance and r is not rejected]
+            chosen = min(near or [best], key=lambda r: len(r["response"]))
         if chosen["score"] == rejected["score"]:
             dropped["tie"] += 1
         elif chosen["response"].strip() == rejected["response"].strip():
@@ -38,6 +46,7 @@ def build_pairs(scored: list[dict], min_margin: float = 0.0) -> tuple[list[dict]
                     "rejected": rejected["response"],
                     "score_chosen": chosen["score"],
                     "score_rejected": rejected["score"],
+                    **({"chosen_by_length": chosen is not best} if length_tolerance is not None else {}),
                 }
             )
     return pairs, dropped

@@ -197,11 +197,11 @@ def write_report(layout: RunLayout) -> Path:
               "chance when the interval of its pairwise accuracy lies above 0.5.", ""]  # fmt: skip
     lines += ["", f"![judge quality](report/{plots['judge']})", ""]
     keys = ("response_tokens", "response_chars", "distinct_1", "distinct_2", "mean_score", "score_spread", "tie_rate",
-            "parse_failure_rate", "pair_yield", "chosen_minus_rejected_chars")  # fmt: skip
+            "parse_failure_rate", "pair_yield", "chosen_minus_rejected_chars", "shorter_chosen")  # fmt: skip
     lines += ["## Drift", "", "| iteration | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
               "|---" * (len(keys) + 1) + "|"]  # fmt: skip
     for e in evals:
-        lines.append(f"| {e['iteration']} | " + " | ".join(_fmt(e["drift"][k]) for k in keys) + " |")
+        lines.append(f"| {e['iteration']} | " + " | ".join(_fmt(e["drift"].get(k)) for k in keys) + " |")
     lines += ["", f"![scores](report/{plots['scores']})", "", f"![response length](report/{plots['lengths']})", ""]
     lines += ["## DPO training", "", f"![DPO training](report/{plots['dpo']})", ""]
     write_text(layout.report, "\n".join(lines))

@@ -5,9 +5,10 @@ Writes: <run>/M<t>/train/preferences.jsonl (a copy), M<t>/adapter/ (LoRA), M<t>/
         M<t>/lineage.json, M<t>/train_log.jsonl, M<t>/tensorboard/ (with dpo.report_to: tensorboard),
         M<t>/05_dpo.{manifest.json,config.yaml}
 
-TRL's DPOTrainer with LoRA; the reference model is M<t-1> itself (the adapter switched off), beta
-= dpo.beta. Prompts and answers are rendered with the same chat template generation used. With zero
-pairs the stage exits with code 3 and says why, instead of failing inside the trainer.
+TRL's DPOTrainer with LoRA; the reference model is M<t-1> itself (the adapter switched off), or M0
+with dpo.reference initial (recorded in the lineage); beta = dpo.beta. Prompts and answers are
+rendered with the same chat template generation used. With zero pairs the stage exits with code 3
+and says why, instead of failing inside the trainer.
 
     python scripts/05_dpo.py --run-dir runs/demo --iteration 1
 """
@@ -26,7 +27,9 @@ def main() -> None:
     stage = cli.parse_stage("05_dpo", __doc__)
     config, layout, t = stage.config, stage.layout, stage.iteration
     pairs_path = layout.generated(t, "preferences")
-    stage.begin(inputs=[pairs_path, layout.model(t - 1)])
+    # dpo.reference initial: M0 stays the reference at every iteration (at iteration 1 it is the parent)
+    reference = layout.model(0) if config.dpo.reference == "initial" and t > 1 else None
+    stage.begin(inputs=[pairs_path, layout.model(t - 1), *([reference] if reference else [])])
     pairs = read_jsonl(pairs_path, PREFERENCE, id_field="prompt_id")
     if not pairs:
         made = read_manifest(layout.manifest("04_gen_preferences", t)) or {}
@@ -53,7 +56,9 @@ def main() -> None:
         }
         for p in pairs
     ]
-    trainer = build_dpo_trainer(parent, rows, config, stage.checkpoints(t), logs=layout.tensorboard(t))
+    trainer = build_dpo_trainer(
+        parent, rows, config, stage.checkpoints(t), logs=layout.tensorboard(t), reference=reference and str(reference)
+    )
     history = train_and_merge(
         trainer, parent, config, adapter_dir=layout.adapter(t), model_dir=layout.model(t), log_path=layout.train_log(t)
     )
@@ -67,6 +72,7 @@ def main() -> None:
         parent=parent,
         data=[train_copy],
         config=config,
+        reference=str(reference or parent),
     )
     shutil.rmtree(layout.checkpoints(t), ignore_errors=True)
     stage.finish(

@@ -87,6 +87,10 @@ class TrainConfig:
 class DPOConfig(TrainConfig):
     learning_rate: float = 5e-5
     beta: float = 0.1
+    # The model DPO keeps M<t> close to: "previous" is M<t-1>, the paper's (its adapter switched off,
+    # no second copy); "initial" is M0 at every iteration, RLHFlow's iterative DPO (from iteration 2 a
+    # second model is held in memory, quantized like the first).
+    reference: str = "previous"
 
 
 @dataclass
@@ -242,6 +246,7 @@ CHOICES = {
     "preferences.min_margin": ("auto",),
     "sft.report_to": ("none", "tensorboard", "wandb"),
     "dpo.report_to": ("none", "tensorboard", "wandb"),
+    "dpo.reference": ("previous", "initial"),
 }
 
 

@@ -431,10 +431,12 @@ def _training_row(stage: str, config: Config, real_config, counts: dict, dpo: bo
     what = f"{'DPO' if dpo else 'SFT'} {train.batch_size} x {train.max_length} tokens"
     what += f"{' x 2 (chosen, rejected)' if dpo else ''}, {'4-bit' if four_bit else config.model.dtype}"
     what += ", checkpointing" if train.gradient_checkpointing else ""
+    copies = 2 if dpo and config.dpo.reference == "initial" else 1  # M0 held beside the policy from iteration 2
+    what += ", reference M0 held too" if copies == 2 else ""
     return MemoryRow(
         stage,
         what,
-        weights=weight_bytes(counts, config.model.dtype, four_bit),
+        weights=copies * weight_bytes(counts, config.model.dtype, four_bit),
         trainable=16 * counts["lora"],
         activations=kept + logits,
     )

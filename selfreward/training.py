@@ -143,7 +143,16 @@ def build_sft_trainer(parent: str, rows: list[dict], config: Config, checkpoints
     return _adapter_in_float32(trainer)
 
 
-def build_dpo_trainer(parent: str, rows: list[dict], config: Config, checkpoints: Path, logs: Path | None = None):
+def build_dpo_trainer(
+    parent: str,
+    rows: list[dict],
+    config: Config,
+    checkpoints: Path,
+    logs: Path | None = None,
+    reference: str | None = None,
+):
+    """A DPOTrainer with LoRA on `parent`. The reference is `parent` with the adapter switched off, or the
+    model in `reference` (dpo.reference initial: M0), loaded frozen and quantized like the policy."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -152,9 +161,13 @@ def build_dpo_trainer(parent: str, rows: list[dict], config: Config, checkpoints
     tokenizer = load_tokenizer(parent, config.model)
     args = DPOConfig(**_trainer_args(config.dpo, config, checkpoints), beta=config.dpo.beta)
     model = _load_for_training(parent, config, config.dpo)
+    ref_model = None
+    if reference is not None:
+        ref_model = load_model(reference, config.model, quantize=config.model.load_in_4bit).eval()
+        ref_model.requires_grad_(False)
     trainer = DPOTrainer(
         model=model,
-        ref_model=None,
+        ref_model=ref_model,
         args=args,
         train_dataset=Dataset.from_list(_for_trainer(tokenizer, rows)),
         processing_class=tokenizer,
@@ -221,7 +234,15 @@ class _CheckpointFailpoint(TrainerCallback):
 
 
 def write_lineage(
-    path: Path, *, model: str, stage: str, base: str, parent: str, data: list[Path], config: Config
+    path: Path,
+    *,
+    model: str,
+    stage: str,
+    base: str,
+    parent: str,
+    data: list[Path],
+    config: Config,
+    reference: str | None = None,
 ) -> None:
     """Where a model came from: enough to retrace it without reading logs."""
     from selfreward.records import path_fingerprint, write_json
@@ -233,6 +254,7 @@ def write_lineage(
             "stage": stage,
             "base": base,
             "parent": parent,
+            **({"reference": reference} if reference else {}),  # DPO: the model its loss kept it close to
             "data": [{"path": str(p), "fingerprint": path_fingerprint(p)} for p in data],
             "config": config.to_dict(),
         },

@@ -200,3 +200,39 @@ def test_trainer_metrics_go_to_tensorboard_inside_the_run(tiny_run):
         events = EventAccumulator(str(layout.tensorboard(t))).Reload()
         assert "train/loss" in events.Tags()["scalars"], f"M{t}: {events.Tags()['scalars']}"
         assert f"M{t}/tensorboard" in json.loads(layout.manifest(stage, t).read_text())["versioned"]
+
+
+def test_dpo_reference_initial_keeps_m0_as_the_reference(tiny_run, tmp_path, run_stage):
+    """dpo.reference initial (RLHFlow's iterative DPO): from iteration 2 the reference is M0, not M1."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from selfreward.chat import ChatFormat
+    from selfreward.config import load_config
+    from selfreward.models import load_tokenizer
+    from selfreward.training import build_dpo_trainer
+
+    layout = RunLayout(tiny_run)
+    config = load_config(layout.config, {"dpo.reference": "initial"})
+    chat = ChatFormat.from_tokenizer(load_tokenizer(layout.model(1), config.model))
+    rows = [{"prompt": chat.prompt("Name a colour."), "chosen": chat.completion("Blue."),
+             "rejected": chat.completion("No.")}]  # fmt: skip
+    trainer = build_dpo_trainer(str(layout.model(1)), rows, config, tmp_path / "dpo", reference=str(layout.model(0)))
+    m0 = AutoModelForCausalLM.from_pretrained(layout.model(0))
+    m1 = AutoModelForCausalLM.from_pretrained(layout.model(1))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    ref = dict(trainer.ref_model.named_parameters())[name]
+    assert torch.equal(ref, dict(m0.named_parameters())[name])
+    assert not torch.equal(ref, dict(m1.named_parameters())[name])  # DPO moved M1 away from M0
+    assert not any(p.requires_grad for p in trainer.ref_model.parameters())
+    assert build_dpo_trainer(str(layout.model(1)), rows, config, tmp_path / "dpo2").ref_model is None  # previous
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns(".oxen"))
+    run_stage("05_dpo", "--run-dir", str(run), "--iteration", "2", "--dpo.reference", "initial", "--no-oxen")
+    lineage = json.loads(RunLayout(run).lineage(2).read_text())
+    assert lineage["reference"] == str(RunLayout(run).model(0)) and lineage["parent"] == str(RunLayout(run).model(1))
+    default = json.loads(RunLayout(tiny_run).lineage(2).read_text())
+    assert default["reference"] == default["parent"]  # dpo.reference previous: the paper's M<t-1>

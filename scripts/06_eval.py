@@ -23,7 +23,7 @@ Writes: <run>/M<t>/eval/eval.json and eval.{manifest.json,config.yaml}; <run>/re
 from pathlib import Path
 
 from selfreward import cli
-from selfreward.evaluation import drift, head_to_head, measure_judge, pairwise_prompt
+from selfreward.evaluation import ab_token_ids, drift, head_to_head, measure_judge, pairwise_prompt
 from selfreward.generation import Sampling, load_backend
 from selfreward.judge import pairwise_template, template_files
 from selfreward.models import prompt_budget
@@ -38,11 +38,12 @@ def option(parser) -> None:
 def pick_letters(backend, rows: list[tuple[str, str, str]], batch_size: int, budget: int, template: str) -> list[str]:
     """The judge's pick, "A" or "B", for each (question, answer A, answer B), asked with `template`."""
     chat = backend.chat
-    letters = [chat.encode(x) for x in ("A", "B")]
-    if any(len(ids) != 1 for ids in letters):
-        raise cli.StageError("the head-to-head judge needs a tokenizer where 'A' and 'B' are single tokens")
+    try:
+        letter_ids = ab_token_ids(chat)
+    except ValueError as exc:
+        raise cli.StageError(f"the head-to-head judge: {exc}") from None
     prompts = [chat.fit(pairwise_prompt(q, a, b, template), budget)[0] for q, a, b in rows]
-    probs = backend.next_token_probs(prompts, [letters[0][0], letters[1][0]], batch_size, desc="head-to-head")
+    probs = backend.next_token_probs(prompts, letter_ids, batch_size, desc="head-to-head")
     return ["A" if p[0] >= p[1] else "B" for p in probs]
 
 

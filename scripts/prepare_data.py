@@ -69,7 +69,7 @@ def hub_messages(name: str) -> list[dict]:
         ) from None
     rows = table.to_list()
     for n, row in enumerate(rows, start=1):
-        oasst._check(row, f"{name}: row {n}")
+        oasst.check_message(row, f"{name}: row {n}")
     return rows
 
 

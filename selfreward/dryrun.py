@@ -231,7 +231,7 @@ def stand_in(name_or_path: str) -> Path:
     from selfreward.models import _build_atomically, cache_dir
 
     real, where = real_architecture(name_or_path)
-    source = _local_source(name_or_path)
+    source = where if Path(where).is_dir() else None  # the model's own folder: its tokenizer is used
     fields = real.to_dict()
     digest = hashlib.sha256(json.dumps([name_or_path, fields, where], sort_keys=True, default=str).encode())
     slug = "".join(c if c.isalnum() else "-" for c in name_or_path.split("/")[-1].lower())[:40]
@@ -361,7 +361,6 @@ class MemoryRow:
     activations: int = 0  # training: kept for backward; generation: the logits of one step
     cache: int = 0  # key/value cache of one generate call, or vLLM's reservation
     host: int = 0  # host RAM of the merge
-    note: str = ""
 
     @property
     def gpu(self) -> int:

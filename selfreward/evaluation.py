@@ -87,6 +87,14 @@ def pairwise_prompt(question: str, answer_a: str, answer_b: str, template: str |
     return fill_template(template, question=question, answer_a=answer_a, answer_b=answer_b)
 
 
+def ab_token_ids(chat) -> list[int]:
+    """The token ids of "A" and "B", which the pairwise judge's next token is read over."""
+    letters = [chat.encode(x) for x in ("A", "B")]
+    if any(len(ids) != 1 for ids in letters):
+        raise ValueError("the pairwise judge needs a tokenizer where 'A' and 'B' are single tokens")
+    return [letters[0][0], letters[1][0]]
+
+
 def head_to_head(picks_x_as_a: list[str], picks_x_as_b: list[str]) -> dict:
     """Wins, ties and losses of X against Y from the judge's picks in both orders, per prompt."""
     verdicts = [both_orders_verdict(a, b) for a, b in zip(picks_x_as_a, picks_x_as_b, strict=True)]
@@ -146,9 +154,7 @@ def measure_pairwise_judge(
     averaged preference points to the answer humans scored higher (exactly 0.5 counts half); position
     bias is the share of pairs where the letter picked did not change with the order."""
     chat = backend.chat
-    letters = [chat.encode(x) for x in ("A", "B")]
-    if any(len(ids) != 1 for ids in letters):
-        raise ValueError("the pairwise judge needs a tokenizer where 'A' and 'B' are single tokens")
+    letter_ids = ab_token_ids(chat)
     pairs = [
         (i, j)
         for i in range(len(rows))
@@ -162,7 +168,7 @@ def measure_pairwise_judge(
             chat.fit(pairwise_prompt(q, a, b, template), budget)[0],
             chat.fit(pairwise_prompt(q, b, a, template), budget)[0],
         ]
-    probs = backend.next_token_probs(prompts, [letters[0][0], letters[1][0]], batch_size, desc="comparing")
+    probs = backend.next_token_probs(prompts, letter_ids, batch_size, desc="comparing")
     right, same_letter = [], []
     for k, (i, j) in enumerate(pairs):
         first, second = probs[2 * k], probs[2 * k + 1]

@@ -35,7 +35,7 @@ OPTIONAL = {
 ROLES = ("prompter", "assistant")
 
 
-def _check(row: dict, where: str) -> None:
+def check_message(row: dict, where: str) -> None:
     for name, types in {**MESSAGE, **OPTIONAL}.items():
         if name not in row:
             if name in MESSAGE:
@@ -66,10 +66,10 @@ def read_messages(path: str | Path) -> list[dict]:
         except Exception as exc:  # pyarrow's own errors name no row
             raise RecordError(f"{path}: not a readable parquet file ({exc})") from None
         for n, row in enumerate(rows, start=1):
-            _check(row, f"{path}: row {n}")
+            check_message(row, f"{path}: row {n}")
         return rows
     try:
-        return read_jsonl(path, MESSAGE, id_field="message_id", check=_check)
+        return read_jsonl(path, MESSAGE, id_field="message_id", check=check_message)
     except (OSError, EOFError) as exc:  # a torn or non-gzip .gz
         raise RecordError(f"{path}: cannot read ({exc})") from None
 

@@ -61,6 +61,29 @@ def run_driver(run_dir: Path, cache: Path, config: str = "configs/tiny.yaml", it
     )  # fmt: skip
 
 
+@pytest.fixture
+def live_models_at_load(monkeypatch) -> list[int]:
+    """How many models loaded through generation.load_backend are still alive when the next one loads:
+    a stage or tool that lets each go before loading the next records only zeros."""
+    import gc
+    import weakref
+
+    from selfreward import generation
+
+    live, alive_at_load = weakref.WeakSet(), []
+    real_load = generation.load_backend
+
+    def load_and_count(*args, **kwargs):
+        gc.collect()
+        alive_at_load.append(len(live))
+        backend = real_load(*args, **kwargs)
+        live.add(backend.model)
+        return backend
+
+    monkeypatch.setattr(generation, "load_backend", load_and_count)
+    return alive_at_load
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, cache) -> Path:
     """SFT + 2 iterations of the tiny config through self-reward.sh."""

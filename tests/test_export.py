@@ -90,26 +90,14 @@ def test_chat_with_two_models_of_a_run(tiny_run, cache):
 
 
 @pytest.mark.parametrize("mode", ["piped questions", "a terminal, models too large to share memory"])
-def test_chat_compare_holds_one_model_at_a_time(tiny_run, monkeypatch, capsys, mode):
+def test_chat_compare_holds_one_model_at_a_time(tiny_run, monkeypatch, capsys, mode, live_models_at_load):
     # Two 7B models do not share a 24 GB card: --compare must let one go before the next loads.
-    import gc
     import io
     import sys
-    import weakref
 
-    from selfreward import chat, generation
+    from selfreward import chat
 
-    live, alive_at_load = weakref.WeakSet(), []
-    real_load = generation.load_backend
-
-    def load_and_count(*args, **kwargs):
-        gc.collect()
-        alive_at_load.append(len(live))
-        backend = real_load(*args, **kwargs)
-        live.add(backend.model)
-        return backend
-
-    monkeypatch.setattr(generation, "load_backend", load_and_count)
+    alive_at_load = live_models_at_load
     questions = io.StringIO("Name a fruit.\nCount to three.\n\n")
     if mode.startswith("a terminal"):
         monkeypatch.setattr(questions, "isatty", lambda: True)

@@ -56,32 +56,17 @@ def test_training_rows_and_generation_prompts_start_with_one_bos(tmp_path, templ
     assert dpo.train_dataset[0]["prompt_ids"] == generation_ids
 
 
-def test_eval_holds_one_model_at_a_time(tiny_run, tmp_path, monkeypatch):
+def test_eval_holds_one_model_at_a_time(tiny_run, tmp_path, monkeypatch, live_models_at_load):
     # Stage 06 loads M0, M1 and M2 in turn: on a 24 GB card two 7B models do not fit at once, so each
     # must be gone before the next one loads.
-    import gc
     import runpy
     import sys
-    import weakref
-
-    from selfreward import generation
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns(".oxen"))
-    live, alive_at_load = weakref.WeakSet(), []
-    real_load = generation.load_backend
-
-    def load_and_count(*args, **kwargs):
-        gc.collect()
-        alive_at_load.append(len(live))
-        backend = real_load(*args, **kwargs)
-        live.add(backend.model)
-        return backend
-
-    monkeypatch.setattr(generation, "load_backend", load_and_count)
     monkeypatch.setattr(sys, "argv", ["06_eval.py", "--run-dir", str(run), "--iteration", "2", "--no-oxen"])
     runpy.run_path(str(REPO / "scripts" / "06_eval.py"), run_name="__main__")
-    assert alive_at_load == [0, 0, 0]  # M0, M1, M2 (M2 then judges): none alive when the next loads
+    assert live_models_at_load == [0, 0, 0]  # M0, M1, M2 (M2 then judges): none alive when the next loads
 
 
 def test_each_torchrun_rank_loads_4bit_onto_its_own_gpu(monkeypatch):

@@ -66,34 +66,6 @@ def test_qlora_sft_and_dpo_merge_into_full_precision(tiny_run, run_stage, tmp_pa
     assert lineage["config"]["model"]["load_in_4bit"] is True
 
 
-def test_dpo_runs_as_two_ddp_processes(tiny_run, cache, tmp_path):
-    """The multi-GPU launch path (torchrun, DDP), here as two CPU processes over gloo."""
-    import subprocess
-    import sys
-
-    from conftest import REPO, stage_env
-
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
-    layout = RunLayout(run)
-    shutil.rmtree(layout.model_root(1))
-    env = dict(stage_env(cache), OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-         str(REPO / "scripts" / "05_dpo.py"), "--run-dir", str(run), "--iteration", "1", "--dpo.batch_size", "2"],
-        cwd=REPO, env=env, capture_output=True, text=True,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    pairs = len((layout.train_dir(1) / "preferences.jsonl").read_text().splitlines())
-    steps = [json.loads(line).get("step") for line in layout.train_log(1).read_text().splitlines()]
-    assert (layout.model(1) / "config.json").is_file()
-    summaries = [line for line in proc.stdout.splitlines() if line.startswith("[05_dpo] iteration 1:")]
-    assert len(summaries) == 1  # one summary, from rank 0
-    # each rank takes half the pairs: ceil(pairs / (2 ranks x batch 2)) optimizer steps
-    assert json.loads(layout.manifest("05_dpo", 1).read_text())["complete"]
-    assert max(s for s in steps if s is not None) == -(-pairs // 4)
-
-
 def _contract(run) -> dict[str, object]:
     """What a run folder promises a user: its files, and the fields of every JSONL and JSON record."""
     contract = {}

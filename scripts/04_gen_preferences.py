@@ -11,13 +11,16 @@ anything, "off" does not look.
 
 A prompt yields no pair when fewer than two of its answers have a score, when best and worst tie,
 when their texts are identical, or when the gap is below preferences.min_margin ("auto": below the
-judge noise stage 03 measured); the manifest counts each reason.
+judge noise stage 03 measured); the manifest counts each reason. preferences.length_control chooses
+the shortest answer scored near the best. preferences.consistency filter (from iteration 2, CREAM)
+also drops the pair of a prompt whose answers M<t-1> and M<t-2> rank unalike (Kendall tau below
+preferences.min_agreement); every pair then records its `agreement`, and the manifest the mean.
 
     python scripts/04_gen_preferences.py --run-dir runs/demo --iteration 1
 """
 
 from selfreward import cli
-from selfreward.pairs import build_pairs
+from selfreward.pairs import build_pairs, judges_agreement
 from selfreward.records import SCORE, read_jsonl, read_manifest, write_jsonl
 
 
@@ -62,6 +65,29 @@ def main() -> None:
         pairs, dropped = build_pairs(scored, margin, tolerance)
         stand_in_scores = True
         cli.log.info("dry run: the stand-in judged nothing; %d pairs ranked by sample index", len(pairs))
+    consistency = None
+    if config.preferences.consistency != "off" and t >= 2:
+        if not any("previous_score" in r for r in scored):
+            raise cli.StageError(
+                f"{scores_path} has no previous_score: rerun stage 03 with --preferences.consistency "
+                f"{config.preferences.consistency}, so that M{t - 2} scores the answers too"
+            )
+        tau = judges_agreement(scored)
+        pairs = [{**p, "agreement": tau[p["prompt_id"]]} for p in pairs]
+        kept = [p for p in pairs if p["agreement"] >= config.preferences.min_agreement]
+        if len(kept) < len(pairs):
+            dropped["judges_disagree"] = len(pairs) - len(kept)
+        consistency = {
+            "setting": config.preferences.consistency,
+            "min_agreement": config.preferences.min_agreement,
+            # over all prompts, and over the prompts that made a pair before the filter
+            "mean_agreement": round(sum(tau.values()) / len(tau), 4) if tau else None,
+            "mean_agreement_of_pairs": round(sum(p["agreement"] for p in pairs) / len(pairs), 4) if pairs else None,
+            "dropped": len(pairs) - len(kept),
+        }
+        cli.log.info("judges M%d and M%d agree with mean Kendall tau %s; %d pairs dropped", t - 1, t - 2,
+                     consistency["mean_agreement"], consistency["dropped"])  # fmt: skip
+        pairs = kept
     prompts = len({r["prompt_id"] for r in scored})
     cli.log.info("%d pairs from %d prompts; dropped: %s", len(pairs), prompts, dict(dropped) or "none")
     out = layout.generated(t, "preferences")
@@ -76,6 +102,7 @@ def main() -> None:
             "dropped": dict(dropped),
             "min_margin": margin,
             "shorter_chosen": sum(bool(p.get("chosen_by_length")) for p in pairs),
+            **({"consistency": consistency} if consistency else {}),
             **({"stand_in_scores": True} if stand_in_scores else {}),
             "gate": {"setting": config.judge.gate, "better_than_chance": good, "verdict": line},
         },

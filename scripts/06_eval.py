@@ -23,33 +23,29 @@ Writes: <run>/M<t>/eval/eval.json and eval.{manifest.json,config.yaml}; <run>/re
 from pathlib import Path
 
 from selfreward import cli
-from selfreward.evaluation import ab_token_ids, drift, head_to_head, measure_judge, pairwise_prompt
+from selfreward.evaluation import ab_token_ids, drift, head_to_head, measure_judge
 from selfreward.generation import Sampling, load_backend
-from selfreward.judge import pairwise_template, template_files
+from selfreward.judge import judge_budget, load_judge, pairwise_template, template_files
 from selfreward.models import prompt_budget
 from selfreward.records import EFT, PREFERENCE, PROMPT, RESPONSE, SCORE, read_jsonl, read_manifest, write_json
 from selfreward.report import write_report
+from selfreward.tournament import compare
 
 
 def option(parser) -> None:
     parser.add_argument("--prompts", help="a JSONL file with a 'prompt' field per row (default: the held-out prompts)")
 
 
-def pick_letters(backend, rows: list[tuple[str, str, str]], batch_size: int, budget: int, template: str) -> list[str]:
-    """The judge's pick, "A" or "B", for each (question, answer A, answer B), asked with `template`."""
-    chat = backend.chat
+def picks_in_both_orders(judge, rows: list[tuple[str, str, str]], batch_size: int, budget: int, template: str):
+    """The judge's picks, "A" or "B", for each (question, X, Y): with X shown first, then with Y first."""
     try:
-        letter_ids = ab_token_ids(chat)
+        letter_ids = ab_token_ids(judge.chat)
     except ValueError as exc:
         raise cli.StageError(f"the head-to-head judge: {exc}") from None
-    prompts = [chat.fit(pairwise_prompt(q, a, b, template), budget)[0] for q, a, b in rows]
-    probs = backend.next_token_probs(prompts, letter_ids, batch_size, desc="head-to-head")
-    return ["A" if p[0] >= p[1] else "B" for p in probs]
-
-
-def judge_budget(backend, config) -> int:
-    reads_text = config.judge.mode == "sample" or config.judge.format == "score_last"  # it writes before the score
-    return prompt_budget(backend.context_length, config.model, config.judge.max_new_tokens + 2 if reads_text else 1)
+    found = compare(judge, rows, template=template, budget=budget, batch_size=batch_size, letter_ids=letter_ids)
+    x_first = ["A" if c["p_a_first"] >= 0.5 else "B" for c in found]
+    x_second = ["A" if c["p_a_second"] <= 0.5 else "B" for c in found]  # "A" is then Y
+    return x_first, x_second
 
 
 def measured_by_stage_03(layout, m: int, config) -> dict | None:
@@ -99,7 +95,7 @@ def main() -> None:
         budget = prompt_budget(backend.context_length, config.model, config.eval.max_new_tokens)
         gens = backend.generate([chat.fit(q, budget)[0] for q in questions], greedy, seed=config.seed, desc=f"M{m}")
         answers[m] = [g[0].text for g in gens]
-        if eft:  # the judge the loop uses: stage 03's judge.mode and judge.format
+        if eft and config.judge.mode != "reward_model":  # the judge the loop uses: stage 03's settings
             quality[f"M{m}"] = measured_by_stage_03(layout, m, config) or measure_judge(
                 backend, eft, config.judge, budget=judge_budget(backend, config), samples=config.eval.bootstrap_samples,
                 seed=config.seed,
@@ -109,13 +105,21 @@ def main() -> None:
         else:
             backend.close()
 
+    if eft and config.judge.mode == "reward_model":  # the judge is the reward model, whatever M<t> learnt
+        quality["reward model"] = measured_by_stage_03(layout, t - 1, config)
+        if not quality["reward model"]:
+            rm = load_judge(None, config)
+            budget = judge_budget(rm, config)
+            quality["reward model"] = measure_judge(
+                rm, eft, config.judge, budget=budget, samples=config.eval.bootstrap_samples, seed=config.seed
+            )
+            rm.close()
     judge = judge or load_backend(judge_path, config.model, config.generation)
     budget = prompt_budget(judge.context_length, config.model, 1)
     comparisons, template = {}, pairwise_template(config.judge)
     for other in sorted({t - 1, 0}, reverse=True):
         triples = list(zip(questions, answers[t], answers[other], strict=True))
-        x_as_a = pick_letters(judge, triples, config.eval.batch_size, budget, template)
-        x_as_b = pick_letters(judge, [(q, b, a) for q, a, b in triples], config.eval.batch_size, budget, template)
+        x_as_a, x_as_b = picks_in_both_orders(judge, triples, config.eval.batch_size, budget, template)
         comparisons[f"M{t} vs M{other}"] = head_to_head(x_as_a, x_as_b)
     judge.close()
 
@@ -124,6 +128,7 @@ def main() -> None:
 
     responses, scores = rows("responses", RESPONSE), rows("scores", SCORE)
     pairs, prompts = rows("preferences", PREFERENCE), rows("prompts", PROMPT)
+    made_pairs = read_manifest(layout.manifest("04_gen_preferences", t)) or {}
     result = {
         "iteration": t,
         "model": f"M{t}",
@@ -132,7 +137,8 @@ def main() -> None:
         "head_to_head": comparisons,
         "judge_quality": quality,
         "drift": drift(responses, scores, pairs, len(prompts)),
-        "gate": (read_manifest(layout.manifest("04_gen_preferences", t)) or {}).get("gate"),
+        "gate": made_pairs.get("gate"),
+        "consistency": made_pairs.get("consistency"),  # preferences.consistency: how alike two judges rank
         "answers": {f"M{m}": answers[m] for m in names},
     }
     out = layout.eval_result(t)

@@ -35,7 +35,7 @@ def ensure_chat_template(tokenizer, fallback_path: str | None = None) -> None:
         tokenizer.chat_template = packaged_template("fallback_chat_template.jinja")
 
 
-def _added_prefix(tokenizer) -> str:
+def tokenizer_added_prefix(tokenizer) -> str:
     """The text of the special tokens the tokenizer puts before any text when asked to (often BOS)."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a")["input_ids"]
@@ -61,7 +61,7 @@ class ChatFormat:
         full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": _MARK}], tokenize=False)
         end = full.split(_MARK, 1)[1].rstrip()
         end = end or (tokenizer.eos_token or "")
-        return cls(tokenizer=tokenizer, end_of_turn=end, added_prefix=_added_prefix(tokenizer))
+        return cls(tokenizer=tokenizer, end_of_turn=end, added_prefix=tokenizer_added_prefix(tokenizer))
 
     def prompt(self, user_text: str) -> str:
         messages = [{"role": "user", "content": user_text}]

@@ -39,7 +39,7 @@ CONFIG_SECTIONS = {
     "00_sft": ("seed", "data", "model", "lora", "sft", "judge.format", "judge.template", "judge.score_pattern"),
     "01_gen_prompts": ("seed", "model", "generation", "prompts"),
     "02_gen_responses": ("seed", "model", "generation", "responses"),
-    "03_gen_scores": ("seed", "model", "generation", "judge", "eval.bootstrap_samples"),
+    "03_gen_scores": ("seed", "model", "generation", "judge", "eval.bootstrap_samples", "preferences.consistency"),
     "04_gen_preferences": ("preferences", "judge.gate"),
     "05_dpo": ("seed", "model", "lora", "dpo"),
     "06_eval": ("seed", "model", "generation", "judge", "eval"),

@@ -137,7 +137,16 @@ class ResponseGenConfig:
 class JudgeConfig:
     # "sample": the paper's way, num_samples sampled judgments, score = mean of the valid ones.
     # "logits": one forward pass, score = expected value of the digit after "Score:".
+    # "pairwise": the answers of a prompt compared two at a time with pairwise_template, each comparison in
+    # both orders; score = 5 x the answer's win share (see ranking).
+    # "reward_model": an external reward model (reward_model) scores each answer; score = its reward.
     mode: str = "sample"
+    # judge.mode pairwise: "knockout" (N-1 comparisons per prompt, winners meet winners) or
+    # "round_robin" (all N(N-1)/2).
+    ranking: str = "knockout"
+    # judge.mode reward_model: a sequence classifier with one output (a Bradley-Terry reward model), a
+    # local folder or hub id; it reads each answer in its own chat template.
+    reward_model: str | None = None
     # What SFT teaches the judge to write, and so where the logit judge reads the score (stages 00,
     # 03, 06): "score_last" is the paper's justification then "Score: N"; "score_first" puts
     # "Score: N" first, so one forward pass reads a trained position.
@@ -153,7 +162,8 @@ class JudgeConfig:
     # A regex with a group named score that reads the judge's score from its text (the last match
     # counts); null: lines like "Score: 4". It must read the template's own score line.
     score_pattern: str | None = None
-    # Stage 06's pairwise judge: "default" or a text file with {question}, {answer_a} and {answer_b}.
+    # The pairwise judge (stage 06's head-to-head, and stage 03 with mode pairwise): "default" or a text
+    # file with {question}, {answer_a} and {answer_b}.
     pairwise_template: str = "default"
     noise_samples: int = 16  # responses judged a second time, alone, to measure the judge's noise
     num_samples: int = 3  # sampled judgments per response; the score is the mean of valid ones
@@ -172,6 +182,14 @@ class PreferenceConfig:
     # within length_tolerance of the best, the shortest is chosen (the rejected one is still the worst).
     length_control: bool = False
     length_tolerance: float = 0.25
+    # CREAM's check that the judge is not drifting: from iteration 2, stage 03 also scores the answers with
+    # the judge before it (M<t-2>), and stage 04 measures per prompt how alike the two rank the answers
+    # (Kendall tau-b; a judge that ties them all counts as 0). "filter" drops the pairs of prompts whose
+    # tau is below min_agreement; "off" does neither. (No "weight", CREAM's other way:
+    # TRL's sigmoid DPO loss takes no per-pair weight and ignores label_smoothing.) Not with judge.mode
+    # reward_model, whose judge does not change.
+    consistency: str = "off"
+    min_agreement: float = 0.0
 
 
 @dataclass
@@ -240,13 +258,15 @@ def _unknown_key(key: str, where: str) -> ConfigError:
 
 # Keys whose string values are one of a few words.
 CHOICES = {
-    "judge.mode": ("sample", "logits"),
+    "judge.mode": ("sample", "logits", "pairwise", "reward_model"),
+    "judge.ranking": ("knockout", "round_robin"),
     "judge.format": ("score_first", "score_last"),
     "judge.gate": ("warn", "stop", "off"),
     "preferences.min_margin": ("auto",),
     "sft.report_to": ("none", "tensorboard", "wandb"),
     "dpo.report_to": ("none", "tensorboard", "wandb"),
     "dpo.reference": ("previous", "initial"),
+    "preferences.consistency": ("off", "filter"),
 }
 
 
@@ -362,6 +382,11 @@ def load_config(path: str | Path, overrides: dict[str, object] | None = None) ->
     from selfreward.judge import check_judge_settings  # here: judge imports this module
 
     check_judge_settings(config.judge)
+    if config.preferences.consistency != "off" and config.judge.mode == "reward_model":
+        raise ConfigError(
+            "config key 'preferences.consistency': the reward model does not change between iterations, so "
+            "there is no earlier judge to agree with; use it with a self-judging judge.mode"
+        )
     return config
 
 

@@ -554,6 +554,8 @@ def plan(config: Config) -> Plan:
 
 def dry_config(config: Config) -> Config:
     """`config` as the dry run runs it: the stand-in on the CPU, counts cut to one step or batch."""
+    from selfreward.models import TINY_REWARD
+
     dry = dataclasses.replace
     stand = config.model.name_or_path
     if not is_stand_in(stand):
@@ -579,6 +581,8 @@ def dry_config(config: Config) -> Config:
             config.judge,
             noise_samples=min(config.judge.noise_samples, 2),
             gate="warn" if config.judge.gate == "stop" else config.judge.gate,
+            # judge.mode reward_model: a tiny random reward model stands in, as the policy's stand-in does
+            reward_model=TINY_REWARD if config.judge.reward_model else None,
         ),  # fmt: skip
         # judge_model null: the newest stand-in judges the head-to-head, not a real model from the hub
         eval=dry(config.eval, bootstrap_samples=min(config.eval.bootstrap_samples, 50), judge_model=None),

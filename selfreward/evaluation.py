@@ -153,29 +153,25 @@ def measure_pairwise_judge(
     (which cancels a preference for a position). Pairwise accuracy counts a pair right when the judge's
     averaged preference points to the answer humans scored higher (exactly 0.5 counts half); position
     bias is the share of pairs where the letter picked did not change with the order."""
-    chat = backend.chat
-    letter_ids = ab_token_ids(chat)
+    from selfreward.tournament import compare, picked_same_letter, preference
+
+    template = template if template is not None else packaged_template("pairwise_judge.txt")
     pairs = [
         (i, j)
         for i in range(len(rows))
         for j in range(i + 1, len(rows))
         if rows[i]["prompt"] == rows[j]["prompt"] and rows[i]["score"] != rows[j]["score"]
     ]
-    prompts = []
-    for i, j in pairs:
-        q, a, b = rows[i]["prompt"], rows[i]["response"], rows[j]["response"]
-        prompts += [
-            chat.fit(pairwise_prompt(q, a, b, template), budget)[0],
-            chat.fit(pairwise_prompt(q, b, a, template), budget)[0],
-        ]
-    probs = backend.next_token_probs(prompts, letter_ids, batch_size, desc="comparing")
+    matches = [(rows[i]["prompt"], rows[i]["response"], rows[j]["response"]) for i, j in pairs]
+    results = compare(
+        backend, matches, template=template, budget=budget, batch_size=batch_size, letter_ids=ab_token_ids(backend.chat)
+    )
     right, same_letter = [], []
-    for k, (i, j) in enumerate(pairs):
-        first, second = probs[2 * k], probs[2 * k + 1]
-        p_i = (first[0] / sum(first) + second[1] / sum(second)) / 2  # i as A, then i as B
+    for (i, j), r in zip(pairs, results, strict=True):
+        p_i = preference(r["p_a_first"], r["p_a_second"])  # i is answer a
         humans_pick_i = rows[i]["score"] > rows[j]["score"]
         right.append(0.5 if p_i == 0.5 else float((p_i > 0.5) == humans_pick_i))
-        same_letter.append(float((first[0] >= first[1]) == (second[0] >= second[1])))
+        same_letter.append(float(picked_same_letter(r)))
     questions = [rows[i]["prompt"] for i, _ in pairs]
 
     def figures(idx: list[int], group_of: list[str]) -> dict[str, float | None]:
@@ -185,7 +181,7 @@ def measure_pairwise_judge(
         }
 
     point = figures(list(range(len(pairs))), questions)
-    result = {"rows": len(rows), "pairs": len(pairs), "comparisons": len(prompts)}
+    result = {"rows": len(rows), "pairs": len(pairs), "comparisons": 2 * len(pairs)}
     result.update({k: None if v is None else round(v, 4) for k, v in point.items()})
     found = bootstrap_intervals(questions, figures, samples=samples, seed=seed) if samples else {}
     result["intervals"] = {k: [round(found[k][0], 4), round(found[k][1], 4)] if found.get(k) else None for k in point}
@@ -231,9 +227,19 @@ def drift(responses: list[dict], scores: list[dict], pairs: list[dict], prompts:
 
 def measure_judge(backend, eft: list[dict], cfg, *, budget: int, samples: int, seed: int) -> dict:
     """The judge `backend` holds, judged as stages 03 and 06 judge (cfg: a JudgeConfig), against the
-    human scores of the held-out EFT rows: judge_quality's figures with their intervals."""
-    from selfreward.judge import fit_judge_prompt, judge_all, mean_score, rubric_of
+    human scores of the held-out EFT rows: judge_quality's figures with their intervals (for mode
+    pairwise, measure_pairwise_judge's: pairwise accuracy and position bias)."""
+    from selfreward.judge import fit_judge_prompt, judge_all, mean_score, pairwise_template, rubric_of
 
+    if cfg.mode == "pairwise":
+        return measure_pairwise_judge(
+            backend, eft, template=pairwise_template(cfg), batch_size=cfg.batch_size, budget=budget,
+            samples=samples, seed=seed,
+        )  # fmt: skip
+    if cfg.mode == "reward_model":  # `backend` is the reward_model.RewardModel
+        rewards = backend.score([backend.render(r["prompt"], r["response"], budget)[0] for r in eft], cfg.batch_size)
+        # its rewards are on no 0-5 scale: only the figures that compare ranks mean anything
+        return {**judge_quality(eft, rewards, samples=samples, seed=seed), "exact_match": None}
     rubric = rubric_of(cfg)
     rendered = [fit_judge_prompt(backend.chat, r["prompt"], r["response"], budget, rubric)[0] for r in eft]
     judged = judge_all(backend, rendered, cfg, seed=seed)

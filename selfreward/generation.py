@@ -186,7 +186,34 @@ def run_batches(
     return results
 
 
-class HFBackend:
+class HalvesOnOutOfMemory:
+    """Runs each batch in pieces that are halved on out-of-memory; the smaller size lasts for later batches
+    and calls, since a size that ran out once will again. Shared by `HFBackend` and `reward_model.RewardModel`."""
+
+    row_limit: int | None = None  # prompts per call after an out-of-memory halving
+
+    def _halving(self, idx: list[int], run: Callable[[list[int]], list]) -> list:
+        """run(idx) in pieces; on out-of-memory the piece is halved, retried, and kept small afterwards."""
+        results: list = []
+        start = 0
+        while start < len(idx):
+            size = min(len(idx) - start, self.row_limit or len(idx))
+            part = idx[start : start + size]
+            try:
+                results += run(part)
+            except Exception as exc:
+                if not is_out_of_memory(exc) or size == 1:
+                    raise
+                self.row_limit = max(1, size // 2)
+                log.warning("out of memory with %d prompts per call: retrying with %d", size, self.row_limit)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            start += size
+        return results
+
+
+class HFBackend(HalvesOnOutOfMemory):
     """Batched generation with a Hugging Face model in this process."""
 
     name = "hf"
@@ -245,26 +272,6 @@ class HFBackend:
                 logits_to_keep=1,
             )
         return input_ids, attention, cache, out
-
-    def _halving(self, idx: list[int], run: Callable[[list[int]], list]) -> list:
-        """run(idx) in pieces; on out-of-memory the piece is halved, retried, and kept small afterwards."""
-        results: list = []
-        start = 0
-        while start < len(idx):
-            size = min(len(idx) - start, self.row_limit or len(idx))
-            part = idx[start : start + size]
-            try:
-                results += run(part)
-            except Exception as exc:
-                if not is_out_of_memory(exc) or size == 1:
-                    raise
-                self.row_limit = max(1, size // 2)
-                log.warning("out of memory with %d prompts per call: retrying with %d", size, self.row_limit)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                continue
-            start += size
-        return results
 
     # -- the Backend interface -----------------------------------------------------------------------
 

@@ -31,6 +31,8 @@ def summarize_jsonl(text: str, name: str, show_rows: int = 3) -> str:
         shown = {k: (v[:80] + "…" if isinstance(v, str) and len(v) > 80 else v) for k, v in row.items()}
         if "judgments" in shown:
             shown["judgments"] = f"[{len(row['judgments'])} judgments]"
+        if "comparisons" in shown:
+            shown["comparisons"] = f"[{len(row['comparisons'])} comparisons]"
         out.append("  " + json.dumps(shown, ensure_ascii=False))
     return "\n".join(out)
 

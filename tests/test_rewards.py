@@ -248,3 +248,28 @@ def test_stage_03_with_an_external_reward_model(tiny_run, tmp_path, run_stage):
     result = json.loads((run / "M1" / "eval" / "eval.json").read_text())
     assert set(result["judge_quality"]) == {"reward model"}
     assert result["judge_quality"]["reward model"]["measured_by"] == "03_gen_scores iteration 1"
+
+
+def test_a_rerun_ranks_only_the_prompts_a_killed_run_had_not_saved(chat):
+    from selfreward.tournament import pairwise_scores
+
+    quality = {f"{p}{k}": k for p in "xy" for k in range(3)}
+    responses = [
+        {
+            "prompt_id": p,
+            "response_id": f"{p}-r{k}",
+            "prompt": f"question {p}",
+            "response": f"{p}{k}",
+            "sample_index": k,
+        }
+        for p in "xy"
+        for k in range(3)
+    ]
+    saved = {}
+    judge = judge_by_quality(chat, quality)
+    cfg = SimpleNamespace(ranking="knockout", batch_size=4)
+    rows = pairwise_scores(judge, responses, cfg, template=TEMPLATE, budget=10_000, prompts_per_chunk=1,
+                           skip={0}, on_chunk=lambda k, done: saved.update({k: done}))  # fmt: skip
+    assert set(saved) == {1} and {r["prompt_id"] for r in rows} == {"y"}  # chunk 0 (prompt x) was saved before
+    assert all("answer_a>\nx" not in p for p in judge.asked)
+    assert [r["score"] for r in rows] == [0.0, 2.5, 5.0]  # y2 beats the winner of y0 vs y1

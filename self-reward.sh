@@ -2,18 +2,23 @@
 # The self-rewarding loop: SFT once (M0), then for each iteration t = 1..N
 #   01 prompts -> 02 responses -> 03 scores -> 04 preferences -> 05 DPO  (M<t-1> -> M<t>)
 #   -> 06 eval (M<t> vs M<t-1> and M0, judge quality, drift; rewrites <run>/report.md)
+# or, with --algorithm, SPIN (01 SFT prompts -> 02 -> 04 human vs own pairs -> 05 DPO -> 06) or RAFT
+# (01 SFT prompts -> 02 -> 03 -> 04 keep the best -> 05 SFT on them -> 06) on the same run layout.
 # Rerunning the same command resumes a run: complete stages are skipped (their Oxen commit made up if
 # a kill came between the stage's end and its commit), a killed one continues where it stopped.
 set -euo pipefail
 
 usage() {
   cat <<'TXT'
-usage: self-reward.sh [--config FILE] [--iterations N] [--run-dir DIR] [--num-processes N] [--no-oxen]
-                      [--dry-run] [-- STAGE OVERRIDES...]
+usage: self-reward.sh [--config FILE] [--iterations N] [--run-dir DIR] [--algorithm srlm|spin|raft]
+                      [--num-processes N] [--no-oxen] [--dry-run] [-- STAGE OVERRIDES...]
 
   --config FILE     run config (default: configs/smollm2-135m.yaml)
   --iterations N    self-rewarding iterations after SFT (default: 2): leaves M0 .. M<N>
   --run-dir DIR     where the run lives (default: runs/default)
+  --algorithm A     srlm (self-rewarding, the default), spin (DPO on the SFT answers against the
+                    model's own) or raft (fine-tune on the best-judged of several answers); the same as
+                    -- --algorithm A, recorded in the run's config.yaml
   --num-processes N train stages 00 and 05 as N data-parallel processes (torchrun, DDP: one per GPU;
                     gloo on a CPU); rank 0 alone writes, merges and commits (default: 1)
   --no-oxen         do not commit each stage's outputs to the run's Oxen repository
@@ -41,11 +46,13 @@ run_dir=
 num_processes=1
 dry_run=
 overrides=()
+algorithm_flag=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --config) config=${2:?--config needs a file}; shift 2 ;;
     --iterations) iterations=${2:?--iterations needs a number}; shift 2 ;;
     --run-dir) run_dir=${2:?--run-dir needs a folder}; shift 2 ;;
+    --algorithm) algorithm_flag=(--algorithm "${2:?--algorithm needs srlm, spin or raft}"); shift 2 ;;
     --num-processes) num_processes=${2:?--num-processes needs a number}; shift 2 ;;
     --no-oxen) overrides+=(--no-oxen); shift ;;
     --dry-run) dry_run=--dry-run; shift ;;
@@ -73,7 +80,9 @@ python=${PYTHON:-python}
 SELFREWARD_RUN_LOCK=$("$python" -m selfreward.runlock --run-dir "$run_dir" --fd 9 --pid $$)
 export SELFREWARD_RUN_LOCK
 
-"$python" -m selfreward.config --config "$config" --out "$run_dir/config.yaml" -- ${overrides[@]+"${overrides[@]}"}
+"$python" -m selfreward.config --config "$config" --out "$run_dir/config.yaml" -- \
+  ${overrides[@]+"${overrides[@]}"} ${algorithm_flag[@]+"${algorithm_flag[@]}"}
+stages=$("$python" -m selfreward.config --config "$run_dir/config.yaml" --stages)
 if [ -n "$dry_run" ]; then
   # Every setting that cannot work, and the memory table, before anything runs.
   "$python" -m selfreward.dryrun --config "$run_dir/config.yaml"
@@ -84,7 +93,7 @@ fi
 # no pairs, bad input...) to a file (SELFREWARD_EXIT_FILE, selfreward/cli.py) and that code counts.
 start_stage() {
   local stage=$1; shift
-  if [ "$num_processes" -gt 1 ] && { [ "$stage" = 00_sft ] || [ "$stage" = 05_dpo ]; }; then
+  if [ "$num_processes" -gt 1 ] && { [ "$stage" = 00_sft ] || [ "$stage" = 05_dpo ] || [ "$stage" = 05_raft_sft ]; }; then
     local exit_file="$run_dir/.selfreward/exit-code" rc=0
     rm -f "$exit_file"
     SELFREWARD_EXIT_FILE="$exit_file" "$python" -m torch.distributed.run --standalone \
@@ -126,7 +135,7 @@ run_stage() {
 
 run_stage 00_sft
 for ((t = 1; t <= iterations; t++)); do
-  for stage in 01_gen_prompts 02_gen_responses 03_gen_scores 04_gen_preferences 05_dpo 06_eval; do
+  for stage in $stages; do
     run_stage "$stage" --iteration "$t"
   done
 done

@@ -13,18 +13,13 @@ prompts.num_prompts or after prompts.max_attempts candidates, and reports both.
     python scripts/01_gen_prompts.py --run-dir runs/demo --iteration 1
 """
 
-import hashlib
 import random
 from collections import Counter
 
 from selfreward import cli
 from selfreward.generation import Sampling, load_backend
-from selfreward.prompt_gen import PromptFilter, extract_new_task, fewshot_request, is_cut_off, normalize, pick_shots
+from selfreward.prompt_gen import PromptFilter, extract_new_task, fewshot_request, is_cut_off, pick_shots, prompt_id
 from selfreward.records import IFT, read_jsonl, write_jsonl
-
-
-def prompt_id(prompt: str) -> str:
-    return "p-" + hashlib.sha256(normalize(prompt).encode()).hexdigest()[:12]
 
 
 def main() -> None:

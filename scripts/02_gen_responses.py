@@ -1,4 +1,4 @@
-"""Stage 02: M<t-1> answers every new prompt responses.num_samples times.
+"""Stage 02: M<t-1> answers every new prompt responses.num_samples times (spin: once; raft: raft.samples_per_prompt).
 
 Reads:  <run>/M<t-1>/model/, <run>/M<t-1>/generated/prompts.jsonl
 Writes: <run>/M<t-1>/generated/responses.jsonl  (prompt_id, response_id, prompt, response,
@@ -49,7 +49,9 @@ def main() -> None:
     fitted = [backend.chat.fit(p["prompt"], budget) for p in prompts]
     if any(cut for _, cut in fitted):
         cli.log.warning("%d prompts were longer than %d tokens and were cut", sum(c for _, c in fitted), budget)
-    sampling = Sampling(cfg.num_samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size)
+    # SPIN's rejected side is one answer of the model's own; RAFT picks the best of raft.samples_per_prompt
+    samples = {"spin": 1, "raft": config.raft.samples_per_prompt}.get(config.algorithm, cfg.num_samples)
+    sampling = Sampling(samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size)
     chunks = stage.chunk_log()  # each finished batch is saved at once; a rerun after a kill skips it
     backend.generate(
         [rendered for rendered, _ in fitted],

@@ -13,14 +13,13 @@ and says why, instead of failing inside the trainer.
     python scripts/05_dpo.py --run-dir runs/demo --iteration 1
 """
 
-import shutil
 import sys
 
 from selfreward import cli
 from selfreward.chat import ChatFormat
 from selfreward.models import load_tokenizer
 from selfreward.records import PREFERENCE, read_jsonl, read_manifest, write_jsonl
-from selfreward.training import build_dpo_trainer, train_and_merge, training_processes, write_lineage
+from selfreward.training import build_dpo_trainer, train_child
 
 
 def main() -> None:
@@ -59,30 +58,7 @@ def main() -> None:
     trainer = build_dpo_trainer(
         parent, rows, config, stage.checkpoints(t), logs=layout.tensorboard(t), reference=reference and str(reference)
     )
-    history = train_and_merge(
-        trainer, parent, config, adapter_dir=layout.adapter(t), model_dir=layout.model(t), log_path=layout.train_log(t)
-    )
-    if history is None:  # a torchrun rank other than 0: rank 0 saves and reports
-        return
-    write_lineage(
-        layout.lineage(t),
-        model=f"M{t}",
-        stage="05_dpo",
-        base=config.model.name_or_path,
-        parent=parent,
-        data=[train_copy],
-        config=config,
-        reference=str(reference or parent),
-    )
-    shutil.rmtree(layout.checkpoints(t), ignore_errors=True)
-    stage.finish(
-        rows_in=len(pairs),
-        rows_out=0,
-        outputs=[str(layout.model(t)), str(layout.adapter(t))],
-        extra={"model": f"M{t}", "processes": training_processes()},
-        also_version=[layout.lineage(t), layout.train_log(t), layout.train_dir(t)]
-        + [p for p in [layout.tensorboard(t)] if p.is_dir()],
-    )
+    train_child(stage, trainer, parent, [train_copy], rows_in=len(pairs), reference=str(reference or parent))
 
 
 if __name__ == "__main__":

@@ -38,10 +38,14 @@ log = logging.getLogger("selfreward")
 CONFIG_SECTIONS = {
     "00_sft": ("seed", "data", "model", "lora", "sft", "judge.format", "judge.template", "judge.score_pattern"),
     "01_gen_prompts": ("seed", "model", "generation", "prompts"),
-    "02_gen_responses": ("seed", "model", "generation", "responses"),
+    "01_sft_prompts": ("seed", "algorithm", "spin.num_prompts", "raft.num_prompts"),
+    "02_gen_responses": ("seed", "model", "generation", "responses", "algorithm", "raft.samples_per_prompt"),
     "03_gen_scores": ("seed", "model", "generation", "judge", "eval.bootstrap_samples", "preferences.consistency"),
     "04_gen_preferences": ("preferences", "judge.gate"),
+    "04_spin_pairs": (),
+    "04_raft_select": ("raft",),
     "05_dpo": ("seed", "model", "lora", "dpo"),
+    "05_raft_sft": ("seed", "model", "lora", "sft"),
     "06_eval": ("seed", "model", "generation", "judge", "eval"),
 }
 

@@ -193,6 +193,30 @@ class PreferenceConfig:
 
 
 @dataclass
+class SpinConfig:
+    # algorithm spin (SPIN, Chen et al. 2024): each iteration M<t-1> answers SFT prompts (the rows of
+    # M0/train/ift.jsonl, never the held-out ones) and DPO prefers the human answer (chosen) to the
+    # model's own (rejected); the reference is M<t-1> and beta is dpo.beta, SPIN's lambda.
+    num_prompts: int | None = None  # SFT prompts per iteration, drawn by hash of seed and iteration; null = all
+
+
+@dataclass
+class RaftConfig:
+    # algorithm raft (RAFT, Dong et al. 2023; LMFlow): M<t-1> samples samples_per_prompt answers to SFT
+    # prompts, the judge (judge.mode, any) scores them, the best `keep` share is kept and M<t> is M<t-1>
+    # fine-tuned on the kept answers (sft.* settings).
+    num_prompts: int | None = None  # SFT prompts per iteration, drawn by hash of seed and iteration; null = all
+    samples_per_prompt: int = 4
+    keep: float = 0.25  # share of the answers kept
+    # "local": the top share of each prompt's answers (at least one); "global": the top share of all answers
+    ranking: str = "local"
+    # LMFlow's discard filter: answers that are empty, cut off at max_new_tokens, or repetitive (fewer
+    # distinct word pairs than min_distinct_2 of all their word pairs) are never kept.
+    keep_cut_off: bool = False
+    min_distinct_2: float = 0.5
+
+
+@dataclass
 class EvalConfig:
     judge_model: str | None = None  # the head-to-head judge: a model folder or hub id; null = the newest M<t>
     max_new_tokens: int = 128  # answers to the held-out prompts are greedy, at most this long
@@ -219,6 +243,9 @@ class OxenConfig:
 
 @dataclass
 class Config:
+    # What the iterations do after SFT: "srlm" (self-rewarding: the model writes prompts, judges its answers,
+    # DPO on best vs worst), "spin" (DPO on human vs own answers) or "raft" (SFT on the best-judged answers).
+    algorithm: str = "srlm"
     seed: int = 42
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -230,6 +257,8 @@ class Config:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     preferences: PreferenceConfig = field(default_factory=PreferenceConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    spin: SpinConfig = field(default_factory=SpinConfig)
+    raft: RaftConfig = field(default_factory=RaftConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     oxen: OxenConfig = field(default_factory=OxenConfig)
 
@@ -267,6 +296,8 @@ CHOICES = {
     "dpo.report_to": ("none", "tensorboard", "wandb"),
     "dpo.reference": ("previous", "initial"),
     "preferences.consistency": ("off", "filter"),
+    "algorithm": ("srlm", "spin", "raft"),
+    "raft.ranking": ("local", "global"),
 }
 
 
@@ -462,11 +493,21 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description="Write a run's config.yaml from a config file and overrides.")
     parser.add_argument("--config", required=True, help="the config file")
-    parser.add_argument("--out", required=True, help="the run's config.yaml")
+    parser.add_argument("--out", help="the run's config.yaml")
+    parser.add_argument(
+        "--stages", action="store_true", help="print the stages of one iteration of the config's algorithm instead"
+    )
     parser.add_argument("overrides", nargs=argparse.REMAINDER, help="-- --key value ...")
     args = parser.parse_args(argv)
     overrides = args.overrides[1:] if args.overrides[:1] == ["--"] else args.overrides
+    if not args.stages and not args.out:
+        parser.error("--out is required")
     try:
+        if args.stages:
+            from selfreward.layout import ITERATION_STAGES
+
+            print(" ".join(ITERATION_STAGES[load_config(args.config).algorithm]))
+            return 0
         write_run_config(args.config, args.out, overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -48,7 +48,15 @@ def score_histogram(scores: list, key: str, width: int = 40) -> str:
     return "\n".join(lines)
 
 
-STAGES = ("01_gen_prompts", "02_gen_responses", "03_gen_scores", "04_gen_preferences", "05_dpo", "06_eval")
+def iteration_stages(layout) -> tuple[str, ...]:
+    """The stages of one iteration of the run's algorithm (its config.yaml; srlm if it cannot be read)."""
+    from selfreward.config import ConfigError, load_config
+    from selfreward.layout import ITERATION_STAGES
+
+    try:
+        return ITERATION_STAGES[load_config(layout.config).algorithm]
+    except (ConfigError, OSError):
+        return ITERATION_STAGES["srlm"]
 
 
 def stage_table(run_dir: Path) -> str:
@@ -61,9 +69,10 @@ def stage_table(run_dir: Path) -> str:
     layout = RunLayout(run_dir)
     recovered = recovered_stages(layout)
     found = [("00_sft", 0, read_manifest(layout.manifest("00_sft", 0)))]
+    stages = iteration_stages(layout)
     t = 1
-    while any(layout.manifest(s, t).is_file() for s in STAGES):
-        found += [(s, t, read_manifest(layout.manifest(s, t))) for s in STAGES]
+    while any(layout.manifest(s, t).is_file() for s in stages):
+        found += [(s, t, read_manifest(layout.manifest(s, t))) for s in stages]
         t += 1
     lines = [f"{'stage':<20}{'iter':>5}{'seconds':>10}  {'memory':<28}{'backend':<9}rows in -> out"]
     total = 0.0

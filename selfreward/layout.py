@@ -9,8 +9,8 @@
       M<t>/lineage.json             base, parent, stage, data, config of M<t>
       M<t>/train_log.jsonl          the trainer's logged loss, rewards, learning rate per step
       M<t>/generated/               what M<t> wrote for iteration t+1:
-        prompts.jsonl responses.jsonl scores.jsonl preferences.jsonl
-      M<t+1>/train/preferences.jsonl  the pairs M<t+1> was trained on (a copy)
+        prompts.jsonl responses.jsonl scores.jsonl preferences.jsonl (srlm, spin), selected.jsonl (raft)
+      M<t+1>/train/preferences.jsonl  the pairs M<t+1> was trained on (a copy; raft: selected.jsonl)
       M0/train/heldout_prompts.jsonl, heldout_eft.jsonl   set aside for stage 06, never trained on
       M<t>/eval/eval.json           stage 06 after iteration t: head-to-head, judge quality, drift
       report.md, report/*.png       the report over all iterations, rewritten by stage 06
@@ -28,9 +28,19 @@ from pathlib import Path
 
 GENERATED = {
     "01_gen_prompts": "prompts",
+    "01_sft_prompts": "prompts",
     "02_gen_responses": "responses",
     "03_gen_scores": "scores",
     "04_gen_preferences": "preferences",
+    "04_spin_pairs": "preferences",
+    "04_raft_select": "selected",
+}
+
+# The stages of one iteration, per `algorithm`; every algorithm starts from 00_sft's M0.
+ITERATION_STAGES = {
+    "srlm": ("01_gen_prompts", "02_gen_responses", "03_gen_scores", "04_gen_preferences", "05_dpo", "06_eval"),
+    "spin": ("01_sft_prompts", "02_gen_responses", "04_spin_pairs", "05_dpo", "06_eval"),
+    "raft": ("01_sft_prompts", "02_gen_responses", "03_gen_scores", "04_raft_select", "05_raft_sft", "06_eval"),
 }
 
 
@@ -76,7 +86,7 @@ class RunLayout:
         return self.model_root(t) / "train"
 
     def generated(self, iteration: int, name: str) -> Path:
-        """A JSONL file of iteration `iteration` ("prompts", "responses", "scores", "preferences")."""
+        """A JSONL file of iteration `iteration` ("prompts", "responses", "scores", "preferences", "selected")."""
         if iteration < 1:
             raise ValueError(f"iterations start at 1, got {iteration}")
         return self.model_root(iteration - 1) / "generated" / f"{name}.jsonl"
@@ -115,7 +125,7 @@ class RunLayout:
             return self.eval_result(iteration)
         if stage == "00_sft":
             return self.model(0)
-        if stage == "05_dpo":
+        if stage in ("05_dpo", "05_raft_sft"):
             return self.model(iteration)
         return self.generated(iteration, GENERATED[stage])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
 import random
 import re
 from collections import Counter, defaultdict
@@ -34,6 +35,11 @@ def is_cut_off(generated: str, finish_reason: str) -> bool:
 
 def normalize(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def prompt_id(prompt: str) -> str:
+    """A prompt's stable id: a hash of its normalised text, so the same prompt has the same id in every file."""
+    return "p-" + hashlib.sha256(normalize(prompt).encode()).hexdigest()[:12]
 
 
 class PromptFilter:

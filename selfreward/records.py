@@ -30,9 +30,10 @@ PREFERENCE = {
     "prompt": (str,),
     "chosen": (str,),
     "rejected": (str,),
-    "score_chosen": (int, float),
-    "score_rejected": (int, float),
+    "score_chosen": (int, float, type(None)),  # null where no judge scored the pair (algorithm spin)
+    "score_rejected": (int, float, type(None)),
 }
+SELECTED = {"prompt_id": (str,), "response_id": (str,), "prompt": (str,), "completion": (str,), "score": (int, float)}
 
 
 class RecordError(ValueError):

@@ -225,3 +225,83 @@ def write_report(layout: RunLayout) -> Path:
     lines += ["## DPO training", "", f"![DPO training](report/{plots['dpo']})", ""]
     write_text(layout.report, "\n".join(lines))
     return layout.report
+
+
+def _algorithm(layout: RunLayout) -> str:
+    from selfreward.config import ConfigError, load_config
+
+    try:
+        return load_config(layout.config).algorithm
+    except (ConfigError, OSError):
+        return "?"
+
+
+def _judge_name(path: str | None) -> str:
+    """M<t> for a model folder of a run (<run>/M<t>/model), else the path as given."""
+    if not path:
+        return "?"
+    p = Path(path)
+    return p.parent.name if p.name == "model" and RunLayout.model_number(p.parent.name) is not None else path
+
+
+def write_comparison(runs: list[Path], out: Path) -> Path:
+    """One Markdown report of several runs side by side (say srlm, spin and raft on the same data):
+    per iteration, each run's head-to-head against M<t-1> and M0, its judge's quality where it has
+    one, and its drift figures, each table with a run column."""
+    named = [(f"{Path(r).name} ({_algorithm(RunLayout(Path(r)))})", load_evals(RunLayout(Path(r)))) for r in runs]
+    lines = ["# Runs compared", "", "| run | algorithm | iterations evaluated |", "|---|---|---|"]
+    for r, (_, evals) in zip(runs, named, strict=True):
+        lines.append(f"| {r} | {_algorithm(RunLayout(Path(r)))} | {', '.join(str(e['iteration']) for e in evals)} |")
+    lines += ["", "## Head-to-head (held-out prompts, judged in both orders; an order-dependent verdict is a tie)", "",
+              "| run | iteration | comparison | judge | wins | ties | losses | win rate | position bias |",
+              "|---" * 9 + "|"]  # fmt: skip
+    for name, evals in named:
+        for e in evals:
+            for comparison, c in e["head_to_head"].items():
+                lines.append(
+                    f"| {name} | {e['iteration']} | {comparison} | {_judge_name(e.get('judge_model'))} | "
+                    f"{c['wins']} | {c['ties']} | {c['losses']} | {_fmt(c['win_rate'])} | "
+                    f"{_fmt(c.get('position_bias'))} |"
+                )
+    lines += ["", "Each run's judge is its own newest model unless eval.judge_model names one: for a fair "
+              "comparison, give every run the same judge (python scripts/06_eval.py ... --eval.judge_model PATH).",
+              "", "## Judge quality (held-out EFT rows against their human scores)", "",
+              "| run | judge | pairs | pairwise accuracy | Spearman |", "|---|---|---|---|---|"]  # fmt: skip
+    for name, evals in named:
+        quality: dict[str, dict] = {}
+        for e in evals:
+            quality.update(e["judge_quality"])
+        for m in sorted(quality, key=_model_order):
+            q = quality[m]
+            lines.append(f"| {name} | {m} | {q['pairs']} | {_with_interval(q, 'pairwise_accuracy')} | "
+                         f"{_with_interval(q, 'spearman')} |")  # fmt: skip
+    keys = ("response_tokens", "response_chars", "distinct_1", "distinct_2", "mean_score", "tie_rate", "pair_yield",
+            "chosen_minus_rejected_chars")  # fmt: skip
+    lines += ["", "## Drift", "", "| run | iteration | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
+              "|---" * (len(keys) + 2) + "|"]  # fmt: skip
+    for name, evals in named:
+        for e in evals:
+            lines.append(f"| {name} | {e['iteration']} | " + " | ".join(_fmt(e["drift"].get(k)) for k in keys) + " |")
+    write_text(out, "\n".join(lines) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Rewrite a run's report.md, or compare several runs in one.")
+    parser.add_argument("--runs", nargs="+", required=True, help="run folders; one: rewrite its report.md")
+    parser.add_argument("--out", help="where the comparison goes (default: report-compare.md here)")
+    args = parser.parse_args(argv)
+    missing = [r for r in args.runs if not RunLayout(Path(r)).config.is_file()]
+    if missing:
+        parser.error(f"not a run folder (no config.yaml): {', '.join(missing)}")
+    if len(args.runs) == 1:
+        print(write_report(RunLayout(Path(args.runs[0]))))
+    else:
+        print(write_comparison([Path(r) for r in args.runs], Path(args.out or "report-compare.md")))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

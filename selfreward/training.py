@@ -259,3 +259,28 @@ def write_lineage(
             "config": config.to_dict(),
         },
     )
+
+
+def train_child(stage, trainer, parent: str, data: list[Path], *, rows_in: int, reference: str | None = None) -> None:
+    """Stage 05's common end (05_dpo, 05_raft_sft): train M<t> from `parent`, merge it, write its lineage,
+    drop the checkpoints and finish the stage (manifest, summary, Oxen). On a torchrun rank other than 0
+    it only trains: rank 0 saves and reports."""
+    import shutil
+
+    layout, t, config = stage.layout, stage.iteration, stage.config
+    history = train_and_merge(
+        trainer, parent, config, adapter_dir=layout.adapter(t), model_dir=layout.model(t), log_path=layout.train_log(t)
+    )
+    if history is None:
+        return
+    write_lineage(layout.lineage(t), model=f"M{t}", stage=stage.name, base=config.model.name_or_path, parent=parent,
+                  data=data, config=config, reference=reference)  # fmt: skip
+    shutil.rmtree(layout.checkpoints(t), ignore_errors=True)
+    stage.finish(
+        rows_in=rows_in,
+        rows_out=0,
+        outputs=[str(layout.model(t)), str(layout.adapter(t))],
+        extra={"model": f"M{t}", "processes": training_processes()},
+        also_version=[layout.lineage(t), layout.train_log(t), layout.train_dir(t)]
+        + [p for p in [layout.tensorboard(t)] if p.is_dir()],
+    )

@@ -1,0 +1,51 @@
+"""Stage 05 of RAFT: M<t-1> fine-tuned on its own best-judged answers, giving M<t>.
+
+Reads:  <run>/M<t-1>/model/, <run>/M<t-1>/generated/selected.jsonl
+Writes: <run>/M<t>/train/selected.jsonl (a copy), M<t>/adapter/ (LoRA), M<t>/model/ (merged),
+        M<t>/lineage.json, M<t>/train_log.jsonl, M<t>/tensorboard/ (with sft.report_to: tensorboard),
+        M<t>/05_raft_sft.{manifest.json,config.yaml}
+
+TRL's SFTTrainer with LoRA and the sft.* settings, the loss on the answer tokens only, the prompts
+rendered with the chat template generation used (as stage 00 trains). With no answer kept the stage
+exits with code 3 and says why.
+
+    python scripts/05_raft_sft.py --run-dir runs/raft --iteration 1
+"""
+
+import sys
+
+from selfreward import cli
+from selfreward.chat import ChatFormat
+from selfreward.models import load_tokenizer
+from selfreward.records import SELECTED, read_jsonl, read_manifest, write_jsonl
+from selfreward.training import build_sft_trainer, train_child
+
+
+def main() -> None:
+    stage = cli.parse_stage("05_raft_sft", __doc__)
+    config, layout, t = stage.config, stage.layout, stage.iteration
+    selected_path = layout.generated(t, "selected")
+    stage.begin(inputs=[selected_path, layout.model(t - 1)])
+    selected = read_jsonl(selected_path, SELECTED, id_field="response_id")
+    if not selected:
+        made = read_manifest(layout.manifest("04_raft_select", t)) or {}
+        print(
+            f"error: {selected_path} has no answers, so there is nothing to train M{t} on. Stage 04 discarded "
+            f"{made.get('discarded', 'an unknown number')} of {made.get('rows_in', '?')} answers (cut_off: they "
+            "reached max_new_tokens; raft.keep_cut_off true keeps them). Raise responses.max_new_tokens, or "
+            "relax raft.min_distinct_2.",
+            file=sys.stderr,
+        )
+        sys.exit(cli.EXIT_NO_PAIRS)
+    parent = str(layout.model(t - 1))
+    chat = ChatFormat.from_tokenizer(load_tokenizer(parent, config.model))
+    train_copy = layout.train_dir(t) / "selected.jsonl"
+    stage.start_writing()
+    write_jsonl(train_copy, selected)
+    rows = [{"prompt": chat.prompt(r["prompt"]), "completion": chat.completion(r["completion"])} for r in selected]
+    trainer = build_sft_trainer(parent, rows, config, stage.checkpoints(t), logs=layout.tensorboard(t))
+    train_child(stage, trainer, parent, [train_copy], rows_in=len(selected))
+
+
+if __name__ == "__main__":
+    cli.run(main)

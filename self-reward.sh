@@ -125,7 +125,8 @@ run_stage() {
   case "$rc" in
     0) ;;  # the stage has committed its outputs to Oxen itself (unless --no-oxen)
     10) ;;  # already complete (and committed): skipped
-    3) echo "self-reward.sh: stopped at $stage $*: no preference pairs to train on (see the message above)" >&2
+    3) what="no preference pairs"; [ "$stage" = 05_raft_sft ] && what="no kept answers"
+       echo "self-reward.sh: stopped at $stage $*: $what to train on (see the message above)" >&2
        exit 3 ;;
     4) echo "self-reward.sh: stopped at $stage $*: the judge is not better than chance (judge.gate: stop)" >&2
        exit 4 ;;

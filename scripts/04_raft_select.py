@@ -29,6 +29,12 @@ def main() -> None:
     stage.begin(inputs=[scores_path])
     scored = read_jsonl(scores_path, SCORE, id_field="response_id")
     kept, discarded = select(scored, config.raft)
+    if not kept and stage.dry_run:
+        # A random model writes no "Score: N": rank the answers by their sample index instead, so the
+        # dry run still fine-tunes on rows of the configured shape (as stage 04 of srlm does).
+        scored = [{**r, "score": float(-r["sample_index"])} for r in scored]
+        kept, discarded = select(scored, config.raft)
+        cli.log.info("dry run: the stand-in judged nothing; %d answers kept by sample index", len(kept))
 
     def mean(values):
         values = [v for v in values if v is not None]

@@ -32,8 +32,9 @@ def main() -> None:
         print(
             f"error: {selected_path} has no answers, so there is nothing to train M{t} on. Stage 04 discarded "
             f"{made.get('discarded', 'an unknown number')} of {made.get('rows_in', '?')} answers (cut_off: they "
-            "reached max_new_tokens; raft.keep_cut_off true keeps them). Raise responses.max_new_tokens, or "
-            "relax raft.min_distinct_2.",
+            "reached max_new_tokens, raft.keep_cut_off true keeps them; unscored: the judge gave no valid score, "
+            "see stage 03's manifest; repetitive: below raft.min_distinct_2). Raise responses.max_new_tokens, "
+            "use judge.mode logits, or relax the filter.",
             file=sys.stderr,
         )
         sys.exit(cli.EXIT_NO_PAIRS)

@@ -584,6 +584,9 @@ def dry_config(config: Config) -> Config:
             # judge.mode reward_model: a tiny random reward model stands in, as the policy's stand-in does
             reward_model=TINY_REWARD if config.judge.reward_model else None,
         ),  # fmt: skip
+        # --algorithm spin / raft: two SFT prompts an iteration, like the two new prompts above
+        spin=dry(config.spin, num_prompts=min(config.spin.num_prompts or 2, 2)),
+        raft=dry(config.raft, num_prompts=min(config.raft.num_prompts or 2, 2), keep_cut_off=True),
         # judge_model null: the newest stand-in judges the head-to-head, not a real model from the hub
         eval=dry(config.eval, bootstrap_samples=min(config.eval.bootstrap_samples, 50), judge_model=None),
     )

@@ -35,7 +35,7 @@ folder is refused with a line that names the one at work.
 
 Environment: PYTHON (default: python) is the interpreter that runs the stages.
 Exit codes: 0 done; 2 bad arguments, config or data, a full disk or unwritable folder; 3 an iteration
-produced no preference pairs; 4 the judge is not better than chance (judge.gate: stop); 5 the run
+produced no preference pairs (RAFT: kept no answer); 4 the judge is not better than chance (judge.gate: stop); 5 the run
 folder is in use by another process.
 TXT
 }

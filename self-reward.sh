@@ -6,6 +6,9 @@
 # (01 SFT prompts -> 02 -> 03 -> 04 keep the best -> 05 SFT on them -> 06) on the same run layout.
 # Rerunning the same command resumes a run: complete stages are skipped (their Oxen commit made up if
 # a kill came between the stage's end and its commit), a killed one continues where it stopped.
+# The whole script is one block, which bash reads in full before it runs any of it: a driver that runs for
+# hours then never executes lines of a newer version of this file (a git pull or checkout meanwhile).
+{
 set -euo pipefail
 
 usage() {
@@ -146,3 +149,5 @@ if [ -n "$dry_run" ]; then
 else
   echo "self-reward.sh: done: M0..M$iterations in $run_dir"
 fi
+exit
+}

@@ -5,14 +5,15 @@ Writes: <run>/M<t>/train/selected.jsonl (a copy), M<t>/adapter/ (LoRA), M<t>/mod
         M<t>/lineage.json, M<t>/train_log.jsonl, M<t>/tensorboard/ (with sft.report_to: tensorboard),
         M<t>/05_raft_sft.{manifest.json,config.yaml}
 
-TRL's SFTTrainer with LoRA and the sft.* settings, the loss on the answer tokens only, the prompts
-rendered with the chat template generation used (as stage 00 trains). With no answer kept the stage
-exits with code 3 and says why.
+TRL's SFTTrainer with LoRA: raft.epochs over the kept answers, sft's other settings (not its
+max_steps), the loss on the answer tokens only, the prompts rendered with the chat template
+generation used (as stage 00 trains). With no answer kept the stage exits with code 3 and says why.
 
     python scripts/05_raft_sft.py --run-dir runs/raft --iteration 1
 """
 
 import sys
+from dataclasses import replace
 
 from selfreward import cli
 from selfreward.chat import ChatFormat
@@ -44,7 +45,8 @@ def main() -> None:
     stage.start_writing()
     write_jsonl(train_copy, selected)
     rows = [{"prompt": chat.prompt(r["prompt"]), "completion": chat.completion(r["completion"])} for r in selected]
-    trainer = build_sft_trainer(parent, rows, config, stage.checkpoints(t), logs=layout.tensorboard(t))
+    per_iteration = replace(config, sft=replace(config.sft, epochs=config.raft.epochs, max_steps=-1))
+    trainer = build_sft_trainer(parent, rows, per_iteration, stage.checkpoints(t), logs=layout.tensorboard(t))
     train_child(stage, trainer, parent, [train_copy], rows_in=len(selected))
 
 

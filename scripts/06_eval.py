@@ -136,7 +136,8 @@ def main() -> None:
         "judge_model": str(judge_path),
         "head_to_head": comparisons,
         "judge_quality": quality,
-        "drift": drift(responses, scores, pairs, len(prompts)),
+        # RAFT makes no pairs: its pair figures are unknown, not zero
+        "drift": drift(responses, scores, pairs if files["preferences"].is_file() else None, len(prompts)),
         "gate": made_pairs.get("gate"),
         "consistency": made_pairs.get("consistency"),  # preferences.consistency: how alike two judges rank
         "answers": {f"M{m}": answers[m] for m in names},

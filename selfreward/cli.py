@@ -45,7 +45,7 @@ CONFIG_SECTIONS = {
     "04_spin_pairs": (),
     "04_raft_select": ("raft",),
     "05_dpo": ("seed", "model", "lora", "dpo"),
-    "05_raft_sft": ("seed", "model", "lora", "sft"),
+    "05_raft_sft": ("seed", "model", "lora", "sft", "raft.epochs"),
     "06_eval": ("seed", "model", "generation", "judge", "eval"),
 }
 

@@ -214,6 +214,9 @@ class RaftConfig:
     # distinct word pairs than min_distinct_2 of all their word pairs) are never kept.
     keep_cut_off: bool = False
     min_distinct_2: float = 0.5
+    # 05_raft_sft trains this many epochs over the kept answers, with sft's other settings (sft.max_steps,
+    # sized for M0's data, does not apply: a few kept rows would be seen dozens of times).
+    epochs: float = 1.0
 
 
 @dataclass

@@ -179,8 +179,9 @@ def measure_pairwise_judge(
     return result
 
 
-def drift(responses: list[dict], scores: list[dict], pairs: list[dict], prompts: int) -> dict:
-    """The signs of a loop going wrong in one iteration's files: length, diversity, score pile-up, ties."""
+def drift(responses: list[dict], scores: list[dict], pairs: list[dict] | None, prompts: int) -> dict:
+    """The signs of a loop going wrong in one iteration's files: length, diversity, score pile-up, ties.
+    `pairs` None: the algorithm makes none (RAFT), and the pair figures are None."""
     texts = [r["response"] for r in responses]
     valid = [s["score"] for s in scores if s["score"] is not None]
     judgments = [j for s in scores for j in s["judgments"]]
@@ -209,10 +210,10 @@ def drift(responses: list[dict], scores: list[dict], pairs: list[dict], prompts:
         "parse_failure_rate": round(sum(j["score"] is None for j in judgments) / len(judgments), 4)
         if judgments
         else None,
-        "pair_yield": round(len(pairs) / prompts, 4) if prompts else None,
-        "chosen_minus_rejected_chars": mean([len(p["chosen"]) - len(p["rejected"]) for p in pairs]),
+        "pair_yield": round(len(pairs) / prompts, 4) if prompts and pairs is not None else None,
+        "chosen_minus_rejected_chars": mean([len(p["chosen"]) - len(p["rejected"]) for p in pairs or []]),
         # preferences.length_control: pairs whose chosen answer is a shorter one than the top-scored
-        "shorter_chosen": sum(bool(p.get("chosen_by_length")) for p in pairs),
+        "shorter_chosen": None if pairs is None else sum(bool(p.get("chosen_by_length")) for p in pairs),
     }
 
 

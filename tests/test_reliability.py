@@ -366,3 +366,19 @@ def test_machine_failures_become_one_line(error, phrase):
 
     assert phrase in environment_error(error)
     assert environment_error(ValueError("a bug")) is None
+
+
+def test_a_driver_runs_to_its_end_when_its_script_changes_under_it(cache, tmp_path):
+    """bash reads a script as it goes; a git pull while a run takes hours must not change what it does."""
+    run = tmp_path / "run"
+    driver = tmp_path / "self-reward.sh"
+    where = 'here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)'  # the copy runs the repository's stages
+    driver.write_text((REPO / "self-reward.sh").read_text().replace(where, f"here={REPO}"))
+    python = tmp_path / "python"  # the first Python the driver starts spoils the rest of its script
+    python.write_text(f'#!/bin/sh\nprintf "\\n)) not bash ((\\n" >> {driver}\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    proc = subprocess.run(["bash", str(driver), "--config", "configs/tiny.yaml", "--iterations", "0", "--run-dir",
+                           str(run), "--no-oxen"], cwd=REPO, env=dict(stage_env(cache), PYTHON=str(python)),
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "done: M0..M0" in proc.stdout and "not bash" in driver.read_text()

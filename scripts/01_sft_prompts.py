@@ -11,9 +11,8 @@ every row. Prompts that repeat (after normalising case and spaces) are kept once
     python scripts/01_sft_prompts.py --run-dir runs/spin --iteration 1
 """
 
-import hashlib
-
 from selfreward import cli
+from selfreward.evaluation import draw_key
 from selfreward.prompt_gen import normalize, prompt_id
 from selfreward.records import IFT, read_jsonl, write_jsonl
 
@@ -31,7 +30,7 @@ def main() -> None:
     if not rows:
         raise cli.StageError(f"{ift_path}: no SFT prompts to draw from")
     wanted = (config.spin if config.algorithm == "spin" else config.raft).num_prompts
-    drawn = sorted(rows, key=lambda r: hashlib.sha256(f"{config.seed}:{t}:{r['id']}".encode()).hexdigest())
+    drawn = sorted(rows, key=lambda r: draw_key(f"{t}:{r['id']}", config.seed))  # each iteration its own draw
     prompts, seen = [], set()
     for row in drawn:
         key = normalize(row["prompt"])

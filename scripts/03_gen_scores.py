@@ -30,12 +30,11 @@ alone).
     python scripts/03_gen_scores.py --run-dir runs/demo --iteration 1 --judge.mode pairwise
 """
 
-import hashlib
 from dataclasses import replace
 from pathlib import Path
 
 from selfreward import cli
-from selfreward.evaluation import judge_noise, measure_judge
+from selfreward.evaluation import draw_key, judge_noise, measure_judge
 from selfreward.judge import (
     fit_judge_prompt,
     judge_all,
@@ -98,15 +97,12 @@ def noise(judge, responses: list[dict], rows: list[dict], config, *, budget: int
         prompts = [fit_judge_prompt(judge.chat, r["prompt"], r["response"], budget, rubric)[0] for r in rows]
         return judge_noise(judge, prompts, [r["score"] for r in rows], cfg, count=cfg.noise_samples, seed=seed)
 
-    def drawn(key: str) -> str:
-        return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
-
     score = {r["response_id"]: r["score"] for r in rows}
     if cfg.mode == "pairwise":
-        prompts = sorted({r["prompt_id"] for r in responses}, key=drawn)[: cfg.noise_samples]
-        again_of = [r for r in responses if r["prompt_id"] in set(prompts)]
+        prompts = set(sorted({r["prompt_id"] for r in responses}, key=lambda p: draw_key(p, seed))[: cfg.noise_samples])
+        again_of = [r for r in responses if r["prompt_id"] in prompts]
     else:
-        again_of = sorted(responses, key=lambda r: drawn(r["response_id"]))[: cfg.noise_samples]
+        again_of = sorted(responses, key=lambda r: draw_key(r["response_id"], seed))[: cfg.noise_samples]
     alone = replace(config, judge=replace(cfg, batch_size=2 if cfg.mode == "pairwise" else 1))
     again = score_rows(judge, again_of, alone, budget=budget, seed=seed + 7919)
     changes = [

@@ -490,6 +490,14 @@ def write_run_config(source: str | Path, target: str | Path, args: list[str]) ->
     write_text(target, text)
 
 
+def run_algorithm(run_config: str | Path) -> str | None:
+    """The `algorithm` of a run's config.yaml; None when it cannot be read."""
+    try:
+        return load_config(run_config).algorithm
+    except (ConfigError, OSError):
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys

@@ -17,7 +17,8 @@ from selfreward.metrics import (
 )
 
 
-def _draw(key: str, seed: int) -> str:
+def draw_key(key: str, seed: int) -> str:
+    """A sort key that orders items by a hash of the seed and their key: a draw that no file order changes."""
     return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
 
 
@@ -29,8 +30,8 @@ def split_heldout(ift: list[dict], eft: list[dict], n_prompts: int, n_questions:
     each kind is always kept for training.
     """
     n_prompts = min(n_prompts, max(0, len(ift) - 1))
-    held_ids = {r["id"] for r in sorted(ift, key=lambda r: _draw(r["id"], seed))[:n_prompts]}
-    questions = sorted({r["prompt"] for r in eft}, key=lambda q: _draw(q, seed))
+    held_ids = {r["id"] for r in sorted(ift, key=lambda r: draw_key(r["id"], seed))[:n_prompts]}
+    questions = sorted({r["prompt"] for r in eft}, key=lambda q: draw_key(q, seed))
     held_questions = set(questions[: min(n_questions, max(0, len(questions) - 1))])
     return (
         [r for r in ift if r["id"] not in held_ids],
@@ -53,8 +54,8 @@ def off_topic_rows(eft: list[dict], n: int, seed: int) -> list[dict]:
     Built from `eft` alone (pass the training rows, never the held-out ones). Each row records its
     origin. Deterministic in the seed; no (question, answer) pair repeats.
     """
-    questions = sorted({r["prompt"] for r in eft}, key=lambda q: _draw(q, seed))
-    good = sorted((r for r in eft if r["score"] >= 4), key=lambda r: _draw(r["id"], seed))
+    questions = sorted({r["prompt"] for r in eft}, key=lambda q: draw_key(q, seed))
+    good = sorted((r for r in eft if r["score"] >= 4), key=lambda r: draw_key(r["id"], seed))
     # Round r gives answer j the question (j + r) mod Q: the rows spread evenly over questions and
     # answers, and every (question, answer) pair comes once before the rounds run out.
     pairs = (
@@ -246,7 +247,7 @@ def judge_noise(backend, prompts: list[str], scores: list[float | None], cfg, *,
 
     from selfreward.judge import judge_all, mean_score
 
-    drawn = sorted(range(len(prompts)), key=lambda i: _draw(prompts[i], seed))[:count]
+    drawn = sorted(range(len(prompts)), key=lambda i: draw_key(prompts[i], seed))[:count]
     drawn = [i for i in drawn if scores[i] is not None]
     alone = replace(cfg, batch_size=cfg.num_samples if cfg.mode == "sample" else 1)
     again = judge_all(backend, [prompts[i] for i in drawn], alone, seed=seed + 7919)

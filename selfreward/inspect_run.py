@@ -50,13 +50,10 @@ def score_histogram(scores: list, key: str, width: int = 40) -> str:
 
 def iteration_stages(layout) -> tuple[str, ...]:
     """The stages of one iteration of the run's algorithm (its config.yaml; srlm if it cannot be read)."""
-    from selfreward.config import ConfigError, load_config
+    from selfreward.config import run_algorithm
     from selfreward.layout import ITERATION_STAGES
 
-    try:
-        return ITERATION_STAGES[load_config(layout.config).algorithm]
-    except (ConfigError, OSError):
-        return ITERATION_STAGES["srlm"]
+    return ITERATION_STAGES[run_algorithm(layout.config) or "srlm"]
 
 
 def stage_table(run_dir: Path) -> str:

@@ -227,15 +227,6 @@ def write_report(layout: RunLayout) -> Path:
     return layout.report
 
 
-def _algorithm(layout: RunLayout) -> str:
-    from selfreward.config import ConfigError, load_config
-
-    try:
-        return load_config(layout.config).algorithm
-    except (ConfigError, OSError):
-        return "?"
-
-
 def _judge_name(path: str | None) -> str:
     """M<t> for a model folder of a run (<run>/M<t>/model), else the path as given."""
     if not path:
@@ -248,10 +239,13 @@ def write_comparison(runs: list[Path], out: Path) -> Path:
     """One Markdown report of several runs side by side (say srlm, spin and raft on the same data):
     per iteration, each run's head-to-head against M<t-1> and M0, its judge's quality where it has
     one, and its drift figures, each table with a run column."""
-    named = [(f"{Path(r).name} ({_algorithm(RunLayout(Path(r)))})", load_evals(RunLayout(Path(r)))) for r in runs]
+    from selfreward.config import run_algorithm
+
+    algorithms = [run_algorithm(RunLayout(Path(r)).config) or "?" for r in runs]
+    named = [(f"{Path(r).name} ({a})", load_evals(RunLayout(Path(r)))) for r, a in zip(runs, algorithms, strict=True)]
     lines = ["# Runs compared", "", "| run | algorithm | iterations evaluated |", "|---|---|---|"]
-    for r, (_, evals) in zip(runs, named, strict=True):
-        lines.append(f"| {r} | {_algorithm(RunLayout(Path(r)))} | {', '.join(str(e['iteration']) for e in evals)} |")
+    for r, a, (_, evals) in zip(runs, algorithms, named, strict=True):
+        lines.append(f"| {r} | {a} | {', '.join(str(e['iteration']) for e in evals)} |")
     lines += ["", "## Head-to-head (held-out prompts, judged in both orders; an order-dependent verdict is a tie)", "",
               "| run | iteration | comparison | judge | wins | ties | losses | win rate | position bias |",
               "|---" * 9 + "|"]  # fmt: skip

@@ -28,7 +28,6 @@ from selfreward.evaluation import off_topic_rows, split_heldout
 from selfreward.judge import judge_target, parse_judge_score, rubric_of, template_files
 from selfreward.models import load_tokenizer, resolve_model_path
 from selfreward.records import EFT, IFT, RecordError, read_jsonl, write_jsonl
-from selfreward.training import build_sft_trainer, train_and_merge, training_processes, write_lineage
 
 
 def check_eft_scores(rows: list[dict], path: str) -> None:
@@ -48,6 +47,9 @@ def main() -> None:
     heldout_file = config.data.heldout_eft
     stage.begin(inputs=[config.data.ift, config.data.eft, *([heldout_file] if heldout_file else []),
                         *template_files(config.judge)])  # fmt: skip
+    # Imported once the stage runs: a complete stage (--skip-if-complete) exits without loading PyTorch and TRL.
+    from selfreward.training import build_sft_trainer, train_and_merge, training_processes, write_lineage
+
     ift = read_jsonl(config.data.ift, IFT, id_field="id")
     eft = read_jsonl(config.data.eft, EFT, id_field="id")
     check_eft_scores(eft, config.data.eft)

@@ -17,7 +17,6 @@ import random
 from collections import Counter
 
 from selfreward import cli
-from selfreward.generation import Sampling, load_backend
 from selfreward.prompt_gen import PromptFilter, extract_new_task, fewshot_request, is_cut_off, pick_shots, prompt_id
 from selfreward.records import IFT, read_jsonl, write_jsonl
 
@@ -29,6 +28,9 @@ def main() -> None:
     ift_path = layout.train_dir(0) / "ift.jsonl"
     model_dir = layout.model(t - 1)
     stage.begin(inputs=[ift_path, model_dir])
+    # Imported once the stage runs: a complete stage (--skip-if-complete) exits without loading PyTorch.
+    from selfreward.generation import Sampling, load_backend
+
     pool = [row["prompt"] for row in read_jsonl(ift_path, IFT, id_field="id")]
     if not pool:
         raise cli.StageError(f"{ift_path}: no IFT prompts to use as shots")

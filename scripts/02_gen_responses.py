@@ -13,7 +13,6 @@ Answers are kept exactly as generated: nothing is trimmed.
 """
 
 from selfreward import cli
-from selfreward.generation import Sampling, load_backend
 from selfreward.models import prompt_budget
 from selfreward.records import PROMPT, read_jsonl, write_jsonl
 
@@ -41,6 +40,9 @@ def main() -> None:
     prompts_path = layout.generated(t, "prompts")
     model_dir = layout.model(t - 1)
     stage.begin(inputs=[prompts_path, model_dir])
+    # Imported once the stage runs: a complete stage (--skip-if-complete) exits without loading PyTorch.
+    from selfreward.generation import Sampling, load_backend
+
     prompts = read_jsonl(prompts_path, PROMPT, id_field="prompt_id")
     if not prompts:
         raise cli.StageError(f"{prompts_path} has no prompts: nothing to answer (see stage 01's manifest)")

@@ -19,7 +19,6 @@ from selfreward import cli
 from selfreward.chat import ChatFormat
 from selfreward.models import load_tokenizer
 from selfreward.records import PREFERENCE, read_jsonl, read_manifest, write_jsonl
-from selfreward.training import build_dpo_trainer, train_child
 
 
 def main() -> None:
@@ -29,6 +28,9 @@ def main() -> None:
     # dpo.reference initial: M0 stays the reference at every iteration (at iteration 1 it is the parent)
     reference = layout.model(0) if config.dpo.reference == "initial" and t > 1 else None
     stage.begin(inputs=[pairs_path, layout.model(t - 1), *([reference] if reference else [])])
+    # Imported once the stage runs: a complete stage (--skip-if-complete) exits without loading PyTorch and TRL.
+    from selfreward.training import build_dpo_trainer, train_child
+
     pairs = read_jsonl(pairs_path, PREFERENCE, id_field="prompt_id")
     if not pairs:
         made = read_manifest(layout.manifest("04_gen_preferences", t)) or {}

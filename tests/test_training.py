@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from selfreward.config import Config, apply_overrides
 from selfreward.layout import RunLayout
-from selfreward.training import build_sft_trainer
+from selfreward.training import build_sft_trainer, optimizer_steps
 
 
 def test_sft_loss_covers_completion_tokens_only(tiny_model, tmp_path):
@@ -23,6 +23,21 @@ def test_sft_loss_covers_completion_tokens_only(tiny_model, tmp_path):
     trained = [tok for tok, label in zip(ids, labels, strict=True) if label != -100]
     assert trained == chat.encode(chat.completion(answer))  # the answer and its end-of-turn marker
     assert chat.tokenizer.decode(trained) == answer + chat.end_of_turn
+
+
+def test_a_one_step_run_trains_whatever_warmup_steps_says(tiny_model, tmp_path):
+    """The CPU demo's RAFT kept 8 rows, one batch, one optimizer step; under sft.warmup_steps 2 that step's
+    learning rate was 0 and M1 came out identical to M0. Warmup is now cut below the run's steps."""
+    _, chat, path = tiny_model
+    overrides = {"model.name_or_path": path, "model.device": "cpu", "sft.batch_size": 8, "sft.warmup_steps": 2}
+    config = apply_overrides(Config(), overrides, "test")
+    rows = [{"prompt": chat.prompt(f"Name colour {i}."), "completion": chat.completion("Red.")} for i in range(8)]
+    trainer = build_sft_trainer(path, rows, config, tmp_path)
+    assert optimizer_steps(config.sft, len(rows), 1) == 1 and trainer.args.warmup_steps == 0
+    trainer.train()
+    assert trainer.state.global_step == 1
+    lora_b = [p for name, p in trainer.model.named_parameters() if "lora_B" in name]
+    assert lora_b and any(bool(p.detach().abs().max() > 0) for p in lora_b)  # LoRA's B starts at zero
 
 
 def test_qlora_sft_and_dpo_merge_into_full_precision(tiny_run, run_stage, tmp_path):

@@ -570,8 +570,9 @@ def dry_config(config: Config) -> Config:
             heldout_eft_questions=min(config.data.heldout_eft_questions, 2),
             off_topic_eft_rows=min(config.data.off_topic_eft_rows, 4),
         ),
-        sft=dry(config.sft, max_steps=1, report_to=_offline(config.sft.report_to)),
-        dpo=dry(config.dpo, max_steps=1, report_to=_offline(config.dpo.report_to)),
+        # One step, at the configured learning rate: the config's warmup is for its real step count.
+        sft=dry(config.sft, max_steps=1, warmup_steps=0, report_to=_offline(config.sft.report_to)),
+        dpo=dry(config.dpo, max_steps=1, warmup_steps=0, report_to=_offline(config.dpo.report_to)),
         # generation.backend auto picks hf here (no GPU); vllm stays vllm when it is installed
         prompts=dry(
             prompts, num_prompts=min(prompts.num_prompts, 2), max_attempts=prompts.batch_size, keep_cut_off=True

@@ -184,6 +184,7 @@ def test_a_stage_dry_runs_alone_and_dry_and_real_runs_never_share_a_folder(tmp_p
     assert manifest["config"]["model"]["load_in_4bit"] is True  # the config's settings, not the tiny ones
     assert manifest["config"]["lora"]["target_modules"] == load_config(QWEN).lora.target_modules
     assert (run / "M0" / "model" / "config.json").is_file()
+    assert "warmup_steps" not in done.stdout + done.stderr  # the dry run's one step warns of no warmup
 
     real = run_stage(
         "00_sft", "--run-dir", str(run), "--config", str(QWEN), "--no-oxen", check=False

@@ -387,14 +387,16 @@ def _dry_run(name: str, config: Config, layout: RunLayout) -> tuple[Config, dict
         return config, {"stands_in_for": config.model.name_or_path}
     plan = dryrun.plan(config)
     rows = [r for r in plan.rows if r.stage == name or (r.stage == "merge" and name in ("00_sft", "05_dpo"))]
+    dry = dryrun.dry_config(config)
     if rows and is_rank_zero():
         print(f"[{name}] dry run: {config.model.name_or_path} replaced by a tiny random model of its "
-              "architecture; the real model's estimated memory (GiB):", flush=True)  # fmt: skip
+              f"architecture on {dry.model.device}; the real model's estimated memory (GiB):", flush=True)  # fmt: skip
         print("\n".join(f"[{name}]   {line}" for line in dryrun.memory_table(rows).splitlines()), flush=True)
     estimate = {r.stage: {"gpu_gib": round(r.gpu / dryrun.GIB, 2), "host_gib": round(r.host / dryrun.GIB, 2),
                           "what": r.what} for r in rows}  # fmt: skip
-    info = {"stands_in_for": config.model.name_or_path, "architecture_from": plan.source, "estimate": estimate}
-    return dryrun.dry_config(config), info
+    info = {"stands_in_for": config.model.name_or_path, "architecture_from": plan.source, "estimate": estimate,
+            "device": dry.model.device}  # fmt: skip
+    return dry, info
 
 
 # Messages of libraries that failed to write because the disk is full (torch.save says basic_ios::clear).

@@ -1,4 +1,4 @@
-"""Dry runs: a config's whole loop on this CPU with a tiny stand-in for the model, and the real model's memory.
+"""Dry runs: a config's whole loop on any machine with a tiny stand-in for the model, and the real model's memory.
 
     ./self-reward.sh --config configs/mistral-7b-qlora.yaml --dry-run
     python scripts/00_sft.py --run-dir runs/dry --config configs/mistral-7b-qlora.yaml --dry-run
@@ -8,8 +8,8 @@ Every setting of the config is used as written (LoRA targets and rank, 4-bit, dt
 judge mode and format, batch sizes, lengths) except the weights: the model is a random 2-layer one of
 the same architecture (model_type, attention layout, biases, rope, tied embeddings) with a tokenizer
 that behaves like the real one (the same BOS, EOS and pad tokens, BOS added or not, the same chat
-template or none), on the CPU. Counts shrink so it takes minutes: one optimizer step per training
-stage, two new prompts, two held-out prompts and EFT questions.
+template or none), on the CPU (on a GPU box, on its GPU: see `dry_device`). Counts shrink so it takes
+minutes: one optimizer step per training stage, two new prompts, two held-out prompts and EFT questions.
 
 The architecture comes from the model's own config.json when it is on this machine (a local folder,
 a builtin model, or the Hugging Face cache), else from the shapes of the known models below, which are
@@ -552,8 +552,19 @@ def plan(config: Config) -> Plan:
     return Plan(config, real_config, source, counts, memory_rows(config, real_config, counts))
 
 
+def dry_device(config: Config) -> str:
+    """Where the stand-in runs: on the GPU when the config asks for one (cuda or auto) and this machine has
+    one, so that a dry run on the GPU box takes the CUDA paths (4-bit kernels, vLLM on CUDA); else the CPU."""
+    if config.model.device == "cpu":
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def dry_config(config: Config) -> Config:
-    """`config` as the dry run runs it: the stand-in on the CPU, counts cut to one step or batch."""
+    """`config` as the dry run runs it: the stand-in on the GPU if there is one (see `dry_device`), else
+    on the CPU, counts cut to one step or batch."""
     from selfreward.models import TINY_REWARD
 
     dry = dataclasses.replace
@@ -563,7 +574,7 @@ def dry_config(config: Config) -> Config:
     prompts = config.prompts
     return dry(
         config,
-        model=dry(config.model, name_or_path=stand, device="cpu"),
+        model=dry(config.model, name_or_path=stand, device=dry_device(config)),
         data=dry(
             config.data,
             heldout_prompts=min(config.data.heldout_prompts, 2),
@@ -573,7 +584,7 @@ def dry_config(config: Config) -> Config:
         # One step, at the configured learning rate: the config's warmup is for its real step count.
         sft=dry(config.sft, max_steps=1, warmup_steps=0, report_to=_offline(config.sft.report_to)),
         dpo=dry(config.dpo, max_steps=1, warmup_steps=0, report_to=_offline(config.dpo.report_to)),
-        # generation.backend auto picks hf here (no GPU); vllm stays vllm when it is installed
+        # generation.backend auto picks vllm on a GPU box with vllm installed, else hf
         prompts=dry(
             prompts, num_prompts=min(prompts.num_prompts, 2), max_attempts=prompts.batch_size, keep_cut_off=True
         ),  # fmt: skip  (random text never ends a turn)

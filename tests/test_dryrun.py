@@ -195,3 +195,24 @@ def test_a_stage_dry_runs_alone_and_dry_and_real_runs_never_share_a_folder(tmp_p
     shutil.copytree(tiny_run, copy, ignore=shutil.ignore_patterns(".oxen"))
     dry = run_stage("01_gen_prompts", "--run-dir", str(copy), "--iteration", "1", "--dry-run", "--no-oxen", check=False)
     assert dry.returncode == 2 and "holds a real run" in dry.stderr
+
+
+@pytest.mark.parametrize(
+    ("device", "gpu", "expected"),
+    [
+        ("cuda", True, "cuda"),
+        ("auto", True, "cuda"),
+        ("cuda", False, "cpu"),
+        ("auto", False, "cpu"),
+        ("cpu", True, "cpu"),
+    ],  # fmt: skip
+)
+def test_the_dry_run_takes_the_gpu_when_the_config_asks_for_one_and_there_is_one(monkeypatch, device, gpu, expected):
+    # bench/gpu_check.sh dry-runs the GPU profiles on a GPU box: there the stand-in must take the CUDA paths
+    # (4-bit kernels, vLLM on CUDA), not the CPU ones the dry run takes everywhere else.
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    config = load_config(MISTRAL, {"model.device": device})
+    monkeypatch.setattr(dryrun, "stand_in", lambda name: Path("/nonexistent/stand-in"))
+    assert dryrun.dry_config(config).model.device == expected

@@ -67,9 +67,12 @@ if [ -n "$wheels" ]; then
   shopt -u nullglob
   if [ ${#files[@]} -eq 0 ]; then
     echo "gpu_check: no .whl files in $wheels"
-  elif ! "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
-      "${files[@]}" >"$out/pip.log" 2>&1; then
-    echo "gpu_check: installing the wheels failed:"; tail -5 "$out/pip.log"
+  elif "$python" -m pip --version >/dev/null 2>&1; then
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+      "${files[@]}" >"$out/pip.log" 2>&1 || { echo "gpu_check: installing the wheels failed:"; tail -5 "$out/pip.log"; }
+  else  # no pip in this interpreter: a wheel is a zip of the files to put on the path
+    "$python" -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' \
+      "$site" "${files[@]}" || echo "gpu_check: unpacking the wheels failed"
   fi
 fi
 export PYTHONPATH="$here:$site${PYTHONPATH:+:$PYTHONPATH}"
@@ -113,7 +116,7 @@ report() {  # name, exit code, log
 }
 
 # 1. Memory first and alone, so the card's counters see only this process.
-timeout 300 "$python" bench/gpu_memory.py ${memory_args[@]+"${memory_args[@]}"} --out "$out/memory.json" \
+timeout 150 "$python" bench/gpu_memory.py ${memory_args[@]+"${memory_args[@]}"} --out "$out/memory.json" \
   >"$out/memory.log" 2>&1
 rc=$?
 sed -n '/^gpu_memory: /,/^{/p' "$out/memory.log" | grep -v '^{'
@@ -127,7 +130,7 @@ for run in "${runs[@]}"; do
   set -- $run
   name="dry-$1-$2"
   rm -rf "$out/$name"
-  ( timeout 420 ./self-reward.sh --config "configs/$1.yaml" --dry-run --no-oxen --run-dir "$out/$name" \
+  ( timeout 300 ./self-reward.sh --config "configs/$1.yaml" --dry-run --no-oxen --run-dir "$out/$name" \
       -- --generation.backend "$2" >"$out/$name.log" 2>&1; echo $? >"$out/$name.rc" ) &
   pids+=($!)
 done

@@ -389,12 +389,15 @@ def parameter_counts(model, config: Config) -> dict[str, int]:
     return {"total": total, "linear": linear, "lora": lora}
 
 
-def weight_bytes(counts: dict[str, int], dtype: str, four_bit: bool) -> int:
+def weight_bytes(counts: dict[str, int], dtype: str, four_bit: bool, training: bool = False) -> int:
     """The model's weights on the GPU. NF4 stores half a byte per weight of the blocks' linear layers plus
-    one float32 scale per block of 64; everything else stays in model.dtype."""
+    one float32 scale per block of 64; everything else stays in model.dtype, except in the copy QLoRA trains:
+    peft's prepare_model_for_kbit_training casts every weight that is not 4-bit (embeddings, the output
+    layer, norms) to float32, which for a 7B doubles about 0.5 GB of them (measured: bench/gpu_memory.py)."""
     if not four_bit:
         return counts["total"] * _BYTES[dtype]
-    return int(counts["linear"] * (0.5 + 4 / 64)) + (counts["total"] - counts["linear"]) * _BYTES[dtype]
+    rest = _BYTES["float32"] if training else _BYTES[dtype]
+    return int(counts["linear"] * (0.5 + 4 / 64)) + (counts["total"] - counts["linear"]) * rest
 
 
 def kv_bytes_per_token(real_config, dtype: str) -> int:
@@ -432,28 +435,46 @@ def _training_row(stage: str, config: Config, real_config, counts: dict, dpo: bo
     what += ", checkpointing" if train.gradient_checkpointing else ""
     copies = 2 if dpo and config.dpo.reference == "initial" else 1  # M0 held beside the policy from iteration 2
     what += ", reference M0 held too" if copies == 2 else ""
+    # The trained copy as prepared for QLoRA; M0 as the reference is loaded 4-bit and frozen, not prepared.
+    weights = weight_bytes(counts, config.model.dtype, four_bit, training=True)
+    weights += (copies - 1) * weight_bytes(counts, config.model.dtype, four_bit)
     return MemoryRow(
         stage,
         what,
-        weights=copies * weight_bytes(counts, config.model.dtype, four_bit),
+        weights=weights,
         trainable=16 * counts["lora"],
         activations=kept + logits,
     )
 
 
-def _generation_row(stage: str, config: Config, real_config, counts: dict, batch: int, new: int, what: str):
+def _generation_row(
+    stage: str, config: Config, real_config, counts: dict, batch: int, new: int, what: str, samples: int = 1
+):
+    """One call of the hf backend: `batch` sequences, `samples` of each prompt. Its peak is the larger of
+    two moments. Prefill: every prompt of the call goes through the model at once (its samples share that
+    cache), and at each layer's MLP the gate, up and product tensors (3 x intermediate) and about four
+    hidden-size tensors (the layer's input and residual, the attention's output) are alive for every prompt
+    token. Decoding: every sequence's cache at full length
+    and one step's logits. A 2-layer stand-in at full width peaks in prefill (measured: bench/gpu_memory.py);
+    a 7B's 32 layers of cache make decoding the peak."""
     dtype = config.model.dtype
     context = config.generation.max_model_len or context_length(real_config)
     # Prompts longer than the training length are rare: the training rows are cut there too.
     prompt = min(max(config.sft.max_length, config.dpo.max_length), context - new)
-    cache = batch * (prompt + new) * kv_bytes_per_token(real_config, dtype)
+    per_token = kv_bytes_per_token(real_config, dtype)
+    prompt_tokens = max(1, batch // max(1, samples)) * prompt
+    prefill_cache = prompt_tokens * per_token
+    prefill = prompt_tokens * (3 * real_config.intermediate_size + 4 * real_config.hidden_size) * _BYTES[dtype]
+    cache = batch * (prompt + new) * per_token
     logits = batch * real_config.vocab_size * 4  # one step's logits, float32 for sampling
+    peak_in_prefill = prefill_cache + prefill > cache + logits
     return MemoryRow(
         stage,
-        f"{what}: {batch} sequences x ({prompt} prompt + {new} new) tokens, {dtype}",
+        f"{what}: {batch} sequences x ({prompt} prompt + {new} new) tokens, {dtype}"
+        + (", peak in prefill" if peak_in_prefill else ""),
         weights=weight_bytes(counts, dtype, False),
-        activations=logits,
-        cache=cache,
+        activations=prefill if peak_in_prefill else logits,
+        cache=prefill_cache if peak_in_prefill else cache,
     )
 
 
@@ -477,10 +498,11 @@ def memory_rows(config: Config, real_config, counts: dict) -> list[MemoryRow]:
         _generation_row("01_gen_prompts", config, real_config, counts, config.prompts.batch_size,
                         config.prompts.max_new_tokens, "prompts"),
         _generation_row("02_gen_responses", config, real_config, counts, config.responses.batch_size,
-                        config.responses.max_new_tokens, "responses"),
+                        config.responses.max_new_tokens, "responses", config.responses.num_samples),
         _generation_row("03_gen_scores", config, real_config, counts, config.judge.batch_size,
                         config.judge.max_new_tokens if config.judge.mode == "sample" else 1,
-                        f"judge ({config.judge.mode})"),
+                        f"judge ({config.judge.mode})",
+                        config.judge.num_samples if config.judge.mode == "sample" else 1),
         _training_row("05_dpo", config, real_config, counts, dpo=True),
         _generation_row("06_eval", config, real_config, counts, config.eval.batch_size,
                         config.eval.max_new_tokens, "answers"),

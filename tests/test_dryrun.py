@@ -106,6 +106,19 @@ def test_lora_parameters_and_4bit_weights_are_counted_as_peft_and_bitsandbytes_h
     assert dryrun.weight_bytes(counts, config.model.dtype, four_bit=True) == held
     assert any(p.dtype == torch.uint8 for p in four_bit.parameters())  # it really is 4-bit
 
+    # The copy QLoRA trains: peft casts every weight that is not 4-bit to float32 (measured on an H200 as
+    # SFT's peak exceeding the estimate by that much, before the estimate counted it).
+    from peft import prepare_model_for_kbit_training
+
+    prepared = prepare_model_for_kbit_training(four_bit, use_gradient_checkpointing=False)
+    held_training = sum(p.numel() * p.element_size() for p in prepared.parameters()) + sum(
+        p.quant_state.absmax.numel() * p.quant_state.absmax.element_size()
+        for p in prepared.parameters()
+        if getattr(p, "quant_state", None) is not None
+    )
+    assert held_training > held
+    assert dryrun.weight_bytes(counts, config.model.dtype, four_bit=True, training=True) == held_training
+
 
 def test_the_key_value_cache_estimate_is_what_generation_holds_per_token():
     import torch

@@ -313,7 +313,8 @@ def merge_adapter(base_path: str | Path, adapter_dir: str | Path, out_dir: str |
     def build(tmp: Path) -> None:
         # On the CPU: the GPU may still hold the trainer's memory, and a 7B fp16 merge fits in RAM.
         base = load_model(base_path, dataclasses.replace(cfg, device="cpu"))
-        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        # peft would load the adapter's weights onto the GPU when one is present
+        merged = PeftModel.from_pretrained(base, str(adapter_dir), torch_device="cpu").merge_and_unload()
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 

@@ -115,7 +115,7 @@ def test_a_merge_that_cannot_fit_in_host_ram_fails_before_training(monkeypatch, 
     monkeypatch.setattr(models, "_available_host_ram", lambda: needed // 2)
     with pytest.raises(models.HostMemoryError, match=r"about 0\.0 GiB of RAM, but 0\.0 GiB is available"):
         train_and_merge(
-            trainer, path, config, adapter_dir=tmp_path / "a", model_dir=tmp_path / "m", log_path=tmp_path / "l"
+            lambda: trainer, path, config, adapter_dir=tmp_path / "a", model_dir=tmp_path / "m", log_path=tmp_path / "l"
         )
     assert calls == []  # refused before the first step
     monkeypatch.setattr(models, "_available_host_ram", lambda: needed)
@@ -152,3 +152,82 @@ def test_qlora_dpo_steps_at_the_mistral_learning_rate_move_both_lora_matrices(tm
         changed = sum(int((before[n] != p.detach()).sum()) for n, p in lora.items() if kind in n)
         total = sum(p.numel() for n, p in lora.items() if kind in n)
         assert changed / total > 0.9, f"{kind}: {changed} of {total} entries changed"
+
+
+class _WatchedTraining:
+    """Wraps a build_*_trainer: weak references to each trainer it builds, to its models and optimizer,
+    and, from the end of training on, torch.cuda.is_available true and every empty_cache call recorded
+    with which of them were still alive (on a GPU, memory they hold is not handed back)."""
+
+    def __init__(self, build, monkeypatch):
+        import weakref
+
+        import torch
+
+        self.refs: dict = {}
+        self.alive_at_empty_cache: list[list[str]] = []
+
+        def watched(*args, **kwargs):
+            trainer = build(*args, **kwargs)
+            self.refs.update(trainer=weakref.ref(trainer), model=weakref.ref(trainer.model))
+            if getattr(trainer, "ref_model", None) is not None:
+                self.refs["reference model"] = weakref.ref(trainer.ref_model)
+            train = trainer.train
+
+            def train_then_watch(**kwargs):
+                out = train(**kwargs)
+                self.refs["optimizer"] = weakref.ref(trainer.optimizer)
+                monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+                monkeypatch.setattr(torch.cuda, "empty_cache", self._record)
+                return out
+
+            trainer.train = train_then_watch
+            return trainer
+
+        self.build = watched
+
+    def _record(self):
+        self.alive_at_empty_cache.append(sorted(name for name, ref in self.refs.items() if ref() is not None))
+
+
+def test_prepare_data_frees_the_sft_baseline_before_the_judge_loads(tmp_path, monkeypatch):
+    # prepare_data.py starts vLLM (which wants 0.9 of the card free) right after training the SFT
+    # baseline: the trainer, its model and its optimizer must be gone when the CUDA cache is emptied.
+    import runpy
+
+    from selfreward import training
+
+    watch = _WatchedTraining(training.build_sft_trainer, monkeypatch)
+    monkeypatch.setattr(training, "build_sft_trainer", watch.build)
+    sft_baseline = runpy.run_path(str(REPO / "scripts" / "prepare_data.py"))["sft_baseline"]
+    config = load_config(REPO / "configs" / "tiny.yaml", {"sft.max_steps": 1, "sft.report_to": "none"})
+    ift = [{"id": f"r{k}", "prompt": f"Name a colour, {k}.", "completion": "Blue."} for k in range(4)]
+    model = sft_baseline(config, ift, tmp_path / "oasst")
+    assert (model / "config.json").is_file()
+    assert watch.alive_at_empty_cache and all(alive == [] for alive in watch.alive_at_empty_cache), (
+        watch.alive_at_empty_cache
+    )
+
+
+def test_dpo_with_the_initial_reference_frees_both_models_before_the_merge(tmp_path, monkeypatch):
+    # Stage 05 with dpo.reference initial holds a second model, the reference, in its trainer.
+    from functools import partial
+
+    from selfreward import training
+
+    config = load_config(REPO / "configs" / "tiny.yaml", {"dpo.max_steps": 1, "dpo.report_to": "none"})
+    path = resolve_model_path(TINY)
+    chat = ChatFormat.from_tokenizer(load_tokenizer(path, config.model))
+    rows = [
+        {"prompt": chat.prompt(f"Colour {k}?"), "chosen": chat.completion("Blue."), "rejected": chat.completion("No.")}
+        for k in range(4)
+    ]
+    watch = _WatchedTraining(training.build_dpo_trainer, monkeypatch)
+    training.train_and_merge(
+        partial(watch.build, path, rows, config, tmp_path / "checkpoints", reference=path), path, config,
+        adapter_dir=tmp_path / "adapter", model_dir=tmp_path / "model", log_path=tmp_path / "train_log.jsonl",
+    )  # fmt: skip
+    assert "reference model" in watch.refs and (tmp_path / "model" / "config.json").is_file()
+    assert watch.alive_at_empty_cache and all(alive == [] for alive in watch.alive_at_empty_cache), (
+        watch.alive_at_empty_cache
+    )

@@ -165,7 +165,7 @@ def test_a_torchrun_rank_closes_the_process_group_before_it_returns(tmp_path, mo
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         out = training.train_and_merge(
-            Rank1Trainer(),
+            Rank1Trainer,
             "parent",
             Config(),
             adapter_dir=tmp_path / "a",

@@ -223,7 +223,7 @@ def train_and_merge(
     Under torchrun every rank trains; only rank 0 saves and merges, the others get None and stop.
     """
     trainer = make_trainer()
-    check_merge_memory(parent, config.model)
+    check_merge_memory(parent, config.model, loaded=trainer.model)
     resume = last_checkpoint(Path(trainer.args.output_dir))
     if resume:
         log.info("resuming from %s", resume)

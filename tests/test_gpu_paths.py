@@ -111,7 +111,9 @@ def test_a_merge_that_cannot_fit_in_host_ram_fails_before_training(monkeypatch, 
     assert needed is not None and params * 4 <= needed <= params * 4 * 1.2  # float32: 4 bytes a parameter
 
     calls = []
-    trainer = SimpleNamespace(args=SimpleNamespace(output_dir=str(tmp_path)), train=lambda **kw: calls.append("train"))
+    trainer = SimpleNamespace(
+        model=None, args=SimpleNamespace(output_dir=str(tmp_path)), train=lambda **kw: calls.append("train")
+    )
     monkeypatch.setattr(models, "_available_host_ram", lambda: needed // 2)
     with pytest.raises(models.HostMemoryError, match=r"about 0\.0 GiB of RAM, but 0\.0 GiB is available"):
         train_and_merge(
@@ -231,3 +233,49 @@ def test_dpo_with_the_initial_reference_frees_both_models_before_the_merge(tmp_p
     assert watch.alive_at_empty_cache and all(alive == [] for alive in watch.alive_at_empty_cache), (
         watch.alive_at_empty_cache
     )
+
+
+def _fake_hub_snapshot(hub_cache: Path, repo_id: str, model) -> Path:
+    """`model` in the Hugging Face cache's layout, as a download of a 7B model leaves it: sharded, with an
+    index, and (as Mistral's repositories have) the same weights again in consolidated.safetensors."""
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("0123abcd" * 5)
+    model.save_pretrained(snapshot, max_shard_size="100KB")
+    model.save_pretrained(repo / "whole")
+    (repo / "whole" / "model.safetensors").rename(snapshot / "consolidated.safetensors")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(snapshot.name)
+    return snapshot
+
+
+def test_the_merge_ram_check_finds_a_hub_model_in_the_hugging_face_cache(tmp_path, monkeypatch, caplog):
+    # Every GPU profile names a hub id (mistralai/Mistral-7B-v0.1): the check looked for a folder of that
+    # name, found none and let the run train for hours before the merge was OOM-killed.
+    import huggingface_hub.constants
+    import transformers
+
+    from selfreward import models
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    config = load_config(REPO / "configs" / "tiny.yaml")
+    tiny = resolve_model_path(TINY)
+    needed = models.merge_ram_needed(tiny, config.model)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tiny)
+    snapshot = _fake_hub_snapshot(tmp_path / "hub", "someorg/some-7b", loaded)
+    assert len(list(snapshot.glob("model-*.safetensors"))) > 1
+    assert models.merge_ram_needed("someorg/some-7b", config.model) == needed
+    monkeypatch.setattr(models, "_available_host_ram", lambda: needed // 2)
+    with pytest.raises(models.HostMemoryError, match="merging the adapter loads someorg/some-7b"):
+        models.check_merge_memory("someorg/some-7b", config.model)
+
+    # Not in the cache (another cache_dir, or .bin weights): the loaded parent is counted, 4-bit or not.
+    four_bit = models.load_model(tiny, config.model, quantize=True)
+    assert models._parameter_count(four_bit) == models._parameter_count(loaded)
+    assert models.merge_ram_needed("otherorg/not-cached", config.model, loaded=four_bit) == needed
+    with pytest.raises(models.HostMemoryError):
+        models.check_merge_memory("otherorg/not-cached", config.model, loaded=four_bit)
+    # Nothing to count from: not checked, and it says so.
+    with caplog.at_level("WARNING", logger="selfreward"):
+        models.check_merge_memory("otherorg/not-cached", config.model)
+    assert "cannot tell how much host RAM merging the adapter into otherorg/not-cached needs" in caplog.text

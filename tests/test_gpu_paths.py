@@ -56,17 +56,21 @@ def test_training_rows_and_generation_prompts_start_with_one_bos(tmp_path, templ
     assert dpo.train_dataset[0]["prompt_ids"] == generation_ids
 
 
-def test_eval_holds_one_model_at_a_time(tiny_run, tmp_path, monkeypatch, live_models_at_load):
+@pytest.mark.parametrize("judge_mode", ["logits", "reward_model"])
+def test_eval_holds_one_model_at_a_time(tiny_run, tmp_path, monkeypatch, live_models_at_load, judge_mode):
     # Stage 06 loads M0, M1 and M2 in turn: on a 24 GB card two 7B models do not fit at once, so each
-    # must be gone before the next one loads.
+    # must be gone before the next one loads. With judge.mode reward_model the tiny run's stage 03
+    # measured another judge, so stage 06 measures the reward model itself: it too must load alone.
     import runpy
     import sys
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns(".oxen"))
-    monkeypatch.setattr(sys, "argv", ["06_eval.py", "--run-dir", str(run), "--iteration", "2", "--no-oxen"])
+    argv = ["06_eval.py", "--run-dir", str(run), "--iteration", "2", "--no-oxen", "--judge.mode", judge_mode]
+    monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(REPO / "scripts" / "06_eval.py"), run_name="__main__")
-    assert live_models_at_load == [0, 0, 0]  # M0, M1, M2 (M2 then judges): none alive when the next loads
+    loads = 4 if judge_mode == "reward_model" else 3  # M0, M1, M2 (M2 then judges) and the reward model
+    assert live_models_at_load == [0] * loads  # none alive when the next loads
 
 
 def test_each_torchrun_rank_loads_4bit_onto_its_own_gpu(monkeypatch):

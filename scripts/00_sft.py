@@ -21,6 +21,7 @@ merged into the full-precision base.
 """
 
 import shutil
+from functools import partial
 
 from selfreward import cli
 from selfreward.chat import ChatFormat
@@ -88,9 +89,15 @@ def main() -> None:
         }
         for r in eft + constructed
     ]
-    trainer = build_sft_trainer(base, rows, config, stage.checkpoints(0), logs=layout.tensorboard(0))
+    # Built inside train_and_merge, which alone holds the trainer: its memory goes once the model is trained.
+    make_trainer = partial(build_sft_trainer, base, rows, config, stage.checkpoints(0), logs=layout.tensorboard(0))
     history = train_and_merge(
-        trainer, base, config, adapter_dir=layout.adapter(0), model_dir=layout.model(0), log_path=layout.train_log(0)
+        make_trainer,
+        base,
+        config,
+        adapter_dir=layout.adapter(0),
+        model_dir=layout.model(0),
+        log_path=layout.train_log(0),
     )
     if history is None:  # a torchrun rank other than 0: rank 0 saves and reports
         return

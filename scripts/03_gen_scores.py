@@ -71,9 +71,10 @@ def score_rows(judge, responses: list[dict], config, *, budget: int, seed: int, 
     if cfg.mode == "reward_model":
         fitted = [judge.render(r["prompt"], r["response"], budget) for r in responses]
 
-        def rewarded(k: int, idx: list[int], rewards: list[float]) -> None:
-            keep(k, [{**responses[i], "score": round(reward, 4), "judgments": [], "judge_input_truncated": fitted[i][1]}
-                     for i, reward in zip(idx, rewards, strict=True)])  # fmt: skip
+        def rewarded(k: int, idx: list[int], rewards: list[float | None]) -> None:
+            scores = [None if reward is None else round(reward, 4) for reward in rewards]  # None: it was not finite
+            keep(k, [{**responses[i], "score": score, "judgments": [], "judge_input_truncated": fitted[i][1]}
+                     for i, score in zip(idx, scores, strict=True)])  # fmt: skip
 
         judge.score([text for text, _ in fitted], cfg.batch_size, skip=skip, on_batch=rewarded)
         return rows
@@ -152,6 +153,8 @@ def main() -> None:
     check["noise"] = noise(judge, responses, rows, config, budget=budget, seed=config.seed + t)
     judge.close()
     extra = {"backend": judge.name}
+    if cfg.mode == "reward_model":  # NaN or inf (see RewardModel.score), given as no score
+        extra["non_finite_rewards"] = judge.non_finite
     if previous is not None:  # CREAM: the judge before it scores the same answers the same way
         before = load_judge(previous, config)
         previous_scores = {

@@ -14,6 +14,7 @@ and says why, instead of failing inside the trainer.
 """
 
 import sys
+from functools import partial
 
 from selfreward import cli
 from selfreward.chat import ChatFormat
@@ -57,10 +58,11 @@ def main() -> None:
         }
         for p in pairs
     ]
-    trainer = build_dpo_trainer(
-        parent, rows, config, stage.checkpoints(t), logs=layout.tensorboard(t), reference=reference and str(reference)
-    )
-    train_child(stage, trainer, parent, [train_copy], rows_in=len(pairs), reference=str(reference or parent))
+    make_trainer = partial(
+        build_dpo_trainer, parent, rows, config, stage.checkpoints(t), logs=layout.tensorboard(t),
+        reference=reference and str(reference),
+    )  # fmt: skip
+    train_child(stage, make_trainer, parent, [train_copy], rows_in=len(pairs), reference=str(reference or parent))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ generation used (as stage 00 trains). With no answer kept the stage exits with c
 
 import sys
 from dataclasses import replace
+from functools import partial
 
 from selfreward import cli
 from selfreward.chat import ChatFormat
@@ -48,8 +49,10 @@ def main() -> None:
     write_jsonl(train_copy, selected)
     rows = [{"prompt": chat.prompt(r["prompt"]), "completion": chat.completion(r["completion"])} for r in selected]
     per_iteration = replace(config, sft=replace(config.sft, epochs=config.raft.epochs, max_steps=-1))
-    trainer = build_sft_trainer(parent, rows, per_iteration, stage.checkpoints(t), logs=layout.tensorboard(t))
-    train_child(stage, trainer, parent, [train_copy], rows_in=len(selected))
+    make_trainer = partial(
+        build_sft_trainer, parent, rows, per_iteration, stage.checkpoints(t), logs=layout.tensorboard(t)
+    )
+    train_child(stage, make_trainer, parent, [train_copy], rows_in=len(selected))
 
 
 if __name__ == "__main__":

@@ -89,6 +89,16 @@ def main() -> None:
         raise cli.StageError(f"{prompts_path} has no prompts to evaluate on")
 
     answers, quality = {}, {}
+    # Before the policies: M<t> stays loaded after them to judge, and two 7B models may not share a card.
+    if eft and config.judge.mode == "reward_model":  # the judge is the reward model, whatever M<t> learnt
+        quality["reward model"] = measured_by_stage_03(layout, t - 1, config)
+        if not quality["reward model"]:
+            rm = load_judge(None, config)
+            budget = judge_budget(rm, config)
+            quality["reward model"] = measure_judge(
+                rm, eft, config.judge, budget=budget, samples=config.eval.bootstrap_samples, seed=config.seed
+            )
+            rm.close()
     greedy = Sampling(1, 0.0, 1.0, config.eval.max_new_tokens, config.eval.batch_size)
     judge = None
     for m in names:  # ascending: M<t> comes last and, by default, stays loaded as the judge
@@ -107,15 +117,6 @@ def main() -> None:
         else:
             backend.close()
 
-    if eft and config.judge.mode == "reward_model":  # the judge is the reward model, whatever M<t> learnt
-        quality["reward model"] = measured_by_stage_03(layout, t - 1, config)
-        if not quality["reward model"]:
-            rm = load_judge(None, config)
-            budget = judge_budget(rm, config)
-            quality["reward model"] = measure_judge(
-                rm, eft, config.judge, budget=budget, samples=config.eval.bootstrap_samples, seed=config.seed
-            )
-            rm.close()
     judge = judge or load_backend(judge_path, config.model, config.generation)
     budget = prompt_budget(judge.context_length, config.model, 1)
     comparisons, template = {}, pairwise_template(config.judge)

@@ -29,6 +29,7 @@ import json
 import logging
 import shutil
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 from selfreward import cli, generation, oasst, versioning
@@ -94,9 +95,10 @@ def sft_baseline(config, ift: list[dict], out: Path) -> Path:
     base = resolve_model_path(config.model.name_or_path)
     chat = ChatFormat.from_tokenizer(load_tokenizer(base, config.model))
     rows = [{"prompt": chat.prompt(r["prompt"]), "completion": chat.completion(r["completion"])} for r in ift]
-    trainer = build_sft_trainer(base, rows, config, folder / "checkpoints")
+    # train_and_merge builds the trainer and alone holds it: its GPU memory is free before the judge's vLLM starts
+    make_trainer = partial(build_sft_trainer, base, rows, config, folder / "checkpoints")
     train_and_merge(
-        trainer, base, config, adapter_dir=folder / "adapter", model_dir=folder / "model",
+        make_trainer, base, config, adapter_dir=folder / "adapter", model_dir=folder / "model",
         log_path=folder / "train_log.jsonl",
     )  # fmt: skip
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
+import logging
 import math
 import os
 import re
@@ -26,6 +28,8 @@ if TYPE_CHECKING:
 
 # torch is imported where it is used (as transformers is): every stage imports this module, and a
 # stage that finds its output complete (--skip-if-complete) answers without loading PyTorch.
+
+log = logging.getLogger("selfreward")
 
 SMOLLM2 = "builtin:smollm2-135m-instruct"
 TINY = "builtin:tiny-random"
@@ -272,28 +276,73 @@ def _available_host_ram() -> int | None:
     return None
 
 
-def merge_ram_needed(base_path: str | Path, cfg: ModelConfig) -> int | None:
-    """Bytes the merge needs on the host: the parent's parameters at model.dtype (from the safetensors
-    headers, nothing loaded), plus a tenth for the adapter and the copy being written."""
+def _local_weights_folder(name_or_path: str) -> Path | None:
+    """The folder holding a model's files on this machine: the path itself, or for a hub id the snapshot
+    that from_pretrained downloaded into the Hugging Face cache (None when it is not there yet)."""
+    path = resolve_model_path(name_or_path)
+    if Path(path).is_dir():
+        return Path(path)
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(path, "config.json")  # every model has one, in its snapshot's folder
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files from_pretrained loads from `folder`: the shards its index lists, or
+    model.safetensors; not every *.safetensors (Mistral's repositories also ship the same weights as
+    consolidated.safetensors, which would count them twice)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        return [folder / name for name in shards]
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def _parameter_count(model) -> int:
+    """Parameters of a loaded model as they are in full precision: a 4-bit weight is stored packed, two
+    to a byte, and its quant_state keeps the original shape."""
+    total = 0
+    for param in model.parameters():
+        quant_state = getattr(param, "quant_state", None)
+        total += math.prod(quant_state.shape) if quant_state is not None else param.numel()
+    return total
+
+
+def merge_ram_needed(base_path: str | Path, cfg: ModelConfig, loaded=None) -> int | None:
+    """Bytes the merge needs on the host: the parent's parameters at model.dtype, plus a tenth for the
+    adapter and the copy being written. The parameters are counted from the safetensors headers of the
+    parent's folder or hub cache snapshot (nothing loaded), else from `loaded`, the parent as loaded for
+    training; None when neither is there."""
     import torch
     from safetensors import safe_open
 
-    files = sorted(Path(resolve_model_path(str(base_path))).glob("*.safetensors"))
-    if not files:
-        return None  # a hub id or .bin weights: not measured
-    params = 0
-    for file in files:
-        with safe_open(file, framework="pt") as weights:
-            for name in weights.keys():
-                shape = weights.get_slice(name).get_shape()
-                params += math.prod(shape)
+    folder = _local_weights_folder(str(base_path))
+    files = _weight_files(folder) if folder else []
+    if files:
+        params = 0
+        for file in files:
+            with safe_open(file, framework="pt") as weights:
+                for name in weights.keys():
+                    params += math.prod(weights.get_slice(name).get_shape())
+    elif loaded is not None:  # .bin weights, or a cache elsewhere
+        params = _parameter_count(loaded)
+    else:
+        return None
     itemsize = torch.empty(0, dtype=torch_dtype(cfg.dtype)).element_size()
     return int(params * itemsize * 1.1)
 
 
-def check_merge_memory(base_path: str | Path, cfg: ModelConfig) -> None:
-    """Fail before training, not after it, when the host cannot hold the merge."""
-    needed, available = merge_ram_needed(base_path, cfg), _available_host_ram()
+def check_merge_memory(base_path: str | Path, cfg: ModelConfig, loaded=None) -> None:
+    """Fail before training, not after it, when the host cannot hold the merge (`loaded`: see merge_ram_needed)."""
+    needed, available = merge_ram_needed(base_path, cfg, loaded), _available_host_ram()
+    if needed is None:
+        log.warning(
+            "cannot tell how much host RAM merging the adapter into %s needs (no safetensors weights found on "
+            "this machine): not checked; the merge loads it in %s on the CPU after training",
+            base_path, cfg.dtype,
+        )  # fmt: skip
     if needed is None or available is None or needed <= available:
         return
     gib = 1024**3
@@ -313,7 +362,8 @@ def merge_adapter(base_path: str | Path, adapter_dir: str | Path, out_dir: str |
     def build(tmp: Path) -> None:
         # On the CPU: the GPU may still hold the trainer's memory, and a 7B fp16 merge fits in RAM.
         base = load_model(base_path, dataclasses.replace(cfg, device="cpu"))
-        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        # peft would load the adapter's weights onto the GPU when one is present
+        merged = PeftModel.from_pretrained(base, str(adapter_dir), torch_device="cpu").merge_and_unload()
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 
 from selfreward.metrics import kendall_tau_b
@@ -12,7 +13,8 @@ def build_pairs(
 ) -> tuple[list[dict], Counter]:
     """One pair per prompt, chosen = highest score, rejected = lowest; returns (pairs, why prompts were dropped).
 
-    Responses with a null score never take part. A prompt is dropped when fewer than two responses
+    Responses with a null or non-finite score (a NaN reward, in scores files written before they were
+    refused at the source) never take part. A prompt is dropped when fewer than two responses
     were scored, when best and worst tie, when their texts are the same, or when the gap is below
     `min_margin`. Among equal scores the lower sample index wins, so the result is deterministic.
     With `length_tolerance` (preferences.length_control), chosen is the shortest answer scored within
@@ -23,7 +25,9 @@ def build_pairs(
         by_prompt[row["prompt_id"]].append(row)
     pairs, dropped = [], Counter()
     for prompt_id, rows in by_prompt.items():
-        valid = sorted((r for r in rows if r["score"] is not None), key=lambda r: r["sample_index"])
+        valid = sorted(
+            (r for r in rows if r["score"] is not None and math.isfinite(r["score"])), key=lambda r: r["sample_index"]
+        )
         if len(valid) < 2:
             dropped["fewer_than_two_scored"] += 1
             continue

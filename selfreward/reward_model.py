@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 from collections.abc import Collection
 
 import torch
@@ -19,7 +20,7 @@ from selfreward.chat import ensure_chat_template, tokenizer_added_prefix
 from selfreward.config import ConfigError
 from selfreward.generation import BatchCallback, HalvesOnOutOfMemory, plan_batches, run_batches
 from selfreward.judge import cut_to_fit
-from selfreward.models import ModelNotFoundError, device_of, resolve_model_path, torch_dtype
+from selfreward.models import ModelNotFoundError, device_of, resolve_model_path
 
 log = logging.getLogger("selfreward")
 
@@ -36,6 +37,7 @@ class RewardModel(HalvesOnOutOfMemory):
         self.device = next(model.parameters()).device
         self.context_length = getattr(model.config, "max_position_embeddings", None) or 1_000_000
         self.row_limit: int | None = None
+        self.non_finite = 0  # rewards that came out NaN or infinite (an overflow): given as no score
         # A tokenizer that puts BOS before any text on its own was trained with it; the rendered text is
         # encoded without special tokens, so BOS is added here, once, when the template lacks it.
         self.added_prefix = tokenizer_added_prefix(tokenizer)
@@ -68,7 +70,7 @@ class RewardModel(HalvesOnOutOfMemory):
         skip: Collection[int] = (),
         on_batch: BatchCallback | None = None,
     ) -> list[float | None]:
-        """The reward of every rendered text (see `render`), in input order.
+        """The reward of every rendered text (see `render`), in input order; None where it is not finite.
 
         Texts are grouped by `plan_batches(lengths, batch_size)`; a batch listed in `skip` (already done
         by a killed run) is not run and its rewards are None; `on_batch(batch, indices, rewards)` is
@@ -89,7 +91,15 @@ class RewardModel(HalvesOnOutOfMemory):
                 [texts[i] for i in part], add_special_tokens=False, padding=True, return_tensors="pt"
             ).to(self.device)
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            return logits[:, 0].float().tolist()
+            rewards = logits[:, 0].float().tolist()
+            bad = sum(not math.isfinite(r) for r in rewards)
+            if bad:
+                self.non_finite += bad
+                log.warning(
+                    "the reward model gave %d non-finite reward(s) (NaN or inf: an overflow in %s?); they count as "
+                    "no score (%d so far)", bad, self.model.dtype, self.non_finite,
+                )  # fmt: skip
+            return [r if math.isfinite(r) else None for r in rewards]
 
         return run_batches(batches, lambda idx: self._halving(idx, run), desc=desc, skip=skip, on_batch=on_batch)
 
@@ -101,10 +111,21 @@ class RewardModel(HalvesOnOutOfMemory):
             torch.cuda.empty_cache()
 
 
+def reward_dtype(saved, device: str) -> torch.dtype:
+    """The dtype a reward model runs in: the one it was saved in, not the policy's (a bfloat16 model run
+    in float16 can overflow, and its rewards become NaN); float32 when its config names none (transformers'
+    own default), and on the CPU in place of float16, which the CPU computes slowly and not in every op."""
+    if isinstance(saved, str):
+        saved = getattr(torch, saved, None)
+    dtype = saved if isinstance(saved, torch.dtype) else torch.float32
+    return torch.float32 if dtype == torch.float16 and device == "cpu" else dtype
+
+
 def load_reward_model(name_or_path: str, model_cfg) -> RewardModel:
-    """The reward model of `judge.reward_model` (a folder, hub id or builtin name) on the device, dtype and
-    fallback chat template of `model_cfg` (the run's ModelConfig). Anything that is not a sequence
-    classifier with one output is refused with a ConfigError that names the key."""
+    """The reward model of `judge.reward_model` (a folder, hub id or builtin name) in its own dtype (see
+    `reward_dtype`), on the device and with the fallback chat template of `model_cfg` (the run's
+    ModelConfig). Anything that is not a sequence classifier with one output is refused with a ConfigError
+    that names the key."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     try:
@@ -122,13 +143,14 @@ def load_reward_model(name_or_path: str, model_cfg) -> RewardModel:
             f"config key '{KEY}': {name_or_path} ({archs}) has {config.num_labels} outputs; "
             "a reward model has one (a Bradley-Terry sequence classifier)"
         )
+    device = device_of(model_cfg)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, dtype=torch_dtype(model_cfg.dtype)
+            path, config=config, dtype=reward_dtype(config.dtype, device)
         )
     except ValueError as exc:  # transformers' "Unrecognized configuration class ..." for this AutoModel
         raise ConfigError(f"config key '{KEY}': {name_or_path} is not a sequence classifier: {exc}") from None
-    model.to(device_of(model_cfg))
+    model.to(device)
     model.eval()
 
     tokenizer = AutoTokenizer.from_pretrained(path)

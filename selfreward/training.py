@@ -13,7 +13,9 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import TrainerCallback
@@ -22,6 +24,9 @@ from selfreward import failpoints
 from selfreward.chat import ChatFormat
 from selfreward.config import Config, TrainConfig
 from selfreward.models import check_merge_memory, device_of, load_model, load_tokenizer, merge_adapter
+
+if TYPE_CHECKING:
+    from transformers import Trainer
 
 log = logging.getLogger("selfreward")
 
@@ -201,13 +206,24 @@ def build_dpo_trainer(
 
 
 def train_and_merge(
-    trainer, parent: str, config: Config, *, adapter_dir: Path, model_dir: Path, log_path: Path
+    make_trainer: Callable[[], Trainer],
+    parent: str,
+    config: Config,
+    *,
+    adapter_dir: Path,
+    model_dir: Path,
+    log_path: Path,
 ) -> list[dict] | None:
-    """Train (resuming from the newest checkpoint if one is there), save the adapter, merge, return the log.
+    """Build the trainer, train (resuming from the newest checkpoint if one is there), save the adapter,
+    merge, return the log.
 
+    The trainer is built here and nothing else holds it, so once it is dropped its model, optimizer and
+    accelerator go with it and their GPU memory can be handed back before the merge, and before the
+    caller starts the next model (prepare_data starts vLLM, which wants most of the card free).
     Under torchrun every rank trains; only rank 0 saves and merges, the others get None and stop.
     """
-    check_merge_memory(parent, config.model)
+    trainer = make_trainer()
+    check_merge_memory(parent, config.model, loaded=trainer.model)
     resume = last_checkpoint(Path(trainer.args.output_dir))
     if resume:
         log.info("resuming from %s", resume)
@@ -222,7 +238,7 @@ def train_and_merge(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text("".join(json.dumps(row) + "\n" for row in history), encoding="utf-8")
     tokenizer = trainer.processing_class
-    del trainer
+    del trainer  # its only reference: the model, the optimizer and the accelerator's state go with it
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -285,15 +301,29 @@ def write_lineage(
     )
 
 
-def train_child(stage, trainer, parent: str, data: list[Path], *, rows_in: int, reference: str | None = None) -> None:
-    """Stage 05's common end (05_dpo, 05_raft_sft): train M<t> from `parent`, merge it, write its lineage,
+def train_child(
+    stage,
+    make_trainer: Callable[[], Trainer],
+    parent: str,
+    data: list[Path],
+    *,
+    rows_in: int,
+    reference: str | None = None,
+) -> None:
+    """Stage 05's common end (05_dpo, 05_raft_sft): train M<t> from `parent` with the trainer
+    `make_trainer` builds (see train_and_merge), merge it, write its lineage,
     drop the checkpoints and finish the stage (manifest, summary, Oxen). On a torchrun rank other than 0
     it only trains: rank 0 saves and reports."""
     import shutil
 
     layout, t, config = stage.layout, stage.iteration, stage.config
     history = train_and_merge(
-        trainer, parent, config, adapter_dir=layout.adapter(t), model_dir=layout.model(t), log_path=layout.train_log(t)
+        make_trainer,
+        parent,
+        config,
+        adapter_dir=layout.adapter(t),
+        model_dir=layout.model(t),
+        log_path=layout.train_log(t),
     )
     if history is None:
         return

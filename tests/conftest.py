@@ -63,24 +63,28 @@ def run_driver(run_dir: Path, cache: Path, config: str = "configs/tiny.yaml", it
 
 @pytest.fixture
 def live_models_at_load(monkeypatch) -> list[int]:
-    """How many models loaded through generation.load_backend are still alive when the next one loads:
-    a stage or tool that lets each go before loading the next records only zeros."""
+    """How many models loaded through generation.load_backend or reward_model.load_reward_model are still
+    alive when the next one loads: a stage or tool that lets each go before loading the next records only
+    zeros."""
     import gc
     import weakref
 
-    from selfreward import generation
+    from selfreward import generation, reward_model
 
     live, alive_at_load = weakref.WeakSet(), []
-    real_load = generation.load_backend
 
-    def load_and_count(*args, **kwargs):
-        gc.collect()
-        alive_at_load.append(len(live))
-        backend = real_load(*args, **kwargs)
-        live.add(backend.model)
-        return backend
+    def counting(load):
+        def load_and_count(*args, **kwargs):
+            gc.collect()
+            alive_at_load.append(len(live))
+            loaded = load(*args, **kwargs)
+            live.add(loaded.model)
+            return loaded
 
-    monkeypatch.setattr(generation, "load_backend", load_and_count)
+        return load_and_count
+
+    monkeypatch.setattr(generation, "load_backend", counting(generation.load_backend))
+    monkeypatch.setattr(reward_model, "load_reward_model", counting(reward_model.load_reward_model))
     return alive_at_load
 
 

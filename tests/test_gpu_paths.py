@@ -56,17 +56,21 @@ def test_training_rows_and_generation_prompts_start_with_one_bos(tmp_path, templ
     assert dpo.train_dataset[0]["prompt_ids"] == generation_ids
 
 
-def test_eval_holds_one_model_at_a_time(tiny_run, tmp_path, monkeypatch, live_models_at_load):
+@pytest.mark.parametrize("judge_mode", ["logits", "reward_model"])
+def test_eval_holds_one_model_at_a_time(tiny_run, tmp_path, monkeypatch, live_models_at_load, judge_mode):
     # Stage 06 loads M0, M1 and M2 in turn: on a 24 GB card two 7B models do not fit at once, so each
-    # must be gone before the next one loads.
+    # must be gone before the next one loads. With judge.mode reward_model the tiny run's stage 03
+    # measured another judge, so stage 06 measures the reward model itself: it too must load alone.
     import runpy
     import sys
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns(".oxen"))
-    monkeypatch.setattr(sys, "argv", ["06_eval.py", "--run-dir", str(run), "--iteration", "2", "--no-oxen"])
+    argv = ["06_eval.py", "--run-dir", str(run), "--iteration", "2", "--no-oxen", "--judge.mode", judge_mode]
+    monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(REPO / "scripts" / "06_eval.py"), run_name="__main__")
-    assert live_models_at_load == [0, 0, 0]  # M0, M1, M2 (M2 then judges): none alive when the next loads
+    loads = 4 if judge_mode == "reward_model" else 3  # M0, M1, M2 (M2 then judges) and the reward model
+    assert live_models_at_load == [0] * loads  # none alive when the next loads
 
 
 def test_each_torchrun_rank_loads_4bit_onto_its_own_gpu(monkeypatch):
@@ -111,11 +115,13 @@ def test_a_merge_that_cannot_fit_in_host_ram_fails_before_training(monkeypatch, 
     assert needed is not None and params * 4 <= needed <= params * 4 * 1.2  # float32: 4 bytes a parameter
 
     calls = []
-    trainer = SimpleNamespace(args=SimpleNamespace(output_dir=str(tmp_path)), train=lambda **kw: calls.append("train"))
+    trainer = SimpleNamespace(
+        model=None, args=SimpleNamespace(output_dir=str(tmp_path)), train=lambda **kw: calls.append("train")
+    )
     monkeypatch.setattr(models, "_available_host_ram", lambda: needed // 2)
     with pytest.raises(models.HostMemoryError, match=r"about 0\.0 GiB of RAM, but 0\.0 GiB is available"):
         train_and_merge(
-            trainer, path, config, adapter_dir=tmp_path / "a", model_dir=tmp_path / "m", log_path=tmp_path / "l"
+            lambda: trainer, path, config, adapter_dir=tmp_path / "a", model_dir=tmp_path / "m", log_path=tmp_path / "l"
         )
     assert calls == []  # refused before the first step
     monkeypatch.setattr(models, "_available_host_ram", lambda: needed)
@@ -152,3 +158,128 @@ def test_qlora_dpo_steps_at_the_mistral_learning_rate_move_both_lora_matrices(tm
         changed = sum(int((before[n] != p.detach()).sum()) for n, p in lora.items() if kind in n)
         total = sum(p.numel() for n, p in lora.items() if kind in n)
         assert changed / total > 0.9, f"{kind}: {changed} of {total} entries changed"
+
+
+class _WatchedTraining:
+    """Wraps a build_*_trainer: weak references to each trainer it builds, to its models and optimizer,
+    and, from the end of training on, torch.cuda.is_available true and every empty_cache call recorded
+    with which of them were still alive (on a GPU, memory they hold is not handed back)."""
+
+    def __init__(self, build, monkeypatch):
+        import weakref
+
+        import torch
+
+        self.refs: dict = {}
+        self.alive_at_empty_cache: list[list[str]] = []
+
+        def watched(*args, **kwargs):
+            trainer = build(*args, **kwargs)
+            self.refs.update(trainer=weakref.ref(trainer), model=weakref.ref(trainer.model))
+            if getattr(trainer, "ref_model", None) is not None:
+                self.refs["reference model"] = weakref.ref(trainer.ref_model)
+            train = trainer.train
+
+            def train_then_watch(**kwargs):
+                out = train(**kwargs)
+                self.refs["optimizer"] = weakref.ref(trainer.optimizer)
+                monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+                monkeypatch.setattr(torch.cuda, "empty_cache", self._record)
+                return out
+
+            trainer.train = train_then_watch
+            return trainer
+
+        self.build = watched
+
+    def _record(self):
+        self.alive_at_empty_cache.append(sorted(name for name, ref in self.refs.items() if ref() is not None))
+
+
+def test_prepare_data_frees_the_sft_baseline_before_the_judge_loads(tmp_path, monkeypatch):
+    # prepare_data.py starts vLLM (which wants 0.9 of the card free) right after training the SFT
+    # baseline: the trainer, its model and its optimizer must be gone when the CUDA cache is emptied.
+    import runpy
+
+    from selfreward import training
+
+    watch = _WatchedTraining(training.build_sft_trainer, monkeypatch)
+    monkeypatch.setattr(training, "build_sft_trainer", watch.build)
+    sft_baseline = runpy.run_path(str(REPO / "scripts" / "prepare_data.py"))["sft_baseline"]
+    config = load_config(REPO / "configs" / "tiny.yaml", {"sft.max_steps": 1, "sft.report_to": "none"})
+    ift = [{"id": f"r{k}", "prompt": f"Name a colour, {k}.", "completion": "Blue."} for k in range(4)]
+    model = sft_baseline(config, ift, tmp_path / "oasst")
+    assert (model / "config.json").is_file()
+    assert watch.alive_at_empty_cache and all(alive == [] for alive in watch.alive_at_empty_cache), (
+        watch.alive_at_empty_cache
+    )
+
+
+def test_dpo_with_the_initial_reference_frees_both_models_before_the_merge(tmp_path, monkeypatch):
+    # Stage 05 with dpo.reference initial holds a second model, the reference, in its trainer.
+    from functools import partial
+
+    from selfreward import training
+
+    config = load_config(REPO / "configs" / "tiny.yaml", {"dpo.max_steps": 1, "dpo.report_to": "none"})
+    path = resolve_model_path(TINY)
+    chat = ChatFormat.from_tokenizer(load_tokenizer(path, config.model))
+    rows = [
+        {"prompt": chat.prompt(f"Colour {k}?"), "chosen": chat.completion("Blue."), "rejected": chat.completion("No.")}
+        for k in range(4)
+    ]
+    watch = _WatchedTraining(training.build_dpo_trainer, monkeypatch)
+    training.train_and_merge(
+        partial(watch.build, path, rows, config, tmp_path / "checkpoints", reference=path), path, config,
+        adapter_dir=tmp_path / "adapter", model_dir=tmp_path / "model", log_path=tmp_path / "train_log.jsonl",
+    )  # fmt: skip
+    assert "reference model" in watch.refs and (tmp_path / "model" / "config.json").is_file()
+    assert watch.alive_at_empty_cache and all(alive == [] for alive in watch.alive_at_empty_cache), (
+        watch.alive_at_empty_cache
+    )
+
+
+def _fake_hub_snapshot(hub_cache: Path, repo_id: str, model) -> Path:
+    """`model` in the Hugging Face cache's layout, as a download of a 7B model leaves it: sharded, with an
+    index, and (as Mistral's repositories have) the same weights again in consolidated.safetensors."""
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("0123abcd" * 5)
+    model.save_pretrained(snapshot, max_shard_size="100KB")
+    model.save_pretrained(repo / "whole")
+    (repo / "whole" / "model.safetensors").rename(snapshot / "consolidated.safetensors")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(snapshot.name)
+    return snapshot
+
+
+def test_the_merge_ram_check_finds_a_hub_model_in_the_hugging_face_cache(tmp_path, monkeypatch, caplog):
+    # Every GPU profile names a hub id (mistralai/Mistral-7B-v0.1): the check looked for a folder of that
+    # name, found none and let the run train for hours before the merge was OOM-killed.
+    import huggingface_hub.constants
+    import transformers
+
+    from selfreward import models
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    config = load_config(REPO / "configs" / "tiny.yaml")
+    tiny = resolve_model_path(TINY)
+    needed = models.merge_ram_needed(tiny, config.model)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tiny)
+    snapshot = _fake_hub_snapshot(tmp_path / "hub", "someorg/some-7b", loaded)
+    assert len(list(snapshot.glob("model-*.safetensors"))) > 1
+    assert models.merge_ram_needed("someorg/some-7b", config.model) == needed
+    monkeypatch.setattr(models, "_available_host_ram", lambda: needed // 2)
+    with pytest.raises(models.HostMemoryError, match="merging the adapter loads someorg/some-7b"):
+        models.check_merge_memory("someorg/some-7b", config.model)
+
+    # Not in the cache (another cache_dir, or .bin weights): the loaded parent is counted, 4-bit or not.
+    four_bit = models.load_model(tiny, config.model, quantize=True)
+    assert models._parameter_count(four_bit) == models._parameter_count(loaded)
+    assert models.merge_ram_needed("otherorg/not-cached", config.model, loaded=four_bit) == needed
+    with pytest.raises(models.HostMemoryError):
+        models.check_merge_memory("otherorg/not-cached", config.model, loaded=four_bit)
+    # Nothing to count from: not checked, and it says so.
+    with caplog.at_level("WARNING", logger="selfreward"):
+        models.check_merge_memory("otherorg/not-cached", config.model)
+    assert "cannot tell how much host RAM merging the adapter into otherorg/not-cached needs" in caplog.text

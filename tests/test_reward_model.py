@@ -110,3 +110,59 @@ def test_out_of_memory_halves_the_batch(reward, texts, monkeypatch):
     monkeypatch.setattr(reward, "row_limit", None)
     assert reward.score(texts, batch_size=5) == pytest.approx(expected, abs=1e-4)
     assert reward.row_limit == 2
+
+
+@pytest.mark.parametrize(("saved", "runs_in"), [("bfloat16", "bfloat16"), ("float16", "float32")])
+def test_a_reward_model_runs_in_its_own_dtype_not_the_policys(tmp_path, cache, saved, runs_in):
+    # Under the Mistral profile (model.dtype float16) a bfloat16 reward model was cast to float16, where
+    # its activations can overflow. float16 is computed slowly, and not by every op, on the CPU.
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = resolve_model_path(TINY_REWARD)
+    AutoModelForSequenceClassification.from_pretrained(folder, dtype=getattr(torch, saved)).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(tmp_path)
+    rm = load_reward_model(str(tmp_path), ModelConfig(name_or_path=TINY, dtype="float16", device="cpu"))
+    assert rm.model.dtype == getattr(torch, runs_in)
+
+
+def test_a_non_finite_reward_is_no_score_and_makes_no_pair(reward, monkeypatch, caplog):
+    # An overflowing reward model gives inf or NaN: inf was the best answer of its prompt and went into a
+    # pair as "chosen"; NaN, listed first, made the prompt's pair with itself, dropping the prompt.
+    import re
+    import runpy
+    from pathlib import Path
+
+    from selfreward.config import load_config
+    from selfreward.pairs import build_pairs
+
+    repo = Path(__file__).resolve().parents[1]
+    forward = type(reward.model).forward
+
+    def rewards_from_the_text(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        for row, ids in enumerate(kwargs["input_ids"]):
+            out.logits[row, 0] = float(re.search(r"reward (\S+?)<", reward.tokenizer.decode(ids)).group(1))
+        return out
+
+    monkeypatch.setattr(type(reward.model), "forward", rewards_from_the_text)
+    answers = {"p1": ["1.0", "inf", "0.5"], "p2": ["nan", "2.0", "-1.0"]}
+    responses = [
+        {"prompt_id": p, "response_id": f"{p}-{k}", "sample_index": k, "prompt": f"Question {p}?",
+         "response": f"reward {value}"}
+        for p, values in answers.items() for k, value in enumerate(values)
+    ]  # fmt: skip
+    config = load_config(repo / "configs" / "tiny.yaml", {"judge.mode": "reward_model"})
+    score_rows = runpy.run_path(str(repo / "scripts" / "03_gen_scores.py"))["score_rows"]
+    with caplog.at_level("WARNING", logger="selfreward"):
+        rows = score_rows(reward, responses, config, budget=reward.context_length, seed=0)
+    assert {r["response"]: r["score"] for r in rows} == {
+        "reward 1.0": 1.0, "reward inf": None, "reward 0.5": 0.5, "reward nan": None, "reward 2.0": 2.0,
+        "reward -1.0": -1.0,
+    }  # fmt: skip
+    assert reward.non_finite == 2 and "non-finite reward" in caplog.text
+    finite_pairs = [("reward 1.0", "reward 0.5"), ("reward 2.0", "reward -1.0")]
+    assert [(p["chosen"], p["rejected"]) for p in build_pairs(rows)[0]] == finite_pairs
+    # a scores file written before: its NaN and inf are no score either
+    old = [{**r, "score": float(r["response"].split()[1])} for r in rows]
+    assert [(p["chosen"], p["rejected"]) for p in build_pairs(old)[0]] == finite_pairs

@@ -147,6 +147,7 @@ def test_a_torchrun_rank_closes_the_process_group_before_it_returns(tmp_path, mo
     from selfreward import training
 
     class Rank1Trainer:
+        model = None
         args = types.SimpleNamespace(output_dir=str(tmp_path / "checkpoints"))
 
         def add_callback(self, callback):
@@ -161,11 +162,11 @@ def test_a_torchrun_rank_closes_the_process_group_before_it_returns(tmp_path, mo
         def is_world_process_zero(self):
             return False
 
-    monkeypatch.setattr(training, "check_merge_memory", lambda parent, model: None)
+    monkeypatch.setattr(training, "check_merge_memory", lambda parent, model, loaded: None)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         out = training.train_and_merge(
-            Rank1Trainer(),
+            Rank1Trainer,
             "parent",
             Config(),
             adapter_dir=tmp_path / "a",

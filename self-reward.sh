@@ -32,14 +32,15 @@ usage: self-reward.sh [--config FILE] [--iterations N] [--run-dir DIR] [--algori
                     into the run's config.yaml, so stages rerun by hand later see them too
 
 Every stage commits its outputs to an Oxen repository in the run folder (oxen.* in the config);
-with oxen.remote or OXEN_REMOTE set, each commit is also pushed.
+with oxen.remote or OXEN_REMOTE set, the commits are pushed in the background while the stages go on,
+and the end waits up to oxen.final_push_wait_seconds for them, then says what is not pushed yet.
 One process writes a run folder at a time: a second driver (or a stage run by hand) on the same
 folder is refused with a line that names the one at work.
 
 Environment: PYTHON (default: python) is the interpreter that runs the stages.
-Exit codes: 0 done; 2 bad arguments, config or data, a full disk or unwritable folder; 3 an iteration
-produced no preference pairs (RAFT: kept no answer); 4 the judge is not better than chance (judge.gate: stop); 5 the run
-folder is in use by another process.
+Exit codes: 0 done; 2 bad arguments, config or data, a full disk or unwritable folder, commits still
+unpushed at the end with oxen.strict; 3 an iteration produced no preference pairs (RAFT: kept no answer);
+4 the judge is not better than chance (judge.gate: stop); 5 the run folder is in use by another process.
 TXT
 }
 
@@ -149,5 +150,8 @@ if [ -n "$dry_run" ]; then
 else
   echo "self-reward.sh: done: M0..M$iterations in $run_dir"
 fi
+# The stages left pushing to a remote in the background: wait a bounded time, then one line says whether
+# every commit is pushed, or what is not and the command that pushes it later.
+"$python" -m selfreward.versioning --wait --run-dir "$run_dir"
 exit
 }

@@ -22,7 +22,7 @@ from selfreward.layout import RunLayout
 from selfreward.models import HostMemoryError, ModelNotFoundError
 from selfreward.records import ChunkLog, RecordError, path_fingerprint, read_manifest, write_json
 from selfreward.runlock import EXIT_BUSY, RunBusyError, is_rank_zero, lock_for_stage
-from selfreward.versioning import OxenError, PushError
+from selfreward.versioning import OxenError
 
 EXIT_BAD_INPUT = 2  # bad arguments, config, data file or model path; a disk or permission error; Oxen failed
 EXIT_NO_PAIRS = 3  # stage 05 was given zero preference pairs: nothing to train on
@@ -155,7 +155,8 @@ class Stage:
             log.info("inputs or config changed since the last complete run: running again")
 
     def _skip(self, manifest: dict) -> None:
-        """The output is complete: make up its Oxen commit and push if they never happened, then exit."""
+        """The output is complete: make up its Oxen commit if it never happened, push in the background if
+        the remote lacks it, then exit."""
         line = summary_line(manifest).replace(":", ": complete, skipped;", 1)
         if self.config.oxen.enabled and is_rank_zero():  # torchrun: rank 0 commits
             if versioning.committed_commit(self.config.oxen, self.layout, self.name, self.iteration) is None:
@@ -163,7 +164,7 @@ class Stage:
                 if self._version(manifest, recovered=True):
                     line += "; its Oxen commit was missing and is made now (recovered)"
             else:
-                versioning.push_pending(self.config.oxen, self.layout)
+                versioning.start_pusher(self.config.oxen, self.layout)
         if is_rank_zero():  # one line, not one per torchrun rank
             print(line, flush=True)
         sys.exit(EXIT_SKIPPED)
@@ -247,7 +248,8 @@ class Stage:
         return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
     def _version(self, manifest: dict, recovered: bool = False) -> bool:
-        """Commit what the manifest lists, record the commit in the ledger, push if a remote is set.
+        """Commit what the manifest lists, record the commit in the ledger, and with a remote set start
+        the run's background pusher (the stage never waits on the network).
 
         Returns whether a new commit was made (not when these files already are the head commit)."""
         paths = [self.layout.root / p for p in manifest.get("versioned", [])]
@@ -275,7 +277,7 @@ class Stage:
         if made or head:
             # Nothing new to commit means these very files are already in the head commit.
             versioning.record_commit(self.layout, self.name, self.iteration, made or head, recovered and bool(made))
-        versioning.push_pending(cfg, self.layout)
+        versioning.start_pusher(cfg, self.layout)
         return bool(made)
 
 
@@ -470,7 +472,7 @@ def _run_main(main: Callable[[], None]) -> None:
         main()
     except GateError as exc:
         _fail(str(exc), EXIT_GATE)
-    except (ConfigError, RecordError, ModelNotFoundError, HostMemoryError, StageError, PushError, OxenError) as exc:
+    except (ConfigError, RecordError, ModelNotFoundError, HostMemoryError, StageError, OxenError) as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
     except RunBusyError as exc:
         _fail(str(exc), EXIT_BUSY)

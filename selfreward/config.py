@@ -234,11 +234,18 @@ class OxenConfig:
     remote: str | None = None  # e.g. https://hub.oxen.ai/<user>/<repo>; the OXEN_REMOTE variable wins
     remote_name: str = "origin"
     branch: str = "main"
+    # Pushes run in the background, one process per run, so no stage waits on the network.
     push_retries: int = 3
     push_backoff_seconds: float = 2.0  # doubled after every failed try
-    push_timeout_seconds: float = 600.0  # a push still running after this is stopped and counts as a failed try
+    # A try whose process shows no progress (no output, CPU time or file I/O) this long is stopped and
+    # counts as failed: a remote that accepts the connection and never answers.
+    push_stall_seconds: float = 300.0
+    push_timeout_seconds: float = 14400.0  # a try still running after this is stopped even if it progresses
+    final_push_wait_seconds: float = 600.0  # self-reward.sh's end waits this long for pushes still going
     busy_wait_seconds: float = 60.0  # how long a commit waits while another process uses the repository
-    strict: bool = False  # a push that still fails after the retries stops the run
+    # true: a run is not done until the remote has every commit: self-reward.sh ends with exit 2 when any
+    # is still unpushed after final_push_wait_seconds (the stages themselves never wait on a push)
+    strict: bool = False
     include_merged_weights: bool = False  # adapters are always committed; merged models only if asked
     user_name: str | None = None  # Oxen's commit author; default OXEN_USER_NAME, else "self-reward"
     user_email: str | None = None

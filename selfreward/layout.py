@@ -16,6 +16,7 @@
       report.md, report/*.png       the report over all iterations, rewritten by stage 06
       .selfreward/lock              held by the one process writing the run (the driver or a stage)
       .selfreward/oxen.json         which stage outputs are committed to Oxen, and what was pushed
+      .selfreward/pusher, push.log  held by the run's one background pusher; what it did
 
 Iteration t (1, 2, ...) starts from M<t-1>: stages 01-04 write M<t-1>/generated/, stage 05 writes M<t>.
 Every output has a `<name>.manifest.json` beside it and the effective config as `<name>.config.yaml`.
@@ -110,6 +111,24 @@ class RunLayout:
     @property
     def oxen_ledger(self) -> Path:
         return self.state_dir / "oxen.json"
+
+    @property
+    def oxen_ledger_lock(self) -> Path:
+        return self.state_dir / "oxen.json.lock"
+
+    @property
+    def pusher(self) -> Path:
+        """Locked by the one process pushing this run's commits; it holds that process's pid."""
+        return self.state_dir / "pusher"
+
+    @property
+    def push_log(self) -> Path:
+        return self.state_dir / "push.log"
+
+    @property
+    def push_mirror(self) -> Path:
+        """A copy of the repository's metadata that a push works from (see versioning._do_push)."""
+        return self.state_dir / "push-mirror"
 
     @property
     def report(self) -> Path:

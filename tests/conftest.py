@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +26,31 @@ def stage_env(cache: Path) -> dict[str, str]:
     env.pop("OXEN_REMOTE", None)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+def silent_server() -> socket.socket:
+    """A remote that accepts connections (the kernel completes them) and never answers; close() resets them."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    return server
+
+
+def stop_pusher(run_dir: Path) -> None:
+    """End the run's background pusher, if one is at work, and the push it started (its process group)."""
+    pusher = Path(run_dir) / ".selfreward" / "pusher"
+    if not pusher.is_file():
+        return
+    with pusher.open() as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return  # none at work
+        except BlockingIOError:
+            pid = int(pusher.read_text())
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -52,12 +80,13 @@ def run_stage(cache):
     return run
 
 
-def run_driver(run_dir: Path, cache: Path, config: str = "configs/tiny.yaml", iterations: int = 2, extra=(), env=None):
+def run_driver(run_dir: Path, cache: Path, config: str = "configs/tiny.yaml", iterations: int = 2, extra=(), env=None,
+               timeout=None):  # fmt: skip
     """self-reward.sh as a user runs it; returns the CompletedProcess."""
     return subprocess.run(
         ["bash", str(REPO / "self-reward.sh"), "--config", config, "--iterations", str(iterations),
          "--run-dir", str(run_dir), *extra],
-        cwd=REPO, env=env or stage_env(cache), capture_output=True, text=True,
+        cwd=REPO, env=env or stage_env(cache), capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
 
 

@@ -394,7 +394,15 @@ def _dry_run(name: str, config: Config, layout: RunLayout) -> tuple[Config, dict
     estimate = {r.stage: {"gpu_gib": round(r.gpu / dryrun.GIB, 2), "host_gib": round(r.host / dryrun.GIB, 2),
                           "what": r.what} for r in rows}  # fmt: skip
     info = {"stands_in_for": config.model.name_or_path, "architecture_from": plan.source, "estimate": estimate}
-    return dryrun.dry_config(config), info
+    config = dryrun.dry_config(config)
+    config, data_stands_in = dryrun.stand_in_data(config)
+    if data_stands_in and "data" in CONFIG_SECTIONS[name]:  # said by the stage that reads the data
+        info["data_stands_in"] = data_stands_in
+        if is_rank_zero():
+            print(f"[{name}] dry run: {', '.join(data_stands_in)} not found, standing in: "
+                  f"{', '.join(data_stands_in.values())} (a real run needs them; scripts/prepare_data.py writes "
+                  "the OASST profile's)", flush=True)  # fmt: skip
+    return config, info
 
 
 # Messages of libraries that failed to write because the disk is full (torch.save says basic_ios::clear).

@@ -13,6 +13,7 @@ from selfreward.config import ConfigError, load_config
 REPO = Path(__file__).resolve().parents[1]
 MISTRAL = REPO / "configs" / "mistral-7b-qlora.yaml"
 QWEN = REPO / "configs" / "qwen2.5-7b-qlora.yaml"
+OASST = REPO / "configs" / "mistral-7b-qlora-oasst.yaml"
 
 # Published parameter counts of the models whose shapes are embedded (model cards / safetensors index).
 PUBLISHED = {
@@ -195,3 +196,35 @@ def test_a_stage_dry_runs_alone_and_dry_and_real_runs_never_share_a_folder(tmp_p
     shutil.copytree(tiny_run, copy, ignore=shutil.ignore_patterns(".oxen"))
     dry = run_stage("01_gen_prompts", "--run-dir", str(copy), "--iteration", "1", "--dry-run", "--no-oxen", check=False)
     assert dry.returncode == 2 and "holds a real run" in dry.stderr
+
+
+def test_the_oasst_profile_dry_runs_stage_00_before_its_data_exists(tmp_path, cache):
+    """configs/mistral-7b-qlora-oasst.yaml reads data/oasst/*.jsonl, which prepare_data.py writes on the GPU
+    box; its dry run stopped at 00_sft with 'data/oasst/ift.jsonl: file not found' (exit 2). The seed data
+    stands in for missing files, and the stage says so in one line."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import stage_env
+
+    from selfreward.records import read_jsonl
+
+    elsewhere = tmp_path / "cwd"  # the profile's data paths are relative: here there is no data/oasst
+    elsewhere.mkdir()
+    run = tmp_path / "dry"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "00_sft.py"), "--run-dir", str(run), "--config", str(OASST),
+         "--dry-run", "--no-oxen"],
+        cwd=elsewhere, env=stage_env(cache), capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    note = [line for line in proc.stdout.splitlines() if "data/oasst/ift.jsonl" in line]
+    assert len(note) == 1 and "data/oasst/eft.jsonl" in note[0] and "data/oasst/eft_eval.jsonl" in note[0]
+    assert "seed" in note[0]
+    manifest = json.loads((run / "M0" / "00_sft.manifest.json").read_text())
+    assert manifest["complete"]
+    assert manifest["dry_run"]["data_stands_in"]["data/oasst/ift.jsonl"] == str(REPO / "data" / "seed" / "ift.jsonl")
+    assert manifest["heldout_eft_rows"] > 0  # held-out questions drawn from the stand-in EFT rows
+    seed_ids = {r["id"] for r in read_jsonl(REPO / "data" / "seed" / "ift.jsonl")}
+    assert {r["id"] for r in read_jsonl(run / "M0" / "train" / "ift.jsonl")} <= seed_ids

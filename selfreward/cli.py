@@ -20,7 +20,7 @@ from selfreward import failpoints, versioning
 from selfreward.config import Config, ConfigError, all_keys, load_config, override_value, save_config
 from selfreward.layout import RunLayout
 from selfreward.models import HostMemoryError, ModelNotFoundError
-from selfreward.records import ChunkLog, RecordError, path_fingerprint, read_manifest, write_json
+from selfreward.records import ChunkLog, RecordError, path_fingerprint, read_manifest, write_json, write_text
 from selfreward.runlock import EXIT_BUSY, RunBusyError, is_rank_zero, lock_for_stage
 from selfreward.versioning import OxenError, PushError
 
@@ -187,7 +187,10 @@ class Stage:
         if folder.exists() and (not stamp.is_file() or stamp.read_text() != self.fingerprint):
             shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(self.fingerprint)
+        # Every torchrun rank comes here: a stamp rewritten in place reads "" to another rank meanwhile,
+        # which would delete the checkpoints. Left alone when it matches, else replaced whole.
+        if not stamp.is_file() or stamp.read_text() != self.fingerprint:
+            write_text(stamp, self.fingerprint)
         return folder
 
     def finish(

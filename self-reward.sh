@@ -23,7 +23,8 @@ usage: self-reward.sh [--config FILE] [--iterations N] [--run-dir DIR] [--algori
                     model's own) or raft (fine-tune on the best-judged of several answers); the same as
                     -- --algorithm A, recorded in the run's config.yaml
   --num-processes N train stages 00 and 05 as N data-parallel processes (torchrun, DDP: one per GPU;
-                    gloo on a CPU); rank 0 alone writes, merges and commits (default: 1)
+                    gloo on a CPU) sharing the config's global batch (batch_size x grad_accum, which N
+                    must divide); rank 0 alone writes, merges and commits (default: 1)
   --no-oxen         do not commit each stage's outputs to the run's Oxen repository
   --dry-run         check the config before renting a GPU: one iteration on this machine's CPU with every
                     setting of the config but a tiny random model of the same architecture, printing
@@ -87,6 +88,11 @@ export SELFREWARD_RUN_LOCK
 "$python" -m selfreward.config --config "$config" --out "$run_dir/config.yaml" -- \
   ${overrides[@]+"${overrides[@]}"} ${algorithm_flag[@]+"${algorithm_flag[@]}"}
 stages=$("$python" -m selfreward.config --config "$run_dir/config.yaml" --stages)
+if [ "$num_processes" -gt 1 ]; then
+  # The processes share the config's global batch (batch_size x grad_accum): refused now if they cannot,
+  # not in stage 05 after an iteration's generation.
+  "$python" -m selfreward.config --config "$run_dir/config.yaml" --processes "$num_processes"
+fi
 if [ -n "$dry_run" ]; then
   # Every setting that cannot work, and the memory table, before anything runs.
   "$python" -m selfreward.dryrun --config "$run_dir/config.yaml"

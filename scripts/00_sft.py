@@ -23,7 +23,7 @@ merged into the full-precision base.
 import shutil
 from functools import partial
 
-from selfreward import cli
+from selfreward import cli, dryrun
 from selfreward.chat import ChatFormat
 from selfreward.evaluation import off_topic_rows, split_heldout
 from selfreward.judge import judge_target, parse_judge_score, rubric_of, template_files
@@ -46,8 +46,10 @@ def main() -> None:
     stage = cli.parse_stage("00_sft", __doc__, iteration=False)
     config, layout = stage.config, stage.layout
     heldout_file = config.data.heldout_eft
-    stage.begin(inputs=[config.data.ift, config.data.eft, *([heldout_file] if heldout_file else []),
-                        *template_files(config.judge)])  # fmt: skip
+    data_files = [config.data.ift, config.data.eft, *([heldout_file] if heldout_file else [])]
+    stage.begin(inputs=[*data_files, *template_files(config.judge)])
+    if not stage.dry_run:
+        dryrun.refuse_dry_data(data_files)
     # Imported once the stage runs: a complete stage (--skip-if-complete) exits without loading PyTorch and TRL.
     from selfreward.training import build_sft_trainer, train_and_merge, training_processes, write_lineage
 

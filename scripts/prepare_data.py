@@ -19,6 +19,10 @@ A killed run resumes: the baseline from its checkpoints, the judging from its fi
 oxen.enabled, DIR's files are committed to an Oxen repository in DIR.
 
     python scripts/prepare_data.py --source oasst2.jsonl.gz --config configs/mistral-7b-qlora.yaml --out data/oasst
+    python scripts/prepare_data.py --dry-run --config configs/mistral-7b-qlora.yaml --out runs/dry-run-data
+
+--dry-run checks all of it on any CPU in a few minutes (a tiny random stand-in for the model, a built-in
+table without --source); its folder is marked DRY-RUN, and a real stage 00 refuses data from it.
     ./self-reward.sh --config configs/mistral-7b-qlora-oasst.yaml --iterations 3 --run-dir runs/paper
 """
 
@@ -32,19 +36,23 @@ from collections import Counter
 from functools import partial
 from pathlib import Path
 
-from selfreward import cli, generation, oasst, versioning
+from selfreward import cli, dryrun, generation, oasst, versioning
 from selfreward.chat import ChatFormat
 from selfreward.config import load_config
 from selfreward.judge import fit_judge_prompt, judge_all, mean_score, rubric_of
 from selfreward.models import load_tokenizer, prompt_budget, resolve_model_path
 from selfreward.records import RecordError, path_fingerprint, write_json, write_jsonl
 
+DRY_RUN_PROMPTS = 8  # --dry-run's --max-prompts unless given: the path checked, not the data made
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="prepare_data.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--source", required=True, help="hub, or a local message table (.jsonl, .jsonl.gz, .parquet)")
+    parser.add_argument(
+        "--source", help="hub, or a local message table (.jsonl, .jsonl.gz, .parquet); with --dry-run, optional"
+    )
     parser.add_argument("--hub-dataset", default="OpenAssistant/oasst2", help="with --source hub (or oasst1)")
     parser.add_argument("--config", default="configs/smollm2-135m.yaml", help="the judge's model and settings")
     parser.add_argument("--out", required=True, type=Path, help="the folder to write")
@@ -54,7 +62,17 @@ def parse_args(argv=None):
     parser.add_argument("--eval-fraction", type=float, default=0.25, help="share of EFT questions held out")
     parser.add_argument("--lang", default="en")
     parser.add_argument("--no-oxen", action="store_true", help="do not commit the outputs to Oxen")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the whole data path on this CPU before renting a GPU: the config's settings with a tiny "
+        f"random stand-in for its model (and --judge-model's), one SFT step, at most {DRY_RUN_PROMPTS} prompts; "
+        "without --source, a small built-in table in Open Assistant's format",
+    )
+    args = parser.parse_args(argv)
+    if args.source is None and not args.dry_run:
+        parser.error("--source is required (or --dry-run, which has a built-in table)")
+    return args
 
 
 def hub_messages(name: str) -> list[dict]:
@@ -105,6 +123,32 @@ def sft_baseline(config, ift: list[dict], out: Path) -> Path:
     return folder / "model"
 
 
+def dry_run(config, args) -> tuple:
+    """--dry-run: the config's settings checked against its model's architecture and the real model's memory
+    for this script's steps printed. Returns the config and --judge-model as the dry run runs them (stand-ins
+    on the CPU, one SFT step) and the manifest's dry_run record."""
+    dryrun.guard_data_folder(args.out)
+    name = config.model.name_or_path
+    judging = dataclasses.replace(config, judge=dataclasses.replace(config.judge, mode="sample"))  # as judged here
+    rows = [r for r in dryrun.plan(judging).rows if r.stage in ("00_sft", "merge", "03_gen_scores")]
+    print(f"[prepare_data] dry run: {name} replaced by a tiny random model of its architecture; the real "
+          "model's estimated memory (GiB) for the SFT baseline (as stage 00) and the judging (as stage 03):",
+          flush=True)  # fmt: skip
+    print("\n".join(f"[prepare_data]   {line}" for line in dryrun.memory_table(rows).splitlines()), flush=True)
+    judge_model = str(dryrun.stand_in(args.judge_model)) if args.judge_model else None
+    return dryrun.dry_config(config), judge_model, {"stands_in_for": name}
+
+
+def stand_in_scores(candidates: list[dict], judged: list[list[list[dict]]]) -> list[list[list[dict]]]:
+    """A random stand-in writes no "Score: N": score each reply 5 - its human rank instead, so the dry run
+    still builds and writes EFT rows of the real shape (as stage 04's dry run ranks by sample index)."""
+    return [
+        [[{**j, "score": float(max(0, 5 - reply["rank"]))} for j in judgments]
+         for reply, judgments in zip(conv["replies"], replies, strict=True)]
+        for conv, replies in zip(candidates, judged, strict=True)
+    ]  # fmt: skip
+
+
 def judge_candidates(config, judge_path, candidates: list[dict], out: Path, stamp: str) -> list[list[list[dict]]]:
     """Every reply of every candidate judged: candidates x replies x judgments; finished batches are logged
     so that a killed run judges only what is left."""
@@ -139,10 +183,16 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="[prepare_data] %(message)s")
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # a harmless note on CPU
     config = load_config(args.config)
+    judge_model, dry = args.judge_model, None
+    if args.dry_run:
+        config, judge_model, dry = dry_run(config, args)
+        args.max_prompts = DRY_RUN_PROMPTS if args.max_prompts is None else args.max_prompts
     seed = config.seed if args.seed is None else args.seed
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    if args.source == "hub":
+    if args.source is None:  # --dry-run
+        messages, source = oasst.sample_messages(), {"built_in": "oasst.sample_messages (--dry-run)"}
+    elif args.source == "hub":
         messages, source = hub_messages(args.hub_dataset), {"hub": args.hub_dataset}
     else:
         messages = oasst.read_messages(args.source)
@@ -159,10 +209,14 @@ def main() -> None:
                  len(conversations), len(ift), dict(removed + ift_counts))  # fmt: skip
 
     candidates = oasst.eft_candidates(conversations)
-    judge_path = args.judge_model or sft_baseline(config, ift, out)
+    judge_path = judge_model or sft_baseline(config, ift, out)
     stamp = fingerprint(candidates, str(judge_path), path_fingerprint(judge_path), config.judge, config.model,
                         config.generation, seed)  # fmt: skip
     judged = judge_candidates(config, judge_path, candidates, out, stamp) if candidates else []
+    with_a_score = sum(j["score"] is not None for r in judged for js in r for j in js)
+    if dry and judged and not with_a_score:
+        judged, dry["stand_in_scores"] = stand_in_scores(candidates, judged), "5 - human rank"
+        cli.log.info("dry run: the stand-in wrote no score; each reply scored 5 - its human rank instead")
     rubric = rubric_of(config.judge)
     train, held, eft_counts = [], [], Counter()
     for conv, replies in zip(candidates, judged, strict=True):
@@ -186,19 +240,23 @@ def main() -> None:
         "eft_candidate_prompts": len(candidates),
         "eft_dropped_prompts": dict(eft_counts),
         # a small judge often writes no score line at all: then no ranking can agree
-        "judgments_with_a_score": sum(j["score"] is not None for r in judged for js in r for j in js),
+        "judgments_with_a_score": with_a_score,
         "judgments": sum(len(js) for r in judged for js in r),
         "eft_rows": len(train),
         "eft_eval_rows": len(held),
         "eval_fraction": args.eval_fraction,
         "judge": {"model": str(judge_path), "template": config.judge.template, "num_samples": config.judge.num_samples},
         "config": args.config,
+        **({"dry_run": dry} if dry else {}),
     }
     write_json(out / "manifest.json", manifest)
+    if not dry:  # every file rewritten: a dry run's folder now holds real data
+        (out / dryrun.DRY_DATA_MARKER).unlink(missing_ok=True)
     print(
         f"[prepare_data] {len(ift)} IFT rows, {len(train)} EFT train rows and {len(held)} eval rows from "
         f"{len(candidates)} ranked prompts ({eft_counts['judge_disagrees_with_humans']} dropped: the judge ranked "
-        f"them otherwise) in {out}",
+        f"them otherwise) in {out}"
+        + (f" (a dry run's: marked {dryrun.DRY_DATA_MARKER}, no real stage 00 trains on them)" if dry else ""),
         flush=True,
     )
     if config.oxen.enabled and not args.no_oxen:

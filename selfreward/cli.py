@@ -20,7 +20,7 @@ from selfreward import failpoints, versioning
 from selfreward.config import Config, ConfigError, all_keys, load_config, override_value, save_config
 from selfreward.layout import RunLayout
 from selfreward.models import HostMemoryError, ModelNotFoundError
-from selfreward.records import ChunkLog, RecordError, path_fingerprint, read_manifest, write_json
+from selfreward.records import ChunkLog, RecordError, path_fingerprint, read_manifest, write_json, write_text
 from selfreward.runlock import EXIT_BUSY, RunBusyError, is_rank_zero, lock_for_stage
 from selfreward.versioning import OxenError
 
@@ -188,7 +188,10 @@ class Stage:
         if folder.exists() and (not stamp.is_file() or stamp.read_text() != self.fingerprint):
             shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(self.fingerprint)
+        # Every torchrun rank comes here: a stamp rewritten in place reads "" to another rank meanwhile,
+        # which would delete the checkpoints. Left alone when it matches, else replaced whole.
+        if not stamp.is_file() or stamp.read_text() != self.fingerprint:
+            write_text(stamp, self.fingerprint)
         return folder
 
     def finish(
@@ -398,7 +401,14 @@ def _dry_run(name: str, config: Config, layout: RunLayout) -> tuple[Config, dict
                           "what": r.what} for r in rows}  # fmt: skip
     info = {"stands_in_for": config.model.name_or_path, "architecture_from": plan.source, "estimate": estimate,
             "device": dry.model.device}  # fmt: skip
-    return dry, info
+    config, data_stands_in = dryrun.stand_in_data(dry)
+    if data_stands_in and "data" in CONFIG_SECTIONS[name]:  # said by the stage that reads the data
+        info["data_stands_in"] = data_stands_in
+        if is_rank_zero():
+            print(f"[{name}] dry run: {', '.join(data_stands_in)} not found, standing in: "
+                  f"{', '.join(data_stands_in.values())} (a real run needs them; scripts/prepare_data.py writes "
+                  "the OASST profile's)", flush=True)  # fmt: skip
+    return config, info
 
 
 # Messages of libraries that failed to write because the disk is full (torch.save says basic_ios::clear).

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -91,6 +92,30 @@ class DPOConfig(TrainConfig):
     # no second copy); "initial" is M0 at every iteration, RLHFlow's iterative DPO (from iteration 2 a
     # second model is held in memory, quantized like the first).
     reference: str = "previous"
+
+
+def per_process_batch(train: TrainConfig, processes: int) -> tuple[int, int]:
+    """(per-device batch, gradient accumulation steps) that make `processes` data-parallel processes train
+    the config's global batch, batch_size x grad_accum, as one process does. The per-device batch never
+    grows past batch_size (the memory the config was sized for); it shrinks only when grad_accum alone
+    cannot be shared. A global batch `processes` does not divide is refused: a different one would change
+    the optimizer's steps and the learning rate's meaning without a word."""
+    if processes <= 1:
+        return train.batch_size, train.grad_accum
+    section = "dpo" if isinstance(train, DPOConfig) else "sft"  # RAFT's stage 05 trains with sft's
+    total = train.batch_size * train.grad_accum
+    if total % processes:
+        step = processes // math.gcd(train.batch_size, processes)  # grad_accum in these steps divides evenly
+        suggestion = max(step, round(train.grad_accum / step) * step)
+        raise ConfigError(
+            f"{section}.batch_size {train.batch_size} x {section}.grad_accum {train.grad_accum} is a global batch "
+            f"of {total}, which {processes} processes cannot share evenly; change it (e.g. -- --{section}.grad_accum "
+            f"{suggestion}, a global batch of {train.batch_size * suggestion}) or use a number of processes that "
+            f"divides {total}"
+        )
+    share = total // processes
+    per_device = max(d for d in range(1, train.batch_size + 1) if share % d == 0)
+    return per_device, share // per_device
 
 
 @dataclass
@@ -515,12 +540,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stages", action="store_true", help="print the stages of one iteration of the config's algorithm instead"
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        help="check instead that this many training processes can share the global batches of the stages that train",
+    )
     parser.add_argument("overrides", nargs=argparse.REMAINDER, help="-- --key value ...")
     args = parser.parse_args(argv)
     overrides = args.overrides[1:] if args.overrides[:1] == ["--"] else args.overrides
-    if not args.stages and not args.out:
+    if not args.stages and not args.processes and not args.out:
         parser.error("--out is required")
     try:
+        if args.processes:
+            from selfreward.layout import ITERATION_STAGES
+
+            config = load_config(args.config)
+            per_process_batch(config.sft, args.processes)  # stage 00, and RAFT's stage 05
+            if "05_dpo" in ITERATION_STAGES[config.algorithm]:
+                per_process_batch(config.dpo, args.processes)
+            return 0
         if args.stages:
             from selfreward.layout import ITERATION_STAGES
 

@@ -10,6 +10,8 @@ the same architecture (model_type, attention layout, biases, rope, tied embeddin
 that behaves like the real one (the same BOS, EOS and pad tokens, BOS added or not, the same chat
 template or none), on the CPU (on a GPU box, on its GPU: see `dry_device`). Counts shrink so it takes
 minutes: one optimizer step per training stage, two new prompts, two held-out prompts and EFT questions.
+Data files that do not exist yet (the OASST profile's, which scripts/prepare_data.py writes on the GPU
+box) are stood in for by the seed data.
 
 The architecture comes from the model's own config.json when it is on this machine (a local folder,
 a builtin model, or the Hugging Face cache), else from the shapes of the known models below, which are
@@ -624,6 +626,50 @@ def dry_config(config: Config) -> Config:
         # judge_model null: the newest stand-in judges the head-to-head, not a real model from the hub
         eval=dry(config.eval, bootstrap_samples=min(config.eval.bootstrap_samples, 50), judge_model=None),
     )
+
+
+# The seed data in the repository: what a dry run trains on when the config's data files are not there yet.
+SEED_DATA = Path(__file__).resolve().parent.parent / "data" / "seed"
+
+
+def stand_in_data(config: Config) -> tuple[Config, dict[str, str]]:
+    """`config` with its missing data files replaced by the seed data, and {missing: what stands in}.
+
+    A profile whose data scripts/prepare_data.py writes on the GPU box (the OASST one) can then be dry-run
+    before that data exists, as its model is before the weights are downloaded. A missing data.heldout_eft
+    is dropped: the held-out EFT questions are drawn from the EFT rows, as without one."""
+    data, swaps, stands_in = config.data, {}, {}
+    for key, seed in (("ift", SEED_DATA / "ift.jsonl"), ("eft", SEED_DATA / "eft.jsonl")):
+        if not Path(getattr(data, key)).is_file():
+            swaps[key] = stands_in[getattr(data, key)] = str(seed)
+    if data.heldout_eft and not Path(data.heldout_eft).is_file():
+        swaps["heldout_eft"] = None
+        stands_in[data.heldout_eft] = f"{data.heldout_eft_questions} questions drawn from the EFT rows"
+    return dataclasses.replace(config, data=dataclasses.replace(data, **swaps)), stands_in
+
+
+# prepare_data.py --dry-run marks its --out with this file: the rows in it were judged by a random stand-in.
+DRY_DATA_MARKER = "DRY-RUN"
+
+
+def guard_data_folder(folder: Path) -> None:
+    """prepare_data.py --dry-run: never over real prepared data, and what it writes is marked as a dry run's
+    (a real prepare_data.py run in the folder removes the mark once it has rewritten every file)."""
+    marker = folder / DRY_DATA_MARKER
+    if not marker.is_file() and (folder / "manifest.json").is_file():
+        raise ConfigError(f"{folder} holds prepared data; give the dry run its own --out")
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text("written by scripts/prepare_data.py --dry-run: not data to train on\n", encoding="utf-8")
+
+
+def refuse_dry_data(paths: list[str]) -> None:
+    """A real stage 00 does not train on rows that prepare_data.py --dry-run's stand-in judged."""
+    for path in paths:
+        if (Path(path).parent / DRY_DATA_MARKER).is_file():
+            raise ConfigError(
+                f"{path} was written by scripts/prepare_data.py --dry-run (a random stand-in judged it); "
+                "run prepare_data.py without --dry-run to make the real data"
+            )
 
 
 def _offline(report_to: str) -> str:

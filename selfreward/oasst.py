@@ -198,3 +198,73 @@ def eft_rows(conv: dict, judged: list[list[dict]], rubric) -> list[dict]:
             }
         )
     return rows
+
+
+# Ranked first-turn replies (best first) for sample_messages: short, plain, in the table's format.
+_SAMPLE_TREES = (
+    ("How do I keep fresh basil from wilting?", (
+        "Trim the stems and stand the bunch in a glass of water on the counter, loosely covered with a bag. "
+        "Basil dislikes the cold, so keep it out of the fridge and change the water every day or two.",
+        "Put it in a glass of water.",
+        "Basil is a herb.",
+    )),
+    ("What is the difference between weather and climate?", (
+        "Weather is the state of the atmosphere at a given place and time: today's rain or tomorrow's heat. "
+        "Climate is the pattern of weather over decades, such as a region's average temperature and rainfall.",
+        "Weather is short term and climate is long term.",
+        "They are the same thing.",
+    )),
+    ("Why is the sky blue?", (
+        "Sunlight is scattered by the molecules of the air, and short wavelengths scatter far more than long "
+        "ones (Rayleigh scattering). Blue light is therefore scattered across the whole sky and reaches our "
+        "eyes from every direction.",
+        "Because of how air scatters sunlight.",
+        "Because the sea reflects onto it.",
+    )),
+    ("Give me three tips for sleeping better.", (
+        "1. Go to bed and get up at the same times every day. 2. Keep the bedroom dark, quiet and cool. "
+        "3. Avoid caffeine after midday and screens in the last hour before bed.",
+        "Sleep more and drink less coffee.",
+    )),
+    ("What is a hash table?", (
+        "A hash table stores key-value pairs in an array. A hash function turns each key into an index, so a "
+        "lookup, insert or delete takes constant time on average; collisions are handled by chaining or probing.",
+        "A table that uses hashes to find things.",
+        "A kind of furniture.",
+    )),
+)  # fmt: skip
+
+
+def sample_messages() -> list[dict]:
+    """A small message table in Open Assistant's format, for prepare_data.py --dry-run without --source:
+    first-turn prompts with ranked replies, and one message for each filter (deleted, failed review,
+    synthetic, another language, a later turn)."""
+    rows = []
+
+    def add(message_id, parent_id, tree, role, text, rank=None, lang="en", **flags):
+        rows.append(
+            {
+                "message_id": message_id,
+                "parent_id": parent_id,
+                "message_tree_id": tree,
+                "role": role,
+                "text": text,
+                "lang": lang,
+                "rank": rank,
+                "deleted": flags.get("deleted", False),
+                "review_result": flags.get("review_result", True),
+                "synthetic": flags.get("synthetic", False),
+            }
+        )
+
+    for n, (prompt, replies) in enumerate(_SAMPLE_TREES, start=1):
+        add(f"p{n}", None, f"t{n}", "prompter", prompt)
+        for rank, reply in enumerate(replies):
+            add(f"p{n}r{rank}", f"p{n}", f"t{n}", "assistant", reply, rank)
+    add("p1x", "p1r0", "t1", "prompter", "And how long does it keep that way?")  # a later turn
+    add("p1r9", "p1", "t1", "assistant", "A reply its author deleted.", deleted=True)
+    add("p2r9", "p2", "t2", "assistant", "A reply reviewers rejected.", review_result=False)
+    add("p3r9", "p3", "t3", "assistant", "A machine-written reply.", synthetic=True)
+    add("p9", None, "t9", "prompter", "Wie spät ist es in Tokio?", lang="de")
+    add("p9r0", "p9", "t9", "assistant", "Tokio ist Berlin sieben oder acht Stunden voraus.", 0, lang="de")
+    return rows

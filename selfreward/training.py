@@ -22,8 +22,9 @@ from transformers import TrainerCallback
 
 from selfreward import failpoints
 from selfreward.chat import ChatFormat
-from selfreward.config import Config, TrainConfig
+from selfreward.config import Config, TrainConfig, per_process_batch
 from selfreward.models import check_merge_memory, device_of, load_model, load_tokenizer, merge_adapter
+from selfreward.runlock import is_rank_zero
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -32,11 +33,13 @@ log = logging.getLogger("selfreward")
 
 
 def optimizer_steps(train: TrainConfig, rows: int, processes: int) -> int:
-    """The optimizer steps the trainer takes over `rows`, counted as transformers' Trainer does."""
-    if train.max_steps > 0:
+    """The optimizer steps the trainer takes over `rows`, counted as transformers' Trainer does: each
+    process gets ceil(rows / processes) rows, and a last partial accumulation is a step too."""
+    if train.max_steps > 0:  # steps of the global batch: the same rows seen however many processes
         return train.max_steps
-    batches = math.ceil(rows / (train.batch_size * processes))
-    return max(1, math.ceil(max(1, batches // train.grad_accum) * train.epochs))
+    per_device, accum = per_process_batch(train, processes)
+    batches = math.ceil(rows / (per_device * processes))
+    return max(1, math.ceil(math.ceil(batches / accum) * train.epochs))
 
 
 def warmup_for(train: TrainConfig, steps: int, section: str) -> int:
@@ -55,11 +58,16 @@ def warmup_for(train: TrainConfig, steps: int, section: str) -> int:
 
 def _trainer_args(train: TrainConfig, config: Config, output_dir: Path, rows: int, section: str) -> dict:
     mixed = config.model.bnb_4bit_compute_dtype if config.model.load_in_4bit else config.model.dtype
-    steps = optimizer_steps(train, rows, training_processes())
+    processes = training_processes()
+    per_device, accum = per_process_batch(train, processes)
+    if processes > 1 and is_rank_zero():
+        log.info("%s: the global batch of %d is %d processes x %d rows x %d accumulation steps",
+                 section, train.batch_size * train.grad_accum, processes, per_device, accum)  # fmt: skip
+    steps = optimizer_steps(train, rows, processes)
     return {
         "output_dir": str(output_dir),
-        "per_device_train_batch_size": train.batch_size,
-        "gradient_accumulation_steps": train.grad_accum,
+        "per_device_train_batch_size": per_device,
+        "gradient_accumulation_steps": accum,
         "learning_rate": train.learning_rate,
         "num_train_epochs": train.epochs,
         "max_steps": train.max_steps,

@@ -13,6 +13,7 @@ from selfreward.config import ConfigError, load_config
 REPO = Path(__file__).resolve().parents[1]
 MISTRAL = REPO / "configs" / "mistral-7b-qlora.yaml"
 QWEN = REPO / "configs" / "qwen2.5-7b-qlora.yaml"
+OASST = REPO / "configs" / "mistral-7b-qlora-oasst.yaml"
 
 # Published parameter counts of the models whose shapes are embedded (model cards / safetensors index).
 PUBLISHED = {
@@ -229,3 +230,35 @@ def test_the_dry_run_takes_the_gpu_when_the_config_asks_for_one_and_there_is_one
     config = load_config(MISTRAL, {"model.device": device})
     monkeypatch.setattr(dryrun, "stand_in", lambda name: Path("/nonexistent/stand-in"))
     assert dryrun.dry_config(config).model.device == expected
+
+
+def test_the_oasst_profile_dry_runs_stage_00_before_its_data_exists(tmp_path, cache):
+    """configs/mistral-7b-qlora-oasst.yaml reads data/oasst/*.jsonl, which prepare_data.py writes on the GPU
+    box; its dry run stopped at 00_sft with 'data/oasst/ift.jsonl: file not found' (exit 2). The seed data
+    stands in for missing files, and the stage says so in one line."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import stage_env
+
+    from selfreward.records import read_jsonl
+
+    elsewhere = tmp_path / "cwd"  # the profile's data paths are relative: here there is no data/oasst
+    elsewhere.mkdir()
+    run = tmp_path / "dry"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "00_sft.py"), "--run-dir", str(run), "--config", str(OASST),
+         "--dry-run", "--no-oxen"],
+        cwd=elsewhere, env=stage_env(cache), capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    note = [line for line in proc.stdout.splitlines() if "data/oasst/ift.jsonl" in line]
+    assert len(note) == 1 and "data/oasst/eft.jsonl" in note[0] and "data/oasst/eft_eval.jsonl" in note[0]
+    assert "seed" in note[0]
+    manifest = json.loads((run / "M0" / "00_sft.manifest.json").read_text())
+    assert manifest["complete"]
+    assert manifest["dry_run"]["data_stands_in"]["data/oasst/ift.jsonl"] == str(REPO / "data" / "seed" / "ift.jsonl")
+    assert manifest["heldout_eft_rows"] > 0  # held-out questions drawn from the stand-in EFT rows
+    seed_ids = {r["id"] for r in read_jsonl(REPO / "data" / "seed" / "ift.jsonl")}
+    assert {r["id"] for r in read_jsonl(run / "M0" / "train" / "ift.jsonl")} <= seed_ids

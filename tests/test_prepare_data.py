@@ -191,3 +191,47 @@ def test_prepare_data_writes_files_the_loop_accepts(tmp_path, monkeypatch, run_s
     runpy.run_path(str(REPO / "scripts" / "prepare_data.py"), run_name="__main__")
     assert _QualityJudge.judged == list(range(12))  # 12 replies in all, each judged once over the two runs
     assert {n: (out / n).read_bytes() for n in before} == before
+
+
+def test_prepare_data_dry_runs_the_whole_data_path_on_this_cpu(tmp_path, cache):
+    """The OASST profile's data came only from a GPU run of this script, so nothing of it could be checked
+    before renting one. --dry-run: the config's model stood in for on the CPU, a built-in Open Assistant
+    table, the filters, the SFT baseline with the config's settings, the judging, the EFT rows, in --out."""
+    import subprocess
+
+    from conftest import stage_env
+
+    out = tmp_path / "oasst"
+    config = str(REPO / "configs" / "mistral-7b-qlora-oasst.yaml")
+    dry = [sys.executable, str(REPO / "scripts" / "prepare_data.py"), "--dry-run", "--config", config, "--no-oxen"]
+    command = [*dry, "--out", str(out), "--eval-fraction", "0.5", "--max-prompts", "2"]
+    proc = subprocess.run(command, cwd=tmp_path, env=stage_env(cache), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mistralai/Mistral-7B-v0.1 replaced by a tiny random model" in proc.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dry_run"]["stands_in_for"] == "mistralai/Mistral-7B-v0.1"
+    assert set(manifest["removed_messages"]) >= {"deleted", "failed_review", "synthetic", "not_en", "later_turn"}
+    assert manifest["eft_candidate_prompts"] > 0 and manifest["judgments"] > 0
+    baseline = json.loads((out / "sft-baseline" / "model" / "config.json").read_text())
+    assert baseline["model_type"] == "mistral" and "quantization_config" not in baseline
+    ift = read_jsonl(out / "ift.jsonl", IFT, id_field="id")
+    eft = read_jsonl(out / "eft.jsonl", EFT, id_field="id") + read_jsonl(out / "eft_eval.jsonl", EFT, id_field="id")
+    assert len(ift) == manifest["ift_rows"] > 0
+    assert len(eft) == manifest["eft_rows"] + manifest["eft_eval_rows"] > 0  # the EFT row path ran too
+    assert all(r["justification"].endswith(f"Score: {r['score']}") for r in eft)
+
+    # What a random stand-in judged is never taken for the real data: a real stage 00 refuses it.
+    run = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "00_sft.py"), "--run-dir", str(tmp_path / "run"), "--config",
+         str(REPO / "configs" / "tiny.yaml"), "--data.ift", str(out / "ift.jsonl"), "--no-oxen"],
+        cwd=tmp_path, env=stage_env(cache), capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 2 and "prepare_data.py --dry-run" in run.stderr
+
+    real = tmp_path / "real"  # nor does a dry run write over data a real run prepared
+    real.mkdir()
+    (real / "manifest.json").write_text("{}")
+    refused = subprocess.run(
+        [*dry, "--out", str(real)], cwd=tmp_path, env=stage_env(cache), capture_output=True, text=True
+    )
+    assert refused.returncode == 2 and "holds prepared data" in refused.stderr

@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import pytest
 from safetensors.torch import load_file
 
 from selfreward.config import Config, apply_overrides
@@ -109,7 +110,7 @@ def test_the_driver_trains_as_two_processes_and_resumes_after_a_kill(tiny_run, c
     layout = RunLayout(run)
     command = ["bash", str(REPO / "self-reward.sh"), "--config", "configs/tiny.yaml", "--iterations", "2",
                "--run-dir", str(run), "--num-processes", "2",
-               "--", "--dpo.batch_size", "1", "--dpo.save_steps", "1"]  # fmt: skip
+               "--", "--dpo.batch_size", "1", "--dpo.grad_accum", "2", "--dpo.save_steps", "1"]  # fmt: skip
     env = dict(stage_env(cache), OMP_NUM_THREADS="1")
     crash = dict(SELFREWARD_CRASH_AT="05_dpo:1:after_checkpoint", SELFREWARD_CRASH_ONCE=str(tmp_path / "once"))
     killed = subprocess.run(command, cwd=REPO, env={**env, **crash}, capture_output=True, text=True)
@@ -129,7 +130,7 @@ def test_the_driver_trains_as_two_processes_and_resumes_after_a_kill(tiny_run, c
         (2, layout.manifest("05_dpo", 2)),
     ]:
         assert json.loads(manifest.read_text())["processes"] == 2, t
-    for t in (1, 2):  # batch 1 on each of 2 ranks: half as many steps as pairs
+    for t in (1, 2):  # a global batch of 2 (1 x grad_accum 2), one row on each rank: half as many steps as pairs
         pairs = len((layout.train_dir(t) / "preferences.jsonl").read_text().splitlines())
         steps = [json.loads(line).get("step") for line in layout.train_log(t).read_text().splitlines()]
         assert max(s for s in steps if s is not None) == -(-pairs // 2)
@@ -224,3 +225,82 @@ def test_dpo_reference_initial_keeps_m0_as_the_reference(tiny_run, tmp_path, run
     assert lineage["reference"] == str(RunLayout(run).model(0)) and lineage["parent"] == str(RunLayout(run).model(1))
     default = json.loads(RunLayout(tiny_run).lineage(2).read_text())
     assert default["reference"] == default["parent"]  # dpo.reference previous: the paper's M<t-1>
+
+
+def _shipped(name: str) -> Config:
+    from conftest import REPO
+
+    from selfreward.config import load_config
+
+    return load_config(REPO / "configs" / name, {"model.device": "cpu"})
+
+
+@pytest.mark.parametrize("profile", ["mistral-7b-qlora.yaml", "qwen2.5-7b-qlora.yaml"])
+def test_eight_processes_train_the_configs_global_batch(profile, tmp_path, monkeypatch):
+    """--num-processes 8 took each config batch per process with grad_accum unchanged: eight times the
+    global batch, an eighth of the optimizer steps (SFT on 534 rows: 34 steps became 5). The global
+    batch batch_size x grad_accum is the config's however many processes share it."""
+    from selfreward.training import _trainer_args
+
+    config = _shipped(profile)
+    for section in ("sft", "dpo"):
+        train = getattr(config, section)
+        assert optimizer_steps(train, 534, processes=8) == optimizer_steps(train, 534, processes=1), section
+        monkeypatch.setenv("WORLD_SIZE", "8")
+        args = _trainer_args(train, config, tmp_path, 534, section)
+        per_device, accum = args["per_device_train_batch_size"], args["gradient_accumulation_steps"]
+        assert per_device * accum * 8 == train.batch_size * train.grad_accum, section
+        assert per_device <= train.batch_size  # never more memory per GPU than the config sized for one
+
+
+def test_a_global_batch_the_processes_cannot_share_is_refused(tmp_path, monkeypatch):
+    from selfreward.config import ConfigError
+    from selfreward.training import _trainer_args
+
+    config = apply_overrides(Config(), {"model.device": "cpu", "dpo.batch_size": 4, "dpo.grad_accum": 4}, "test")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match=r"dpo\.batch_size 4 x dpo\.grad_accum 4 .* 3 processes.*--dpo\.grad_accum 3"):
+        _trainer_args(config.dpo, config, tmp_path, 100, "dpo")
+
+
+def test_the_driver_refuses_an_unshareable_global_batch_before_any_stage(cache, tmp_path):
+    """configs/tiny.yaml's SFT batch is 8 (grad_accum 1): 3 processes cannot share it. The driver says so at
+    once, naming the keys, instead of failing in 00_sft (or, for dpo.*, after an iteration's generation)."""
+    from conftest import run_driver
+
+    run = tmp_path / "run"
+    proc = run_driver(run, cache, iterations=1, extra=["--num-processes", "3"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "sft.batch_size 8 x sft.grad_accum 1" in proc.stderr and "3 processes" in proc.stderr
+    assert not (run / "M0").exists()
+
+
+def test_optimizer_steps_counts_a_last_partial_accumulation_as_the_trainer_does(tiny_model, tmp_path):
+    """10 rows at batch 1 and grad_accum 4: the Trainer steps after rows 4, 8 and 10, three steps; the count
+    once said two, so the warmup cut below it was off by a step."""
+    _, chat, path = tiny_model
+    overrides = {"model.name_or_path": path, "model.device": "cpu", "sft.batch_size": 1, "sft.grad_accum": 4}
+    config = apply_overrides(Config(), overrides, "test")
+    rows = [{"prompt": chat.prompt(f"Name colour {i}."), "completion": chat.completion("Red.")} for i in range(10)]
+    trainer = build_sft_trainer(path, rows, config, tmp_path)
+    trainer.train()
+    assert trainer.state.global_step == optimizer_steps(config.sft, len(rows), 1) == 3
+
+
+def test_a_rank_that_finds_the_checkpoint_stamp_matching_leaves_it_alone(tmp_path):
+    """Under torchrun every rank calls Stage.checkpoints before training. Each rewrote the folder's stamp in
+    place (truncate, then write) even when it matched, so a rank reading it meanwhile read "" and deleted the
+    checkpoints the rerun was to resume from (the 2-process driver test failed so once, under load)."""
+    import argparse
+    import os
+
+    from selfreward.cli import Stage
+
+    stage = Stage("05_dpo", argparse.Namespace(), Config(), RunLayout(tmp_path), 1, 0.0, fingerprint="inputs")
+    folder = stage.checkpoints(1)
+    (folder / "checkpoint-1").mkdir()
+    stamp = folder / "fingerprint"
+    os.utime(stamp, ns=(0, 0))  # any rewrite would move it to now
+    assert stage.checkpoints(1) == folder
+    assert stamp.stat().st_mtime_ns == 0 and stamp.read_text() == "inputs"
+    assert (folder / "checkpoint-1").is_dir()

@@ -27,6 +27,46 @@ def test_parse_judge_score(text, expected):
     assert parse_judge_score(text) == expected
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # wordings a sampled 7B judge writes instead of the template's "Score: N" line
+        ("Relevant and correct.\nTotal score: 4", 4.0),
+        ("**Final Score:** 3/5", 3.0),
+        ("Overall score = 2", 2.0),
+        ("Score: 4 out of 5", 4.0),
+        ("Score: 4 (out of 5)", 4.0),
+        ("It answers the question.\n4 points", 4.0),
+        ("**4 points**", 4.0),
+        ("The answer is relevant and clear, so I give it a score of 4.", 4.0),
+        ("I would give this response a score of 3 out of 5.", 3.0),
+        ("Therefore, the total score is 4.", 4.0),
+        ("Score: 4 - the answer is good", 4.0),
+        ("Score: 3. It misses the second part.", 3.0),
+        ("Score: 4.5, a strong answer", 4.5),
+        ("I give it a score of 2.\nScore: 4", 4.0),  # the last score counts
+        ("Score: 4. On reflection I give it a score of 3.", 3.0),  # also within a line
+        # still not a score: another scale, out of range, or a number that is no score
+        ("Score: 4 out of 10", None),
+        ("Score: 4 (out of 10)", None),
+        ("Score: 4/10 because it is short", None),
+        ("Total score: 9", None),
+        ("I give it a score of 8/10.", None),
+        ("Score: 4 out of 5\nScore: 7 out of 10", None),
+        ("It covers the 3 points above.", None),
+        ("Step 4: check the facts.", None),
+        ("The treaty was signed in 2019.", None),
+        ("It earns 3 points for relevance and one for clarity.", None),  # one criterion's points, not the total
+        ("It would not reach a score of 5.", None),
+        ("Score: 4.5 because it is long", None),
+        ("-4 points", None),
+        ("A score of 4 or 5 would fit", None),
+    ],
+)
+def test_parse_judge_score_reads_the_wordings_judges_write(text, expected):
+    assert parse_judge_score(text) == expected
+
+
 def test_mean_score_excludes_unparsed():
     assert mean_score([4.0, None, 2.0]) == 3.0
     assert mean_score([None, None]) is None

@@ -185,13 +185,20 @@ def load_judge(path, config):
 
 
 def judge_budget(judge, config) -> int:
-    """Prompt tokens the judge may read: what it writes before its score (modes sample, and logits with
-    format score_last) has to fit in its context too."""
+    """Prompt tokens the judge may read. What it writes before its score (mode sample) has to fit in its
+    context too. The logit judge reads the digit after the prompt and "Score: " (format score_last: after
+    its justification and "\nScore: "), and that digit needs a position of its own: vLLM fails a whole
+    call when one prompt is as long as its context."""
     from selfreward.models import prompt_budget
 
     cfg = config.judge
-    writes = cfg.mode == "sample" or (cfg.mode == "logits" and cfg.format == "score_last")
-    return prompt_budget(judge.context_length, config.model, cfg.max_new_tokens + 2 if writes else 1)
+    if cfg.mode == "logits":
+        prefix, _ = score_token_ids(judge.chat, rubric_of(cfg))
+        last = cfg.format == "score_last"
+        reserve = (cfg.max_new_tokens if last else 0) + len(judge.chat.encode(("\n" if last else "") + prefix)) + 1
+    else:
+        reserve = cfg.max_new_tokens + 2 if cfg.mode == "sample" else 1
+    return prompt_budget(judge.context_length, config.model, reserve)
 
 
 def judge_prompt(question: str, response: str, rubric: Rubric | None = None) -> str:

@@ -108,6 +108,51 @@ def test_long_judge_input_is_cut_to_fit_and_flagged(tiny_model):
     assert fit_judge_prompt(chat, question, "short", budget) == (chat.prompt(judge_prompt(question, "short")), False)
 
 
+@pytest.mark.parametrize("fmt", ["score_first", "score_last"])
+def test_the_logit_judge_reads_within_the_context_after_a_prompt_cut_to_its_budget(tiny_model, fmt):
+    """vLLM fails a whole call when one prompt leaves no position for the token it reads (prompt length >=
+    max_model_len). The logit judge reads the digit after the prompt and "Score: " (with score_last, after
+    its justification too): judge_budget must leave room for all of it."""
+    from pathlib import Path
+
+    from selfreward.config import load_config
+    from selfreward.generation import Generation
+    from selfreward.judge import judge_all, judge_budget, rubric_of
+
+    _, chat, _ = tiny_model
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    config = load_config(tiny, {"judge.mode": "logits", "judge.format": fmt, "judge.max_new_tokens": 16})
+
+    class VLLMLikeJudge:
+        name, context_length, chat = "vllm-like", 400, None
+
+        def refuse_overlong(self, prompts):
+            for prompt in prompts:
+                if len(self.chat.encode(prompt)) >= self.context_length:
+                    raise ValueError(f"the prompt is longer than the maximum model length of {self.context_length}")
+
+        def generate(self, prompts, sampling, *, seed, desc="", skip=(), on_batch=None):
+            self.refuse_overlong(prompts)
+            rambling = chat.tokenizer.decode(chat.encode("it is thorough and " * 40)[: sampling.max_new_tokens])
+            gens = [[Generation(rambling, "length", sampling.max_new_tokens)] for _ in prompts]
+            on_batch(0, list(range(len(prompts))), gens)
+            return gens
+
+        def next_token_probs(self, prompts, token_ids, batch_size, *, desc="", skip=(), on_batch=None):
+            self.refuse_overlong(prompts)
+            probs = [[1 / len(token_ids)] * len(token_ids) for _ in prompts]
+            on_batch(0, list(range(len(prompts))), probs)
+            return probs
+
+    judge = VLLMLikeJudge()
+    judge.chat = chat
+    budget = judge_budget(judge, config)
+    prompt, cut = fit_judge_prompt(chat, "Summarise this.", "word " * 800, budget, rubric_of(config.judge))
+    assert cut and len(chat.encode(prompt)) >= budget - 2  # cut to the budget, not far below it
+    (judgments,) = judge_all(judge, [prompt], config.judge, seed=0)
+    assert judgments[0]["score"] == pytest.approx(2.5)
+
+
 def test_judge_target_puts_the_score_where_the_format_says():
     from selfreward.judge import judge_target
 

@@ -3,6 +3,8 @@ import random
 import shutil
 from pathlib import Path
 
+import pytest
+
 from selfreward.layout import RunLayout
 from selfreward.prompt_gen import (
     PromptFilter,
@@ -103,7 +105,7 @@ def test_a_fewshot_request_drops_its_longest_shots_until_it_fits(tiny_model):
     assert fit_fewshot_request(chat, [long], budget) == (None, 1)  # one shot too long alone: nothing to send
 
 
-def test_stage_01_sends_no_request_longer_than_the_context(tmp_path, monkeypatch):
+def test_stage_01_sends_no_request_longer_than_the_context(tmp_path, monkeypatch, capsys):
     """An IFT prompt of ~3,000 tokens among the shots, and a context of 512 tokens: vLLM raises for a whole
     call when one prompt passes max_model_len, so every request must fit (the shots are seeded, so an
     unfitted request would fail every rerun at the same batch)."""
@@ -159,3 +161,13 @@ def test_stage_01_sends_no_request_longer_than_the_context(tmp_path, monkeypatch
     assert manifest["context"]["prompt_budget"] == budget
     assert manifest["context"]["shots_dropped"] >= 1  # the long prompt at least, wherever it was drawn
     assert manifest["rows_out"] + sum(manifest["rejected"].values()) == manifest["attempts"]
+
+    # A context too small for the request with a single empty shot: one clear line, nothing generated.
+    small = tmp_path / "small"
+    shutil.copytree(run / "M0", small / "M0")
+    RecordingBackend.context_length, RecordingBackend.requests = 60, []
+    monkeypatch.setattr(sys, "argv", [*argv[:2], str(small), *argv[3:]])
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(str(repo / "scripts" / "01_gen_prompts.py"), run_name="__main__")
+    assert stopped.value.code == 2 and RecordingBackend.requests == []
+    assert "the prompt-generation request alone is longer than the 36 prompt tokens" in capsys.readouterr().err

@@ -233,7 +233,7 @@ def _template_lines() -> list[str]:
     return [line for name in names for line in packaged_template(name).splitlines() if line]
 
 
-def _sentencepiece_bpe(specials: list[str]):
+def _sentencepiece_bpe(specials: list[str], unk: str):
     """Mistral-7B-v0.1's and Llama 2's pipeline: the normalizer puts "▁" before the text (after every special
     token too) and for every space, there is no pre-tokenizer, and characters outside the vocabulary fall
     back to byte tokens <0x00>-<0xFF>. So "A" alone is "▁A", but "A" after a newline is "A"."""
@@ -261,9 +261,7 @@ def _sentencepiece_bpe(specials: list[str]):
         if f"▁{letter}" not in vocab:
             vocab[f"▁{letter}"] = len(vocab)
             merges.append(("▁", letter))
-    tokenizer = Tokenizer(
-        models.BPE(vocab=vocab, merges=merges, unk_token=specials[0], byte_fallback=True, fuse_unk=True)
-    )
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, byte_fallback=True, fuse_unk=True))
     tokenizer.normalizer = normalizer
     tokenizer.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
@@ -299,7 +297,7 @@ def stand_in_tokenizer(known: KnownModel):
 
     specials = list(known.specials)
     if known.pipeline == "sentencepiece":
-        tokenizer = _sentencepiece_bpe(specials)
+        tokenizer = _sentencepiece_bpe(specials, known.unk)
     elif known.pipeline in ("llama3", "qwen2"):
         split = _LLAMA3_SPLIT if known.pipeline == "llama3" else _QWEN2_SPLIT
         tokenizer = _byte_level_bpe(split, nfc=known.pipeline == "qwen2")

@@ -95,7 +95,7 @@ def ab_token_ids(chat, template: str) -> tuple[int, list[int]]:
     for cut in (0, 1) if prompt.endswith(" ") else (0,):
         base = chat.encode(prompt[: len(prompt) - cut])
         written = [chat.encode(prompt + letter) for letter in ("A", "B")]
-        ids = [ids[-1] for ids in written if ids[:-1] == base]
+        ids = [tokens[-1] for tokens in written if tokens[:-1] == base]
         if len(ids) == 2 and ids[0] != ids[1]:
             return cut, ids
     raise ValueError("the pairwise judge needs 'A' and 'B' to be one token each after the pairwise prompt")

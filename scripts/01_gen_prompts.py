@@ -4,10 +4,12 @@ Reads:  <run>/M<t-1>/model/, <run>/M0/train/ift.jsonl (the shots)
 Writes: <run>/M<t-1>/generated/prompts.jsonl  (prompt_id, prompt, source, iteration)
         and prompts.{manifest.json,config.yaml}
 
-Each request shows prompts.num_shots random IFT prompts (seeded) and asks for one more. Only the
-newly generated tokens are read. Prompts cut off by prompts.max_new_tokens, empty, overlong and
-duplicate prompts, near copies of each other, and copies of any IFT prompt (the shots included) are
-dropped. The stage stops at
+Each request shows prompts.num_shots random IFT prompts (seeded) and asks for one more; where that is
+longer than the context leaves (generation.max_model_len or the model's, less prompts.max_new_tokens;
+at most model.max_prompt_tokens), its longest shots are left out, and a request that one shot alone
+overfills is not sent (rejected as shot_longer_than_context). Only the newly generated tokens are read.
+Prompts cut off by prompts.max_new_tokens, empty, overlong and duplicate prompts, near copies of each
+other, and copies of any IFT prompt (the shots included) are dropped. The stage stops at
 prompts.num_prompts or after prompts.max_attempts candidates, and reports both.
 
     python scripts/01_gen_prompts.py --run-dir runs/demo --iteration 1
@@ -17,7 +19,8 @@ import random
 from collections import Counter
 
 from selfreward import cli
-from selfreward.prompt_gen import PromptFilter, extract_new_task, fewshot_request, is_cut_off, pick_shots, prompt_id
+from selfreward.models import prompt_budget
+from selfreward.prompt_gen import PromptFilter, extract_new_task, fit_fewshot_request, is_cut_off, pick_shots, prompt_id
 from selfreward.records import IFT, read_jsonl, write_jsonl
 
 
@@ -36,6 +39,12 @@ def main() -> None:
         raise cli.StageError(f"{ift_path}: no IFT prompts to use as shots")
     backend = load_backend(model_dir, config.model, config.generation)
     chat = backend.chat
+    budget = prompt_budget(backend.context_length, config.model, cfg.max_new_tokens)
+    if fit_fewshot_request(chat, [""], budget)[0] is None:
+        raise cli.StageError(
+            f"the prompt-generation request alone is longer than the {budget} prompt tokens the context leaves "
+            f"after prompts.max_new_tokens ({cfg.max_new_tokens}); lower it or raise generation.max_model_len"
+        )
 
     rng = random.Random(f"{config.seed}-prompts-{t}")
     # Held-out prompts are never shown as shots, and a copy of one is rejected like a copy of a shot.
@@ -44,22 +53,26 @@ def main() -> None:
     keep = PromptFilter(pool + heldout, cfg.min_chars, cfg.max_chars, cfg.near_duplicate_threshold)
     sampling = Sampling(1, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size)
     chunks = stage.chunk_log()
-    rows, rejected, attempts, batch = [], Counter(), 0, 0
+    rows, rejected, attempts, batch, shots_dropped = [], Counter(), 0, 0, 0
     while len(rows) < cfg.num_prompts and attempts < cfg.max_attempts:
         count = min(cfg.batch_size, cfg.max_attempts - attempts)
         shots = [pick_shots(pool, cfg.num_shots, rng) for _ in range(count)]  # drawn even when resuming
         if batch in chunks.done:  # finished before a kill: replay its outcome instead of generating
             done = chunks.done[batch]
             new_rows, new_rejected = done["rows"], Counter(done["state"]["rejected"])
+            new_dropped = done["state"].get("shots_dropped", 0)
             for row in new_rows:
                 keep.add(row["prompt"])
         else:
-            requests = []
-            for example in shots:
-                user, label = fewshot_request(example)
-                requests.append(chat.prompt(user) + label)  # the answer opens with "Task N+1:"
-            outputs = backend.generate(requests, sampling, seed=config.seed + t, desc=f"prompts (try {attempts})")
+            # Each request is fitted to the context: its longest shots dropped, or skipped when one shot
+            # alone is too long. The answer opens with "Task N+1:".
+            fitted = [fit_fewshot_request(chat, example, budget) for example in shots]
+            requests = [request for request, _ in fitted if request is not None]
+            new_dropped = sum(dropped for request, dropped in fitted if request is not None)
             new_rows, new_rejected = [], Counter()
+            if len(requests) < len(fitted):
+                new_rejected["shot_longer_than_context"] = len(fitted) - len(requests)
+            outputs = backend.generate(requests, sampling, seed=config.seed + t, desc=f"prompts (try {attempts})")
             for (gen,) in outputs:
                 candidate = extract_new_task(gen.text)
                 cut_off = not cfg.keep_cut_off and is_cut_off(gen.text, gen.finish_reason)
@@ -72,9 +85,10 @@ def main() -> None:
                 )
                 if len(rows) + len(new_rows) == cfg.num_prompts:
                     break
-            chunks.append(batch, new_rows, {"rejected": dict(new_rejected)})
+            chunks.append(batch, new_rows, {"rejected": dict(new_rejected), "shots_dropped": new_dropped})
         rows += new_rows
         rejected += new_rejected
+        shots_dropped += new_dropped
         attempts += count
         batch += 1
     backend.close()
@@ -86,6 +100,8 @@ def main() -> None:
         cfg.max_attempts,
         dict(rejected) or "none",
     )
+    if shots_dropped:
+        cli.log.info("%d shots were dropped from requests longer than %d prompt tokens", shots_dropped, budget)
     out = layout.generated(t, "prompts")
     stage.start_writing()
     write_jsonl(out, rows)
@@ -98,6 +114,8 @@ def main() -> None:
             "attempts": attempts,
             "max_attempts": cfg.max_attempts,
             "rejected": dict(rejected),
+            # shots dropped from requests that were too long for the context (the longest first)
+            "context": {"prompt_budget": budget, "shots_dropped": shots_dropped},
             "backend": backend.name,
         },
     )

@@ -23,7 +23,7 @@ Writes: <run>/M<t>/eval/eval.json and eval.{manifest.json,config.yaml}; <run>/re
 from pathlib import Path
 
 from selfreward import cli
-from selfreward.evaluation import ab_token_ids, drift, head_to_head, measure_judge
+from selfreward.evaluation import drift, head_to_head, measure_judge
 from selfreward.judge import judge_budget, load_judge, pairwise_template, template_files
 from selfreward.models import prompt_budget
 from selfreward.records import EFT, PREFERENCE, PROMPT, RESPONSE, SCORE, read_jsonl, read_manifest, write_json
@@ -38,10 +38,9 @@ def option(parser) -> None:
 def picks_in_both_orders(judge, rows: list[tuple[str, str, str]], batch_size: int, budget: int, template: str):
     """The judge's picks, "A" or "B", for each (question, X, Y): with X shown first, then with Y first."""
     try:
-        letter_ids = ab_token_ids(judge.chat)
+        found = compare(judge, rows, template=template, budget=budget, batch_size=batch_size)
     except ValueError as exc:
         raise cli.StageError(f"the head-to-head judge: {exc}") from None
-    found = compare(judge, rows, template=template, budget=budget, batch_size=batch_size, letter_ids=letter_ids)
     x_first = ["A" if c["p_a_first"] >= 0.5 else "B" for c in found]
     x_second = ["A" if c["p_a_second"] <= 0.5 else "B" for c in found]  # "A" is then Y
     return x_first, x_second

@@ -7,11 +7,12 @@
 Every setting of the config is used as written (LoRA targets and rank, 4-bit, dtypes, chat template,
 judge mode and format, batch sizes, lengths) except the weights: the model is a random 2-layer one of
 the same architecture (model_type, attention layout, biases, rope, tied embeddings) with a tokenizer
-that behaves like the real one (the same BOS, EOS and pad tokens, BOS added or not, the same chat
-template or none), on the CPU (on a GPU box, on its GPU: see `dry_device`). Counts shrink so it takes
-minutes: one optimizer step per training stage, two new prompts, two held-out prompts and EFT questions.
-Data files that do not exist yet (the OASST profile's, which scripts/prepare_data.py writes on the GPU
-box) are stood in for by the seed data.
+that behaves like the real one (the same normalizer and pre-tokenizer, so text splits at the same
+places; the same BOS, EOS and pad tokens, BOS added or not, the same chat template or none), on the
+CPU (on a GPU box, on its GPU: see `dry_device`). Counts shrink so it takes minutes: one optimizer step
+per training stage, two new prompts, two held-out prompts and EFT questions. Data files that do not
+exist yet (the OASST profile's, which scripts/prepare_data.py writes on the GPU box) are stood in for
+by the seed data.
 
 The architecture comes from the model's own config.json when it is on this machine (a local folder,
 a builtin model, or the Hugging Face cache), else from the shapes of the known models below, which are
@@ -44,6 +45,7 @@ class KnownModel:
     """A model's architecture (its config.json fields) and how its tokenizer behaves."""
 
     architecture: dict
+    pipeline: str  # how its tokenizer splits text: "sentencepiece", "llama3" or "qwen2" (see _TOKENIZER_PIPELINES)
     specials: tuple[str, ...]
     bos: str | None
     eos: str
@@ -68,6 +70,7 @@ _MISTRAL_7B = KnownModel(
         "rms_norm_eps": 1e-5,
         "tie_word_embeddings": False,
     },
+    pipeline="sentencepiece",
     specials=("<unk>", "<s>", "</s>"),
     bos="<s>",
     eos="</s>",
@@ -95,6 +98,7 @@ _LLAMA31_8B_INSTRUCT = KnownModel(
         "rms_norm_eps": 1e-5,
         "tie_word_embeddings": False,
     },
+    pipeline="llama3",
     specials=("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
     bos="<|begin_of_text|>",
     eos="<|eot_id|>",
@@ -116,6 +120,7 @@ _QWEN25_7B_INSTRUCT = KnownModel(
         "rms_norm_eps": 1e-6,
         "tie_word_embeddings": False,
     },
+    pipeline="qwen2",
     specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
     bos=None,
     eos="<|im_end|>",
@@ -208,18 +213,118 @@ def _small_shape(real: dict) -> dict:
     return small
 
 
+# How the real tokenizers split text, from their tokenizer.json: Llama 3 and Qwen2 split it with a regular
+# expression (digits in runs of up to three, or one by one), then map bytes to characters (byte-level BPE).
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_TOKENIZER_PIPELINES = ("sentencepiece", "llama3", "qwen2")
+# Bump when the stand-ins are made differently: their cache folders are named by it, so old ones are not reused.
+STAND_IN_VERSION = 2
+
+
+def _template_lines() -> list[str]:
+    from selfreward.chat import packaged_template
+
+    names = ("judge_rubric.txt", "prompt_generation.txt", "pairwise_judge.txt")
+    return [line for name in names for line in packaged_template(name).splitlines() if line]
+
+
+def _sentencepiece_bpe(specials: list[str], unk: str):
+    """Mistral-7B-v0.1's and Llama 2's pipeline: the normalizer puts "▁" before the text (after every special
+    token too) and for every space, there is no pre-tokenizer, and characters outside the vocabulary fall
+    back to byte tokens <0x00>-<0xFF>. So "A" alone is "▁A", but "A" after a newline is "A"."""
+    import json
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    learner = Tokenizer(models.BPE())
+    learner.normalizer = normalizer
+    # SentencePiece learns pieces within words (and digits one by one); the tokenizer itself splits nothing.
+    learner.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(prepend_scheme="never"), pre_tokenizers.Digits(individual_digits=True)]
+    )
+    learner.train_from_iterator(_template_lines(), trainers.BpeTrainer(vocab_size=400, limit_alphabet=1000))
+    learnt = json.loads(learner.to_str())["model"]
+    vocab = {token: i for i, token in enumerate(specials)}
+    vocab.update({f"<0x{b:02X}>": len(specials) + b for b in range(256)})
+    for piece, _ in sorted(learnt["vocab"].items(), key=lambda item: item[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(merge) for merge in learnt["merges"]]
+    for letter in string.ascii_letters:  # as in the real vocabulary: every letter, alone and opening a word
+        vocab.setdefault(letter, len(vocab))
+        if f"▁{letter}" not in vocab:
+            vocab[f"▁{letter}"] = len(vocab)
+            merges.append(("▁", letter))
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, byte_fallback=True, fuse_unk=True))
+    tokenizer.normalizer = normalizer
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return tokenizer
+
+
+def _byte_level_bpe(split: str, nfc: bool):
+    """Llama 3's and Qwen2's pipeline: a regex split, then byte-level BPE; Qwen2 also normalizes to NFC."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    if nfc:
+        tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(_template_lines(), trainer=trainer)
+    return tokenizer
+
+
+def stand_in_tokenizer(known: KnownModel):
+    """A small tokenizer that splits text the way the real one does (its normalizer, pre-tokenizer, BPE
+    model and decoder, its special tokens, BOS added or not), with a vocabulary learnt from the packaged
+    templates: the same text gives fewer, shorter pieces than the real one, split at the same places."""
+    from tokenizers import AddedToken, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = list(known.specials)
+    if known.pipeline == "sentencepiece":
+        tokenizer = _sentencepiece_bpe(specials, known.unk)
+    elif known.pipeline in ("llama3", "qwen2"):
+        split = _LLAMA3_SPLIT if known.pipeline == "llama3" else _QWEN2_SPLIT
+        tokenizer = _byte_level_bpe(split, nfc=known.pipeline == "qwen2")
+    else:
+        raise ValueError(f"unknown tokenizer pipeline '{known.pipeline}' (known: {', '.join(_TOKENIZER_PIPELINES)})")
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
+    if known.add_bos:
+        bos_id = tokenizer.token_to_id(known.bos)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{known.bos} $A", pair=f"{known.bos} $A {known.bos} $B", special_tokens=[(known.bos, bos_id)]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=known.bos, eos_token=known.eos, pad_token=known.pad, unk_token=known.unk
+    )
+
+
 def _stand_in_tokenizer(name_or_path: str, source: str | None):
     from transformers import AutoTokenizer
 
     from selfreward.chat import packaged_template
-    from selfreward.models import byte_bpe_tokenizer
 
     if source:  # the real tokenizer: its vocabulary is kept, only the model is small
         return AutoTokenizer.from_pretrained(source)
     known = KNOWN_MODELS[name_or_path.lower()]
-    tokenizer = byte_bpe_tokenizer(
-        specials=list(known.specials), bos=known.bos, eos=known.eos, pad=known.pad, unk=known.unk, add_bos=known.add_bos
-    )
+    tokenizer = stand_in_tokenizer(known)
     if known.chat_template:
         tokenizer.chat_template = packaged_template(known.chat_template)
     return tokenizer
@@ -235,7 +340,9 @@ def stand_in(name_or_path: str) -> Path:
     real, where = real_architecture(name_or_path)
     source = where if Path(where).is_dir() else None  # the model's own folder: its tokenizer is used
     fields = real.to_dict()
-    digest = hashlib.sha256(json.dumps([name_or_path, fields, where], sort_keys=True, default=str).encode())
+    digest = hashlib.sha256(
+        json.dumps([name_or_path, fields, where, STAND_IN_VERSION], sort_keys=True, default=str).encode()
+    )
     slug = "".join(c if c.isalnum() else "-" for c in name_or_path.split("/")[-1].lower())[:40]
     target = cache_dir() / "dry-run" / f"{slug}-{digest.hexdigest()[:10]}"
 

@@ -79,12 +79,26 @@ def off_topic_rows(eft: list[dict], n: int, seed: int) -> list[dict]:
     ]
 
 
-def ab_token_ids(chat) -> list[int]:
-    """The token ids of "A" and "B", which the pairwise judge's next token is read over."""
-    letters = [chat.encode(x) for x in ("A", "B")]
-    if any(len(ids) != 1 for ids in letters):
-        raise ValueError("the pairwise judge needs a tokenizer where 'A' and 'B' are single tokens")
-    return [letters[0][0], letters[1][0]]
+def ab_token_ids(chat, template: str) -> tuple[int, list[int]]:
+    """(characters to cut from the end of every rendered pairwise prompt, the token ids of "A" and "B" that
+    the judge's next token is read over).
+
+    The ids are taken in context, as score_token_ids takes the digits: the tokens the model writes right
+    after the rendered prompt. A SentencePiece tokenizer (Mistral's, Llama 2's) encodes "A" alone as "▁A",
+    a word-initial token the model rarely writes after the prompt's closing newline, where it writes "A".
+    Where the prompt ends in a space that the tokenizer joins to the letter ("Answer: " + "A" is "Answer:"
+    + "▁A"), that space is cut from the prompt and the joined token read, as the model saw it in training.
+    """
+    from selfreward.judge import fill_template
+
+    prompt = chat.prompt(fill_template(template, question="", answer_a="", answer_b=""))
+    for cut in (0, 1) if prompt.endswith(" ") else (0,):
+        base = chat.encode(prompt[: len(prompt) - cut])
+        written = [chat.encode(prompt + letter) for letter in ("A", "B")]
+        ids = [tokens[-1] for tokens in written if tokens[:-1] == base]
+        if len(ids) == 2 and ids[0] != ids[1]:
+            return cut, ids
+    raise ValueError("the pairwise judge needs 'A' and 'B' to be one token each after the pairwise prompt")
 
 
 def head_to_head(picks_x_as_a: list[str], picks_x_as_b: list[str]) -> dict:
@@ -155,9 +169,7 @@ def measure_pairwise_judge(
         if rows[i]["prompt"] == rows[j]["prompt"] and rows[i]["score"] != rows[j]["score"]
     ]
     matches = [(rows[i]["prompt"], rows[i]["response"], rows[j]["response"]) for i, j in pairs]
-    results = compare(
-        backend, matches, template=template, budget=budget, batch_size=batch_size, letter_ids=ab_token_ids(backend.chat)
-    )
+    results = compare(backend, matches, template=template, budget=budget, batch_size=batch_size)
     right, same_letter = [], []
     for (i, j), r in zip(pairs, results, strict=True):
         p_i = preference(r["p_a_first"], r["p_a_second"])  # i is answer a

@@ -14,9 +14,24 @@ from selfreward.config import ConfigError
 
 MAX_SCORE = 5
 
-# A whole line such as "Score: 4", "**Score:** 4.5", "score = 3/5" or "Score: 4 points."
+# How the judges write a score. The number is possessive and the scale atomic, so "4.5" is never read
+# as "4", nor "4/10" or "4 (out of 10)" as a 4 followed by other text.
+_VALUE = r"(?P<value>-?\d++(?:\.\d+)?+)"
+_SCALE = r"(?:\s*\(?\s*(?:/|out\s+of)\s*(?P<scale>\d+)\s*\)?)?+"
+_END = r"\s*\**\s*(?:$|[^\w\s/])"  # the end of the line or punctuation: "Score: 4 if ..." is no verdict
+# A line that opens with the score: "Score: 4", "**Total score:** 4.5", "score = 3/5", "Score: 4 out of 5",
+# "Score: 4 points.", "Score: 4 - the answer is good".
 _SCORE_LINE = re.compile(
-    r"^\W*score\W*[:=]\s*\**\s*(?P<value>-?\d+(?:\.\d+)?)\s*(?:/\s*(?P<scale>\d+))?\s*(?:points?)?\s*\**\s*\.?\s*$",
+    rf"^\W*(?:(?:total|final|overall)\s+)?score\W*[:=]\s*\**\s*{_VALUE}{_SCALE}(?:\s*points?)?{_END}", re.IGNORECASE
+)
+# Points alone on a line: "4 points", "**4 points**".
+_POINTS_LINE = re.compile(rf"^\W*?{_VALUE}{_SCALE}\s*points?\W*$", re.IGNORECASE)
+# Within a sentence, only where the judge gives the score: "so I give it a score of 4.", "the total score is
+# 4." A number beside "points" in a sentence ("it earns 3 points for relevance") is one criterion's, not the total.
+_SCORE_IN_TEXT = re.compile(
+    r"\b(?:(?:give[sn]?|giving|award(?:s|ed)?|assign(?:s|ed)?|deserves?|earns?|gets?|receives?|merits?)\b"
+    r"[^.!?\n]*?\bscore\s+of|\b(?:the|my)\s+(?:(?:total|final|overall)\s+)?score\s+is)"
+    rf"\s+{_VALUE}{_SCALE}{_END}",
     re.IGNORECASE,
 )
 
@@ -170,13 +185,20 @@ def load_judge(path, config):
 
 
 def judge_budget(judge, config) -> int:
-    """Prompt tokens the judge may read: what it writes before its score (modes sample, and logits with
-    format score_last) has to fit in its context too."""
+    """Prompt tokens the judge may read. What it writes before its score (mode sample) has to fit in its
+    context too. The logit judge reads the digit after the prompt and "Score: " (format score_last: after
+    its justification and "\nScore: "), and that digit needs a position of its own: vLLM fails a whole
+    call when one prompt is as long as its context."""
     from selfreward.models import prompt_budget
 
     cfg = config.judge
-    writes = cfg.mode == "sample" or (cfg.mode == "logits" and cfg.format == "score_last")
-    return prompt_budget(judge.context_length, config.model, cfg.max_new_tokens + 2 if writes else 1)
+    if cfg.mode == "logits":
+        prefix, _ = score_token_ids(judge.chat, rubric_of(cfg))
+        last = cfg.format == "score_last"
+        reserve = (cfg.max_new_tokens if last else 0) + len(judge.chat.encode(("\n" if last else "") + prefix)) + 1
+    else:
+        reserve = cfg.max_new_tokens + 2 if cfg.mode == "sample" else 1
+    return prompt_budget(judge.context_length, config.model, reserve)
 
 
 def judge_prompt(question: str, response: str, rubric: Rubric | None = None) -> str:
@@ -216,15 +238,22 @@ def cut_to_fit(render, encode, decode, question: str, response: str, max_tokens:
 
 
 def parse_judge_score(judgment: str) -> float | None:
-    """The score on the last score line of the judge's own text, or None if it has none or it is invalid.
+    """The last score in the judge's own text, or None if it has none or it is invalid.
 
-    Only the judge's generated text may be passed here: a "Score: 5" inside the judged response must
-    never count. A score outside 0-5, or on another scale than /5, is invalid rather than clipped.
+    A score is a line that opens with it ("Score: 4", "Total score: 4 out of 5", "Score: 4 - good"),
+    points alone on a line ("4 points"), or a sentence that gives it ("so I give it a score of 4.",
+    "the total score is 4."). Only the judge's generated text may be passed here: a "Score: 5" inside
+    the judged response must never count. A score outside 0-5, or on another scale than /5, is invalid
+    rather than clipped.
     """
-    matches = [m for m in map(_SCORE_LINE.match, judgment.splitlines()) if m]
-    if not matches:
+    found = []  # (line, position in it, match)
+    for n, line in enumerate(judgment.splitlines()):
+        for m in (_SCORE_LINE.match(line), _POINTS_LINE.match(line), *_SCORE_IN_TEXT.finditer(line)):
+            if m:
+                found.append((n, m.start("value"), m))
+    if not found:
         return None
-    last = matches[-1]
+    last = max(found, key=lambda f: f[:2])[2]
     if last.group("scale") is not None and int(last.group("scale")) != MAX_SCORE:
         return None
     value = float(last.group("value"))

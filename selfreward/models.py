@@ -113,15 +113,13 @@ def _convert_smollm2(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def byte_bpe_tokenizer(
-    *, specials: list[str], bos: str | None, eos: str, pad: str | None, unk: str | None, add_bos: bool = False
-):
+def byte_bpe_tokenizer(*, specials: list[str], bos: str | None, eos: str, pad: str | None, unk: str | None):
     """A small byte-level BPE tokenizer trained on the packaged templates, with the given special tokens.
 
-    `add_bos` makes it put BOS before any text it encodes with special tokens on, as Mistral's and
-    Llama's tokenizers do. Digits stand alone, as in SmolLM2, so each score 0-5 is one token.
+    Digits stand alone, as in SmolLM2, so each score 0-5 is one token. (The dry run's stand-ins for known
+    models are built like their real tokenizers instead: see dryrun.stand_in_tokenizer.)
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from selfreward.chat import packaged_template
@@ -136,11 +134,6 @@ def byte_bpe_tokenizer(
         vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     bpe.train_from_iterator(corpus, trainer=trainer)
-    if add_bos:
-        bos_id = bpe.token_to_id(bos)
-        bpe.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
-        )
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk)
 
 

@@ -21,6 +21,28 @@ def fewshot_request(shots: list[str]) -> tuple[str, str]:
     return user, label
 
 
+def fit_fewshot_request(chat, shots: list[str], max_tokens: int) -> tuple[str | None, int]:
+    """(the rendered request, opened with its "Task N+1:" label, within `max_tokens`; how many shots were
+    dropped for it to fit). The longest shots go first, the rest keep their order; None when not even one
+    shot fits: a request over the context would make vLLM fail the whole call.
+    """
+    lengths = [len(chat.encode(shot)) for shot in shots]
+    kept = list(range(len(shots)))
+    while True:
+        user, label = fewshot_request([shots[i] for i in kept])
+        request = chat.prompt(user) + label
+        overflow = len(chat.encode(request)) - max_tokens
+        if overflow <= 0:
+            return request, len(shots) - len(kept)
+        if len(kept) == 1:
+            return None, len(shots)
+        freed = 0  # counts the shots' own tokens only: their labels free more, checked on the next pass
+        while freed < overflow and len(kept) > 1:
+            longest = max(kept, key=lambda i: (lengths[i], i))
+            kept.remove(longest)
+            freed += lengths[longest]
+
+
 def extract_new_task(generated: str) -> str:
     """The task the model wrote after the opening label, up to any further "Task N:" it went on with."""
     text = _NEXT_LABEL.split(generated, maxsplit=1)[0]

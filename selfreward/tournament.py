@@ -66,16 +66,19 @@ def picked_same_letter(comparison: dict) -> bool:
     return (comparison["p_a_first"] >= 0.5) == (comparison["p_a_second"] <= 0.5)
 
 
-def compare(
-    backend, matches: list[tuple[str, str, str]], *, template: str, budget: int, batch_size: int, letter_ids: list[int]
-) -> list[dict]:
+def compare(backend, matches: list[tuple[str, str, str]], *, template: str, budget: int, batch_size: int) -> list[dict]:
     """For each (question, answer a, answer b): {"p_a_first", "p_a_second", "cut"}, where p_a_first is
-    P(a is better) with a shown as A, p_a_second with a shown as B (renormalised over the two letters)."""
+    P(a is better) with a shown as A, p_a_second with a shown as B (renormalised over the two letters).
+    ValueError when the tokenizer has no one token for each letter after the prompt, or the template
+    alone is longer than `budget`."""
+    from selfreward.evaluation import ab_token_ids
+
+    trim, letter_ids = ab_token_ids(backend.chat, template)
     prompts, cut = [], []
     for q, a, b in matches:
         for first, second in ((a, b), (b, a)):
             rendered, was_cut = fit_pairwise_prompt(backend.chat, q, first, second, budget, template)
-            prompts.append(rendered)
+            prompts.append(rendered[: len(rendered) - trim])
             cut.append(was_cut)
     probs = backend.next_token_probs(prompts, letter_ids, batch_size, desc="comparing")
     results = []
@@ -105,18 +108,13 @@ def rank_by_comparisons(
 
     All groups play each knockout round in one call, so the batches stay full.
     """
-    from selfreward.evaluation import ab_token_ids
-
     if ranking not in RANKINGS:
         raise ValueError(f"judge.ranking must be one of {', '.join(RANKINGS)}, got '{ranking}'")
-    letter_ids = ab_token_ids(backend.chat)
     played: list[list[dict]] = [[] for _ in groups]
 
     def play(matches: list[tuple[int, int, int]]) -> list[dict]:
         triples = [(groups[g][0], groups[g][1][a], groups[g][1][b]) for g, a, b in matches]
-        results = compare(
-            backend, triples, template=template, budget=budget, batch_size=batch_size, letter_ids=letter_ids
-        )
+        results = compare(backend, triples, template=template, budget=budget, batch_size=batch_size)
         for (g, a, b), result in zip(matches, results, strict=True):
             played[g].append({"a": a, "b": b, **result})
         return results

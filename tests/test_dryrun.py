@@ -80,6 +80,38 @@ def test_the_stand_in_has_the_real_architecture_and_a_tokenizer_that_behaves_lik
         assert ids.count(raw.bos_token_id) == (1 if adds_bos else 0)
 
 
+def test_the_stand_in_tokenizers_split_text_where_the_real_ones_do():
+    """Each stand-in has its real tokenizer's normalizer and pre-tokenizer (as in the models' tokenizer.json),
+    so text that the real one encodes differently alone and in context does so here too."""
+    from transformers import AutoTokenizer
+
+    def load(name):
+        return AutoTokenizer.from_pretrained(dryrun.stand_in(name))
+
+    def pieces(tokenizer, text):
+        return tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # Mistral-7B-v0.1 (SentencePiece BPE): "▁" before the text and for every space, no pre-tokenizer,
+    # unknown characters as bytes; so "A" alone is "▁A", but after a newline it is "A".
+    mistral = load("mistralai/Mistral-7B-v0.1")
+    assert mistral.backend_tokenizer.normalizer.normalize_str("a b") == "▁a▁b"
+    assert mistral.backend_tokenizer.pre_tokenizer is None
+    assert pieces(mistral, "A") == ["▁A"]
+    assert pieces(mistral, "Reply.\nA")[-2:] == ["<0x0A>", "A"]
+    assert pieces(mistral, "Score: 4")[-2:] == ["▁", "4"]
+    assert (
+        mistral.decode(mistral("Héllo\nworld  twice", add_special_tokens=False)["input_ids"]) == "Héllo\nworld  twice"
+    )
+    # Llama 3.1: byte-level BPE after a regex split that keeps digits in runs of up to three.
+    llama = load("meta-llama/Llama-3.1-8B-Instruct").backend_tokenizer
+    assert [p for p, _ in llama.pre_tokenizer.pre_tokenize_str("1234 abc")] == ["123", "4", "Ġabc"]
+    assert [p for p, _ in llama.pre_tokenizer.pre_tokenize_str("Score: 4")] == ["Score", ":", "Ġ", "4"]
+    # Qwen2.5: its own split, digits one by one, after an NFC normalizer.
+    qwen = load("Qwen/Qwen2.5-7B-Instruct").backend_tokenizer
+    assert [p for p, _ in qwen.pre_tokenizer.pre_tokenize_str("1234 abc")] == ["1", "2", "3", "4", "Ġabc"]
+    assert qwen.normalizer.normalize_str("e\u0301") == "\u00e9"
+
+
 def test_lora_parameters_and_4bit_weights_are_counted_as_peft_and_bitsandbytes_hold_them():
     import torch
     from peft import get_peft_model

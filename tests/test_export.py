@@ -1,6 +1,7 @@
 """python -m selfreward.export on the tiny run: a loadable folder, a model card, the Hub call."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -111,3 +112,34 @@ def test_chat_compare_holds_one_model_at_a_time(tiny_run, monkeypatch, capsys, m
     assert labels == ["M0", "M2", "M0", "M2"]
     assert alive_at_load and set(alive_at_load) == {0}  # none alive when the next one loads
     assert len(alive_at_load) == (2 if mode.startswith("piped") else 4)  # piped: each model loads once
+
+
+def test_chat_fits_a_long_question_to_the_context(tiny_model, monkeypatch):
+    # vLLM fails a call whose prompt passes max_model_len: a long pasted question must be cut, as stage 06 cuts.
+    from selfreward import chat as chat_tool
+    from selfreward import generation
+    from selfreward.config import load_config
+    from selfreward.generation import Generation, Sampling
+
+    _, chat, path = tiny_model
+    asked = []
+
+    class ShortContextBackend:
+        context_length = 64
+
+        def __init__(self):
+            self.chat = chat
+
+        def generate(self, prompts, sampling, *, seed, **kwargs):
+            asked.extend(prompts)
+            return [[Generation("ok", "eos", 1)] for _ in prompts]
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(generation, "load_backend", lambda *args: ShortContextBackend())
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    sampling = Sampling(1, 0.0, 1.0, 8, 8)
+    answers = chat_tool._answer_in_turn({"M0": path}, ["Summarise: " + "word " * 200], config, sampling)
+    assert answers == {"M0": ["ok"]}
+    assert len(chat.encode(asked[0])) <= 64 - 8 and "Summarise" in asked[0]

@@ -32,12 +32,18 @@ def _tiny_with_bos_tokenizer(folder: Path, *, chat_template: str | None) -> Path
     return folder
 
 
-@pytest.mark.parametrize("template", ["fallback (starts with bos_token)", "no BOS in the template"])
+@pytest.mark.parametrize(
+    "template", ["fallback (starts with bos_token)", "no BOS in the template", "Mistral-7B's dry-run stand-in"]
+)
 def test_training_rows_and_generation_prompts_start_with_one_bos(tmp_path, template):
     from selfreward.chat import packaged_template
+    from selfreward.dryrun import stand_in
 
-    chat_template = None if template.startswith("fallback") else packaged_template("tiny_chat_template.jinja")
-    model = _tiny_with_bos_tokenizer(tmp_path / "model", chat_template=chat_template)
+    if template.startswith("Mistral"):  # SentencePiece: "▁" is put before the text after BOS, in both paths
+        model = stand_in("mistralai/Mistral-7B-v0.1")
+    else:
+        chat_template = None if template.startswith("fallback") else packaged_template("tiny_chat_template.jinja")
+        model = _tiny_with_bos_tokenizer(tmp_path / "model", chat_template=chat_template)
     config = load_config(REPO / "configs" / "tiny.yaml")
     tokenizer = load_tokenizer(model, config.model)
     assert tokenizer("hi")["input_ids"][0] == tokenizer.bos_token_id  # the tokenizer adds BOS itself

@@ -27,6 +27,46 @@ def test_parse_judge_score(text, expected):
     assert parse_judge_score(text) == expected
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # wordings a sampled 7B judge writes instead of the template's "Score: N" line
+        ("Relevant and correct.\nTotal score: 4", 4.0),
+        ("**Final Score:** 3/5", 3.0),
+        ("Overall score = 2", 2.0),
+        ("Score: 4 out of 5", 4.0),
+        ("Score: 4 (out of 5)", 4.0),
+        ("It answers the question.\n4 points", 4.0),
+        ("**4 points**", 4.0),
+        ("The answer is relevant and clear, so I give it a score of 4.", 4.0),
+        ("I would give this response a score of 3 out of 5.", 3.0),
+        ("Therefore, the total score is 4.", 4.0),
+        ("Score: 4 - the answer is good", 4.0),
+        ("Score: 3. It misses the second part.", 3.0),
+        ("Score: 4.5, a strong answer", 4.5),
+        ("I give it a score of 2.\nScore: 4", 4.0),  # the last score counts
+        ("Score: 4. On reflection I give it a score of 3.", 3.0),  # also within a line
+        # still not a score: another scale, out of range, or a number that is no score
+        ("Score: 4 out of 10", None),
+        ("Score: 4 (out of 10)", None),
+        ("Score: 4/10 because it is short", None),
+        ("Total score: 9", None),
+        ("I give it a score of 8/10.", None),
+        ("Score: 4 out of 5\nScore: 7 out of 10", None),
+        ("It covers the 3 points above.", None),
+        ("Step 4: check the facts.", None),
+        ("The treaty was signed in 2019.", None),
+        ("It earns 3 points for relevance and one for clarity.", None),  # one criterion's points, not the total
+        ("It would not reach a score of 5.", None),
+        ("Score: 4.5 because it is long", None),
+        ("-4 points", None),
+        ("A score of 4 or 5 would fit", None),
+    ],
+)
+def test_parse_judge_score_reads_the_wordings_judges_write(text, expected):
+    assert parse_judge_score(text) == expected
+
+
 def test_mean_score_excludes_unparsed():
     assert mean_score([4.0, None, 2.0]) == 3.0
     assert mean_score([None, None]) is None
@@ -66,6 +106,51 @@ def test_long_judge_input_is_cut_to_fit_and_flagged(tiny_model):
     assert cut and len(chat.encode(rendered)) <= budget
     assert "Summarise this." in rendered and "</response>" in rendered  # only the response was shortened
     assert fit_judge_prompt(chat, question, "short", budget) == (chat.prompt(judge_prompt(question, "short")), False)
+
+
+@pytest.mark.parametrize("fmt", ["score_first", "score_last"])
+def test_the_logit_judge_reads_within_the_context_after_a_prompt_cut_to_its_budget(tiny_model, fmt):
+    """vLLM fails a whole call when one prompt leaves no position for the token it reads (prompt length >=
+    max_model_len). The logit judge reads the digit after the prompt and "Score: " (with score_last, after
+    its justification too): judge_budget must leave room for all of it."""
+    from pathlib import Path
+
+    from selfreward.config import load_config
+    from selfreward.generation import Generation
+    from selfreward.judge import judge_all, judge_budget, rubric_of
+
+    _, chat, _ = tiny_model
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    config = load_config(tiny, {"judge.mode": "logits", "judge.format": fmt, "judge.max_new_tokens": 16})
+
+    class VLLMLikeJudge:
+        name, context_length, chat = "vllm-like", 400, None
+
+        def refuse_overlong(self, prompts):
+            for prompt in prompts:
+                if len(self.chat.encode(prompt)) >= self.context_length:
+                    raise ValueError(f"the prompt is longer than the maximum model length of {self.context_length}")
+
+        def generate(self, prompts, sampling, *, seed, desc="", skip=(), on_batch=None):
+            self.refuse_overlong(prompts)
+            rambling = chat.tokenizer.decode(chat.encode("it is thorough and " * 40)[: sampling.max_new_tokens])
+            gens = [[Generation(rambling, "length", sampling.max_new_tokens)] for _ in prompts]
+            on_batch(0, list(range(len(prompts))), gens)
+            return gens
+
+        def next_token_probs(self, prompts, token_ids, batch_size, *, desc="", skip=(), on_batch=None):
+            self.refuse_overlong(prompts)
+            probs = [[1 / len(token_ids)] * len(token_ids) for _ in prompts]
+            on_batch(0, list(range(len(prompts))), probs)
+            return probs
+
+    judge = VLLMLikeJudge()
+    judge.chat = chat
+    budget = judge_budget(judge, config)
+    prompt, cut = fit_judge_prompt(chat, "Summarise this.", "word " * 800, budget, rubric_of(config.judge))
+    assert cut and len(chat.encode(prompt)) >= budget - 2  # cut to the budget, not far below it
+    (judgments,) = judge_all(judge, [prompt], config.judge, seed=0)
+    assert judgments[0]["score"] == pytest.approx(2.5)
 
 
 def test_judge_target_puts_the_score_where_the_format_says():

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from selfreward.chat import packaged_template
+from selfreward.judge import fill_template
 from selfreward.layout import RunLayout
 from selfreward.tournament import fit_pairwise_prompt, position_bias, rank_by_comparisons, win_shares
 
@@ -115,6 +116,43 @@ def test_the_pairwise_measurement_keeps_the_closing_instruction(chat):
     judge = SimpleNamespace(chat=chat, next_token_probs=record)
     measure_pairwise_judge(judge, rows, template=None, batch_size=4, budget=300, samples=0, seed=0)
     assert len(judge_prompts) == 2 and all(CLOSING in p for p in judge_prompts)
+
+
+@pytest.mark.parametrize("ends_with", ["a newline (the fallback template)", "a space the letter takes in"])
+def test_the_pairwise_judge_reads_the_letters_a_sentencepiece_model_writes_after_its_prompt(ends_with):
+    """Mistral-7B's tokenizer encodes "A" alone as "▁A", a token the model rarely writes right after the
+    pairwise prompt, which ends in a newline: there it writes "A". The judge must read P("A") over the
+    tokens the model would write after the very prompt it is shown."""
+    from selfreward import dryrun
+    from selfreward.chat import ChatFormat, ensure_chat_template
+
+    tokenizer = dryrun.stand_in_tokenizer(dryrun.KNOWN_MODELS["mistralai/mistral-7b-v0.1"])
+    if ends_with.startswith("a space"):  # "Answer: " + "A" encodes as "Answer:" + "▁A"
+        tokenizer.chat_template = (
+            "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}\n### Answer: "
+            "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
+        )
+    ensure_chat_template(tokenizer)
+    chat = ChatFormat.from_tokenizer(tokenizer)
+    asked = []
+
+    def record(prompts, token_ids, batch_size, desc=""):
+        asked.extend((prompt, list(token_ids)) for prompt in prompts)
+        return [[0.6, 0.4] for _ in prompts]
+
+    judge = SimpleNamespace(chat=chat, next_token_probs=record)
+    question, answers = "Which is warmer?", ["Lava.", "Ice."]
+    rank_by_comparisons(judge, [(question, answers)], ranking="knockout", template=TEMPLATE, budget=10_000,
+                        batch_size=4)  # fmt: skip
+    shown = [chat.prompt(fill_template(TEMPLATE, question=question, answer_a=a, answer_b=b))
+             for a, b in (answers, answers[::-1])]  # fmt: skip
+    assert len(asked) == 2
+    for (prompt, ids), rendered in zip(asked, shown, strict=True):
+        # the tokens the judge reads, then the letter read, are the tokens of the prompt followed by the letter
+        assert rendered.startswith(prompt)
+        assert [chat.encode(prompt) + [i] for i in ids] == [chat.encode(rendered + letter) for letter in "AB"]
+    if ends_with.startswith("a newline"):
+        assert asked[0][1] != [chat.encode(letter)[0] for letter in "AB"]  # "A" alone is "▁A": not what it writes
 
 
 def test_win_shares_count_a_dead_heat_half_and_an_answer_that_never_played_as_none():

@@ -343,10 +343,16 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def gpu_present() -> bool:
+    """Whether a CUDA GPU is there, asked through NVML (as vLLM asks) rather than torch.cuda.is_available(),
+    which initialises CUDA in this process: a vLLM engine forked after that cannot use CUDA."""
+    return torch.cuda.device_count() > 0
+
+
 def choose_backend(requested: str) -> str:
     """`auto` is vLLM when it is installed and a GPU is present, else `hf`."""
     if requested == "auto":
-        return "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
+        return "vllm" if vllm_available() and gpu_present() else "hf"
     if requested not in ("hf", "vllm"):
         raise ConfigError(f"generation.backend must be auto, hf or vllm, got '{requested}'")
     if requested == "vllm" and not vllm_available():

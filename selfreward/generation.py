@@ -257,10 +257,12 @@ class HFBackend(HalvesOnOutOfMemory):
     name = "hf"
     MIN_SHARED_PREFIX = 8  # shorter shared prefixes are not worth a separate forward pass
 
-    def __init__(self, model, chat: ChatFormat, *, prefix_cache: bool = True):
+    def __init__(self, model, chat: ChatFormat, *, prefix_cache: bool = True, max_model_len: int | None = None):
         self.model, self.chat, self.prefix_cache = model, chat, prefix_cache
         self.device = next(model.parameters()).device
-        self.context_length = getattr(model.config, "max_position_embeddings", None) or 1_000_000
+        positions = getattr(model.config, "max_position_embeddings", None) or 1_000_000
+        # generation.max_model_len bounds both backends, so one config fits prompts alike on each
+        self.context_length = min(positions, max_model_len) if max_model_len else positions
         self.row_limit: int | None = None  # prompts per call after an out-of-memory halving
         self.stop_ids = stop_token_ids(chat, model.generation_config.eos_token_id)
 
@@ -410,4 +412,4 @@ def load_backend(model_dir, model_cfg, gen_cfg) -> Backend:
     from selfreward.models import load_for_generation
 
     model, chat = load_for_generation(model_dir, model_cfg)
-    return HFBackend(model, chat, prefix_cache=gen_cfg.prefix_cache)
+    return HFBackend(model, chat, prefix_cache=gen_cfg.prefix_cache, max_model_len=gen_cfg.max_model_len)

@@ -73,3 +73,16 @@ def test_logit_judge_uses_the_backend(tiny_model):
     got = score_by_logits(HFBackend(model, chat), turns, 2, skip={1}, on_batch=lambda b, idx, js: saved.update({b: js}))
     assert set(saved) == {0, 2} and sum(j is None for j in got) == 2  # batch 1 was done by an earlier run
     assert all(len(j) == 4 for js in saved.values() for j in js)  # score, text, distribution, mass
+
+
+def test_the_hf_backend_fits_prompts_to_generation_max_model_len(cache):
+    """Stages fit prompts to backend.context_length: vLLM's is generation.max_model_len (2048 in the
+    Mistral profile), the hf backend's was the model's 32k positions, so one config cut prompts (and
+    sized memory, as the dry run estimates it) differently on each backend."""
+    from selfreward.config import GenerationConfig, ModelConfig
+    from selfreward.generation import load_backend
+    from selfreward.models import TINY
+
+    cfg = ModelConfig(name_or_path=TINY, device="cpu")
+    assert load_backend(TINY, cfg, GenerationConfig(backend="hf", max_model_len=256)).context_length == 256
+    assert load_backend(TINY, cfg, GenerationConfig(backend="hf")).context_length == 2048  # the model's

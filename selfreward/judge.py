@@ -176,7 +176,10 @@ def judge_budget(judge, config) -> int:
 
     cfg = config.judge
     writes = cfg.mode == "sample" or (cfg.mode == "logits" and cfg.format == "score_last")
-    return prompt_budget(judge.context_length, config.model, cfg.max_new_tokens + 2 if writes else 1)
+    after = cfg.max_new_tokens + 2 if writes else 1
+    if cfg.mode == "logits":  # its answer prefix ("Score:") follows too, and vLLM refuses a longer prompt
+        after += len(judge.chat.encode(score_token_ids(judge.chat, rubric_of(cfg))[0]))
+    return prompt_budget(judge.context_length, config.model, after)
 
 
 def judge_prompt(question: str, response: str, rubric: Rubric | None = None) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfreward.generation import HFBackend, Sampling, plan_batches, shared_prefix_length
+from selfreward.generation import Generation, HFBackend, Sampling, plan_batches, shared_prefix_length
 from selfreward.judge import judge_prompt, score_by_logits
 
 QUESTIONS = ["What is 2+2?", "Name a colour.", "Write a haiku about rain.", "Why is the sky blue?", "Say hi."]
@@ -86,3 +86,38 @@ def test_the_hf_backend_fits_prompts_to_generation_max_model_len(cache):
     cfg = ModelConfig(name_or_path=TINY, device="cpu")
     assert load_backend(TINY, cfg, GenerationConfig(backend="hf", max_model_len=256)).context_length == 256
     assert load_backend(TINY, cfg, GenerationConfig(backend="hf")).context_length == 2048  # the model's
+
+
+@pytest.mark.parametrize("judge_format", ["score_first", "score_last"])
+def test_logit_judge_prompts_fit_the_context_with_their_score_prefix(tiny_model, judge_format):
+    """The logit judge puts "Score:" after the fitted prompt (score_last: after its justification too): a
+    prompt fitted to the budget must leave room for it, or vLLM refuses the whole call ("longer than
+    the maximum model length")."""
+    from pathlib import Path
+
+    from selfreward.config import load_config
+    from selfreward.judge import fit_judge_prompt, judge_all, judge_budget, rubric_of
+
+    model, chat, _ = tiny_model
+    backend = HFBackend(model, chat, max_model_len=600)
+    config = load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml", {"judge.format": judge_format})
+    budget = judge_budget(backend, config)
+    prompt, cut = fit_judge_prompt(chat, "Why?", "A long answer. " * 500, budget, rubric_of(config.judge))
+    assert cut
+    sent = []
+    scoring = backend.next_token_probs
+
+    def recorded(prompts, *args, **kwargs):
+        sent.extend(prompts)
+        return scoring(prompts, *args, **kwargs)
+
+    def full_length_justification(prompts, sampling, *, on_batch, **kwargs):  # the most a judge writes
+        words = chat.tokenizer.decode(chat.encode(" response") * sampling.max_new_tokens)
+        assert len(chat.encode(words)) == sampling.max_new_tokens
+        gens = [[Generation(words, "length", sampling.max_new_tokens)] for _ in prompts]
+        on_batch(0, list(range(len(prompts))), gens)
+        return gens
+
+    backend.next_token_probs, backend.generate = recorded, full_length_justification
+    judge_all(backend, [prompt], config.judge, seed=0)
+    assert sent and max(len(chat.encode(p)) for p in sent) < backend.context_length

@@ -177,7 +177,8 @@ def _chat_main(argv: list[str] | None = None) -> int:
             break
         if held:
             for name, backend in held.items():
-                (generation,) = backend.generate([backend.chat.prompt(line.strip())], sampling, seed=config.seed)[0]
+                prompt = _fitted_prompt(backend, line.strip(), config, sampling)
+                (generation,) = backend.generate([prompt], sampling, seed=config.seed)[0]
                 print(f"{name}> {generation.text.strip()}", flush=True)
         else:
             answers = _answer_in_turn(folders, [line.strip()], config, sampling)
@@ -186,6 +187,13 @@ def _chat_main(argv: list[str] | None = None) -> int:
     for backend in held.values():
         backend.close()
     return 0
+
+
+def _fitted_prompt(backend, question: str, config, sampling) -> str:
+    """The rendered question, cut as the stages cut theirs so that the answer fits the model's context."""
+    from selfreward.models import prompt_budget
+
+    return backend.chat.fit(question, prompt_budget(backend.context_length, config.model, sampling.max_new_tokens))[0]
 
 
 def _answer_in_turn(folders: dict, questions: list[str], config, sampling) -> dict[str, list[str]]:
@@ -198,7 +206,7 @@ def _answer_in_turn(folders: dict, questions: list[str], config, sampling) -> di
     answers = {}
     for name, folder in folders.items():
         backend = load_backend(folder, config.model, config.generation)
-        prompts = [backend.chat.prompt(q) for q in questions]
+        prompts = [_fitted_prompt(backend, q, config, sampling) for q in questions]
         answers[name] = [gen.text.strip() for (gen,) in backend.generate(prompts, sampling, seed=config.seed)]
         backend.close()
         del backend

@@ -85,6 +85,19 @@ def without_model_defaults(model):
         model.generation_config = own
 
 
+def encode_prompts(chat: ChatFormat, prompts: list[str], context_length: int) -> list[list[int]]:
+    """The prompts' token ids; a prompt that leaves no room for one new token is refused before any work:
+    vLLM would refuse it for its whole call, the hf backend run it past the model's context."""
+    encoded = [chat.encode(p) for p in prompts]
+    for i, ids in enumerate(encoded):
+        if len(ids) >= context_length:
+            raise ValueError(
+                f"prompt {i} has {len(ids)} tokens, and the context holds {context_length} "
+                "(generation.max_model_len): the stage must fit its prompts (ChatFormat.fit, models.prompt_budget)"
+            )
+    return encoded
+
+
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) with every row ending at the last column, where generation continues."""
     width = max(len(r) for r in rows)
@@ -319,7 +332,7 @@ class HFBackend(HalvesOnOutOfMemory):
     @torch.inference_mode()
     def generate(self, prompts, sampling, *, seed, desc="generating", skip=(), on_batch=None):
         chat, n = self.chat, sampling.num_samples
-        encoded = [chat.encode(p) for p in prompts]
+        encoded = encode_prompts(chat, prompts, self.context_length)
         batches = plan_batches([len(e) for e in encoded], max(1, sampling.batch_size // n))
         stop_ids = set(self.stop_ids)
         self.model.eval()
@@ -361,7 +374,7 @@ class HFBackend(HalvesOnOutOfMemory):
 
     @torch.inference_mode()
     def next_token_probs(self, prompts, token_ids, batch_size, *, desc="scoring", skip=(), on_batch=None):
-        encoded = [self.chat.encode(p) for p in prompts]
+        encoded = encode_prompts(self.chat, prompts, self.context_length)
         batches = plan_batches([len(e) for e in encoded], max(1, batch_size))
         self.model.eval()
         prefix = self._prefix(encoded)

@@ -20,6 +20,7 @@ from selfreward.chat import ChatFormat
 from selfreward.generation import (
     Generation,
     batch_seed,
+    encode_prompts,
     gpu_present,
     plan_batches,
     run_batches,
@@ -105,7 +106,7 @@ class VLLMBackend:
         from vllm.inputs import TokensPrompt
 
         chat, n = self.chat, sampling.num_samples
-        encoded = [chat.encode(p) for p in prompts]
+        encoded = encode_prompts(chat, prompts, self.context_length)
         lengths = [len(e) for e in encoded]
         stop_ids = self.stop_ids
         greedy = sampling.temperature <= 0
@@ -150,7 +151,7 @@ class VLLMBackend:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        encoded = [self.chat.encode(p) for p in prompts]
+        encoded = encode_prompts(self.chat, prompts, self.context_length)
         # Raw log-probabilities (vLLM's default logprobs_mode) of exactly these tokens: one forward pass.
         params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(token_ids), detokenize=False)
 

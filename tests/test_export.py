@@ -111,3 +111,20 @@ def test_chat_compare_holds_one_model_at_a_time(tiny_run, monkeypatch, capsys, m
     assert labels == ["M0", "M2", "M0", "M2"]
     assert alive_at_load and set(alive_at_load) == {0}  # none alive when the next one loads
     assert len(alive_at_load) == (2 if mode.startswith("piped") else 4)  # piped: each model loads once
+
+
+def test_chat_cuts_a_question_too_long_for_the_context(cache):
+    # A pasted document longer than generation.max_model_len: vLLM refuses the whole call, so the chat
+    # cuts the question as the stages do, leaving room for the answer.
+    from conftest import REPO
+
+    from selfreward import chat
+    from selfreward.config import load_config
+    from selfreward.generation import Sampling
+    from selfreward.models import TINY, resolve_model_path
+
+    config = load_config(REPO / "configs" / "tiny.yaml", {"generation.max_model_len": 128})
+    answers = chat._answer_in_turn(
+        {"M0": resolve_model_path(TINY)}, ["Hi.", "word " * 500], config, Sampling(1, 0.0, 1.0, 8, 8)
+    )
+    assert len(answers["M0"]) == 2

@@ -121,3 +121,18 @@ def test_logit_judge_prompts_fit_the_context_with_their_score_prefix(tiny_model,
     backend.next_token_probs, backend.generate = recorded, full_length_justification
     judge_all(backend, [prompt], config.judge, seed=0)
     assert sent and max(len(chat.encode(p)) for p in sent) < backend.context_length
+
+
+def test_a_prompt_that_fills_the_context_is_refused_before_any_work(tiny_model):
+    """vLLM refuses such a prompt for its whole call; the hf backend ran it past the model's context."""
+    model, chat, _ = tiny_model
+    backend = HFBackend(model, chat, max_model_len=64)
+    prompts = [chat.prompt("Hi."), chat.prompt("word " * 100), chat.prompt("Bye.")]
+
+    def no_batch(*batch):
+        pytest.fail(f"batch {batch[0]} ran")
+
+    with pytest.raises(ValueError, match=r"prompt 1 has \d+ tokens, and the context holds 64"):
+        backend.generate(prompts, Sampling(1, 0.0, 1.0, 4, 1), seed=0, on_batch=no_batch)
+    with pytest.raises(ValueError, match=r"prompt 1 has \d+ tokens, and the context holds 64"):
+        backend.next_token_probs(prompts, [5], 1, on_batch=no_batch)

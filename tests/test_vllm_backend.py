@@ -173,3 +173,16 @@ def test_scoring_calls_take_many_batches_too(fake_vllm, cuda_box, monkeypatch):
     assert len(calls_each) == 9 and len(calls_grouped) == 1  # 10 batches of 4, one skipped
     assert grouped == per_batch and saved_grouped == saved_each
     assert [b for b, _, _ in saved_grouped] == [0, *range(2, 10)]
+
+
+def test_a_prompt_that_fills_the_context_is_refused_before_any_engine_call(fake_vllm):
+    """vLLM raises for the whole call ("longer than the maximum model length"), after the calls before it."""
+    backend = load_backend(
+        TINY, ModelConfig(name_or_path=TINY, device="cpu"), GenerationConfig(backend="vllm", max_model_len=64)
+    )
+    prompts = [backend.chat.prompt("Hi."), backend.chat.prompt("word " * 100)]
+    with pytest.raises(ValueError, match=r"prompt 1 has \d+ tokens, and the context holds 64"):
+        backend.generate(prompts, Sampling(1, 0.0, 1.0, 4, 1), seed=0)
+    with pytest.raises(ValueError, match=r"prompt 1 has \d+ tokens, and the context holds 64"):
+        backend.next_token_probs(prompts, [5], 1)
+    assert fake_vllm.built[-1].calls == []

@@ -89,6 +89,8 @@ def cuda_box(monkeypatch) -> list[str]:
         runtime_calls.append("cudaGetDeviceCount")
         return 1
 
+    # `import vllm` sets this (is_available() then asks NVML): a stage process decides before importing it
+    monkeypatch.delenv("PYTORCH_NVML_BASED_CUDA_CHECK", raising=False)
     monkeypatch.setattr(torch._C, "_cuda_getDeviceCount", cuda_get_device_count, raising=False)
     monkeypatch.setattr(torch.cuda, "_device_count_nvml", lambda: 1)
     assert torch.cuda.is_available() and runtime_calls.pop()  # the stand-in answers as a CUDA build would

@@ -126,7 +126,8 @@ class GenerationConfig:
     tensor_parallel_size: int = 1  # vllm: GPUs one engine spans
     # vllm: fraction of GPU memory the engine reserves (on a CPU, of RAM); null = 0.9 on a GPU, 0.3 on a CPU
     gpu_memory_utilization: float | None = None
-    max_model_len: int | None = None  # vllm: context length to reserve cache for; null = the model's
+    # Context length prompts are fitted to, on either backend (vllm reserves its cache for it); null = the model's
+    max_model_len: int | None = None
     # vllm: skip torch.compile and CUDA graphs. On a CPU compiling costs ~2.5 min per engine start
     # (three per iteration) for little gain on small batches; null = eager on a CPU, compiled on a GPU.
     enforce_eager: bool | None = None

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Collection
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -59,6 +60,42 @@ def split_generated(token_ids: list[int], stop_ids: set[int]) -> tuple[list[int]
         if tok in stop_ids:
             return token_ids[:i], "eos", i + 1
     return token_ids, "length", len(token_ids)
+
+
+def stop_token_ids(chat: ChatFormat, declared_eos: int | list[int] | None) -> list[int]:
+    """Tokens that end an answer, the same on both backends: the chat format's (EOS, the end-of-turn token)
+    and every EOS the model's generation_config.json declares (Qwen2.5-Instruct's adds <|endoftext|>),
+    which vLLM adds to every request on its own."""
+    declared = [declared_eos] if isinstance(declared_eos, int) else list(declared_eos or [])
+    return list(dict.fromkeys([*chat.stop_token_ids(), *declared]))
+
+
+@contextmanager
+def without_model_defaults(model):
+    """`generate` fills every option it is not given from the model's generation_config.json
+    (Qwen2.5-Instruct's sets repetition_penalty 1.05, top_k 20; every merged M<t> inherits the file),
+    which vLLM, given explicit sampling parameters, never applies: during the call the model has none."""
+    from transformers import GenerationConfig
+
+    own = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = own
+
+
+def encode_prompts(chat: ChatFormat, prompts: list[str], context_length: int) -> list[list[int]]:
+    """The prompts' token ids; a prompt that leaves no room for one new token is refused before any work:
+    vLLM would refuse it for its whole call, the hf backend run it past the model's context."""
+    encoded = [chat.encode(p) for p in prompts]
+    for i, ids in enumerate(encoded):
+        if len(ids) >= context_length:
+            raise ValueError(
+                f"prompt {i} has {len(ids)} tokens, and the context holds {context_length} "
+                "(generation.max_model_len): the stage must fit its prompts (ChatFormat.fit, models.prompt_budget)"
+            )
+    return encoded
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,21 +204,35 @@ def run_batches(
     skip: Collection[int] = (),
     on_batch: BatchCallback | None = None,
     generated: bool = False,
+    call_capacity: int | None = None,
+    size: Callable[[list[int]], int] = len,
 ) -> list:
-    """Results of run(batch) for every planned batch not in `skip`, in input order, each batch saved
-    through `on_batch` as soon as it is done; with `generated`, the bar also counts tokens."""
+    """Results of run(indices) for every planned batch not in `skip`, in input order, each batch saved
+    through `on_batch` as soon as the call that held it is done; with `generated`, the bar also counts
+    tokens. Each batch is a call of its own, unless `call_capacity` is given: then consecutive batches
+    share one call while their total `size` fits it (an engine that schedules best with many requests)."""
     results: list = [None] * sum(len(idx) for idx in batches)
     progress = _Progress(len(results), desc)
-    for b, idx in enumerate(batches):
-        tokens = 0
-        if b not in skip:
-            for i, result in zip(idx, run(idx), strict=True):
-                results[i] = result
+    progress.update(sum(len(idx) for b, idx in enumerate(batches) if b in skip))
+    calls: list[list[int]] = []  # batch numbers per call
+    used = 0
+    for b in (b for b in range(len(batches)) if b not in skip):
+        cost = size(batches[b])
+        if calls and call_capacity and used + cost <= call_capacity:
+            calls[-1].append(b)
+            used += cost
+        else:
+            calls.append([b])
+            used = cost
+    for call in calls:
+        idx = [i for b in call for i in batches[b]]
+        for i, result in zip(idx, run(idx), strict=True):
+            results[i] = result
+        for b in call:
             if on_batch:
-                on_batch(b, idx, [results[i] for i in idx])
-            if generated:
-                tokens = sum(g.num_tokens for i in idx for g in results[i])
-        progress.update(len(idx), tokens)
+                on_batch(b, batches[b], [results[i] for i in batches[b]])
+            tokens = sum(g.num_tokens for i in batches[b] for g in results[i]) if generated else 0
+            progress.update(len(batches[b]), tokens)
     progress.close()
     return results
 
@@ -219,11 +270,14 @@ class HFBackend(HalvesOnOutOfMemory):
     name = "hf"
     MIN_SHARED_PREFIX = 8  # shorter shared prefixes are not worth a separate forward pass
 
-    def __init__(self, model, chat: ChatFormat, *, prefix_cache: bool = True):
+    def __init__(self, model, chat: ChatFormat, *, prefix_cache: bool = True, max_model_len: int | None = None):
         self.model, self.chat, self.prefix_cache = model, chat, prefix_cache
         self.device = next(model.parameters()).device
-        self.context_length = getattr(model.config, "max_position_embeddings", None) or 1_000_000
+        positions = getattr(model.config, "max_position_embeddings", None) or 1_000_000
+        # generation.max_model_len bounds both backends, so one config fits prompts alike on each
+        self.context_length = min(positions, max_model_len) if max_model_len else positions
         self.row_limit: int | None = None  # prompts per call after an out-of-memory halving
+        self.stop_ids = stop_token_ids(chat, model.generation_config.eos_token_id)
 
     def close(self) -> None:
         """Let the model go, so that the next one can load: two 7B models do not fit one 24 GB card."""
@@ -278,9 +332,9 @@ class HFBackend(HalvesOnOutOfMemory):
     @torch.inference_mode()
     def generate(self, prompts, sampling, *, seed, desc="generating", skip=(), on_batch=None):
         chat, n = self.chat, sampling.num_samples
-        encoded = [chat.encode(p) for p in prompts]
+        encoded = encode_prompts(chat, prompts, self.context_length)
         batches = plan_batches([len(e) for e in encoded], max(1, sampling.batch_size // n))
-        stop_ids = set(chat.stop_token_ids())
+        stop_ids = set(self.stop_ids)
         self.model.eval()
         prefix = self._prefix(encoded)  # from all prompts, skipped or not: a resumed run computes the same
         sample = sampling.temperature > 0
@@ -290,19 +344,20 @@ class HFBackend(HalvesOnOutOfMemory):
             input_ids, attention, cache, _ = self._extend(prefix, [encoded[i] for i in part], upto=1)
             # Every prompt's own tokens were prefilled once (all but its last); its N samples share that cache.
             cache.batch_repeat_interleave(n)
-            out = self.model.generate(
-                input_ids=input_ids.repeat_interleave(n, dim=0),
-                attention_mask=attention.repeat_interleave(n, dim=0),
-                past_key_values=cache,
-                do_sample=sample,
-                temperature=sampling.temperature if sample else None,
-                top_p=sampling.top_p if sample else None,
-                top_k=0 if sample else None,
-                max_new_tokens=sampling.max_new_tokens,
-                min_new_tokens=sampling.min_new_tokens or None,
-                eos_token_id=sorted(stop_ids),
-                pad_token_id=chat.tokenizer.pad_token_id,
-            )
+            with without_model_defaults(self.model):
+                out = self.model.generate(
+                    input_ids=input_ids.repeat_interleave(n, dim=0),
+                    attention_mask=attention.repeat_interleave(n, dim=0),
+                    past_key_values=cache,
+                    do_sample=sample,
+                    temperature=sampling.temperature if sample else None,
+                    top_p=sampling.top_p if sample else None,
+                    top_k=0 if sample else None,
+                    max_new_tokens=sampling.max_new_tokens,
+                    min_new_tokens=sampling.min_new_tokens or None,
+                    eos_token_id=sorted(stop_ids),
+                    pad_token_id=chat.tokenizer.pad_token_id,
+                )
             new = out[:, input_ids.shape[1] :].tolist()
             gens = []
             for row in range(len(part)):
@@ -319,7 +374,7 @@ class HFBackend(HalvesOnOutOfMemory):
 
     @torch.inference_mode()
     def next_token_probs(self, prompts, token_ids, batch_size, *, desc="scoring", skip=(), on_batch=None):
-        encoded = [self.chat.encode(p) for p in prompts]
+        encoded = encode_prompts(self.chat, prompts, self.context_length)
         batches = plan_batches([len(e) for e in encoded], max(1, batch_size))
         self.model.eval()
         prefix = self._prefix(encoded)
@@ -343,10 +398,16 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def gpu_present() -> bool:
+    """Whether a CUDA GPU is there, asked through NVML (as vLLM asks) rather than torch.cuda.is_available(),
+    which initialises CUDA in this process: a vLLM engine forked after that cannot use CUDA."""
+    return torch.cuda.device_count() > 0
+
+
 def choose_backend(requested: str) -> str:
     """`auto` is vLLM when it is installed and a GPU is present, else `hf`."""
     if requested == "auto":
-        return "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
+        return "vllm" if vllm_available() and gpu_present() else "hf"
     if requested not in ("hf", "vllm"):
         raise ConfigError(f"generation.backend must be auto, hf or vllm, got '{requested}'")
     if requested == "vllm" and not vllm_available():
@@ -364,4 +425,4 @@ def load_backend(model_dir, model_cfg, gen_cfg) -> Backend:
     from selfreward.models import load_for_generation
 
     model, chat = load_for_generation(model_dir, model_cfg)
-    return HFBackend(model, chat, prefix_cache=gen_cfg.prefix_cache)
+    return HFBackend(model, chat, prefix_cache=gen_cfg.prefix_cache, max_model_len=gen_cfg.max_model_len)

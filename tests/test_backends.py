@@ -136,6 +136,72 @@ def test_both_backends_give_the_same_probabilities(cache):
         assert v == pytest.approx(a, rel=1e-3)
 
 
+@pytest.fixture(scope="module")
+def model_with_sampling_defaults(tmp_path_factory):
+    """A tiny Llama whose generation_config.json sets sampling options, as Qwen2.5-Instruct's does (and
+    every merged M<t> after it inherits), and declares a second EOS token, as Qwen2.5-Instruct's does.
+    Returns (folder, chat format, the greedy answers argmax decoding gives: (token ids, reason) each)."""
+    import torch
+    from transformers import GenerationConfig as HFGenerationConfig
+    from transformers import LlamaForCausalLM
+
+    from selfreward.chat import ChatFormat
+    from selfreward.models import _tiny_tokenizer_and_config
+
+    tokenizer, config = _tiny_tokenizer_and_config(initializer_range=0.1)  # varied greedy answers, wide margins
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    chat = ChatFormat.from_tokenizer(tokenizer)
+    plain = []
+    with torch.no_grad():
+        for q in QUESTIONS:
+            ids = torch.tensor([chat.encode(chat.prompt(q))])
+            for _ in range(12):
+                ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
+            plain.append(ids[0, -12:].tolist())
+    second_eos = next(t for t in plain[0] if t != plain[0][0])  # ends answer 0 after a run of repeats
+    model.generation_config = HFGenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=[tokenizer.eos_token_id, second_eos],
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.8,
+        top_k=3,
+        repetition_penalty=5.0,
+        no_repeat_ngram_size=2,
+    )
+    folder = tmp_path_factory.mktemp("sampling-defaults")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    stops = {tokenizer.eos_token_id, second_eos}
+    expected = []
+    for row in plain:
+        end = next((k for k, t in enumerate(row) if t in stops), None)
+        expected.append((row, "length") if end is None else (row[:end], "eos"))
+    assert any(len(set(ids)) < len(ids) for ids, _ in expected)  # repeats: a repetition penalty would change them
+    assert any(reason == "eos" for _, reason in expected)
+    return folder, chat, expected
+
+
+@pytest.mark.parametrize("name", ["hf", "vllm"])
+def test_greedy_answers_are_argmax_decoding_whatever_the_model_config_says(model_with_sampling_defaults, name):
+    """hf's generate fills unset options from generation_config.json (repetition_penalty 5 here); vLLM,
+    given explicit sampling parameters, ignores them but stops at every EOS the file declares. Both must
+    decode by the run's config alone and stop at the same tokens: greedy is plain argmax decoding."""
+    if name == "vllm":
+        need_vllm()
+    folder, chat, expected = model_with_sampling_defaults
+    backend = load_backend(folder, ModelConfig(name_or_path=str(folder), device="cpu"), GenerationConfig(backend=name))
+    try:
+        got = backend.generate([chat.prompt(q) for q in QUESTIONS], Sampling(1, 0.0, 1.0, 12, 4), seed=0)
+    finally:
+        backend.close()
+    for (gen,), (ids, reason) in zip(got, expected, strict=True):
+        assert (gen.text, gen.finish_reason) == (chat.tokenizer.decode(ids, skip_special_tokens=True), reason)
+        assert gen.num_tokens == len(ids) + (reason == "eos")
+
+
 def test_stages_with_the_vllm_backend_write_the_same_records(tiny_run, tmp_path, run_stage):
     """Stage 02 of iteration 1 again, with --generation.backend vllm, in a copy of the tiny run. Stage 01
     generates through the same Backend.generate; stage 03's judge reads next_token_probs, which

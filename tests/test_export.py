@@ -143,3 +143,20 @@ def test_chat_fits_a_long_question_to_the_context(tiny_model, monkeypatch):
     answers = chat_tool._answer_in_turn({"M0": path}, ["Summarise: " + "word " * 200], config, sampling)
     assert answers == {"M0": ["ok"]}
     assert len(chat.encode(asked[0])) <= 64 - 8 and "Summarise" in asked[0]
+
+
+def test_chat_cuts_a_question_too_long_for_the_context(cache):
+    # A pasted document longer than generation.max_model_len: vLLM refuses the whole call, so the chat
+    # cuts the question as the stages do, leaving room for the answer.
+    from conftest import REPO
+
+    from selfreward import chat
+    from selfreward.config import load_config
+    from selfreward.generation import Sampling
+    from selfreward.models import TINY, resolve_model_path
+
+    config = load_config(REPO / "configs" / "tiny.yaml", {"generation.max_model_len": 128})
+    answers = chat._answer_in_turn(
+        {"M0": resolve_model_path(TINY)}, ["Hi.", "word " * 500], config, Sampling(1, 0.0, 1.0, 8, 8)
+    )
+    assert len(answers["M0"]) == 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfreward.generation import HFBackend, Sampling, plan_batches, shared_prefix_length
+from selfreward.generation import Generation, HFBackend, Sampling, plan_batches, shared_prefix_length
 from selfreward.judge import judge_prompt, score_by_logits
 
 QUESTIONS = ["What is 2+2?", "Name a colour.", "Write a haiku about rain.", "Why is the sky blue?", "Say hi."]
@@ -73,3 +73,66 @@ def test_logit_judge_uses_the_backend(tiny_model):
     got = score_by_logits(HFBackend(model, chat), turns, 2, skip={1}, on_batch=lambda b, idx, js: saved.update({b: js}))
     assert set(saved) == {0, 2} and sum(j is None for j in got) == 2  # batch 1 was done by an earlier run
     assert all(len(j) == 4 for js in saved.values() for j in js)  # score, text, distribution, mass
+
+
+def test_the_hf_backend_fits_prompts_to_generation_max_model_len(cache):
+    """Stages fit prompts to backend.context_length: vLLM's is generation.max_model_len (2048 in the
+    Mistral profile), the hf backend's was the model's 32k positions, so one config cut prompts (and
+    sized memory, as the dry run estimates it) differently on each backend."""
+    from selfreward.config import GenerationConfig, ModelConfig
+    from selfreward.generation import load_backend
+    from selfreward.models import TINY
+
+    cfg = ModelConfig(name_or_path=TINY, device="cpu")
+    assert load_backend(TINY, cfg, GenerationConfig(backend="hf", max_model_len=256)).context_length == 256
+    assert load_backend(TINY, cfg, GenerationConfig(backend="hf")).context_length == 2048  # the model's
+
+
+@pytest.mark.parametrize("judge_format", ["score_first", "score_last"])
+def test_logit_judge_prompts_fit_the_context_with_their_score_prefix(tiny_model, judge_format):
+    """The logit judge puts "Score:" after the fitted prompt (score_last: after its justification too): a
+    prompt fitted to the budget must leave room for it, or vLLM refuses the whole call ("longer than
+    the maximum model length")."""
+    from pathlib import Path
+
+    from selfreward.config import load_config
+    from selfreward.judge import fit_judge_prompt, judge_all, judge_budget, rubric_of
+
+    model, chat, _ = tiny_model
+    backend = HFBackend(model, chat, max_model_len=600)
+    config = load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml", {"judge.format": judge_format})
+    budget = judge_budget(backend, config)
+    prompt, cut = fit_judge_prompt(chat, "Why?", "A long answer. " * 500, budget, rubric_of(config.judge))
+    assert cut
+    sent = []
+    scoring = backend.next_token_probs
+
+    def recorded(prompts, *args, **kwargs):
+        sent.extend(prompts)
+        return scoring(prompts, *args, **kwargs)
+
+    def full_length_justification(prompts, sampling, *, on_batch, **kwargs):  # the most a judge writes
+        words = chat.tokenizer.decode(chat.encode(" response") * sampling.max_new_tokens)
+        assert len(chat.encode(words)) == sampling.max_new_tokens
+        gens = [[Generation(words, "length", sampling.max_new_tokens)] for _ in prompts]
+        on_batch(0, list(range(len(prompts))), gens)
+        return gens
+
+    backend.next_token_probs, backend.generate = recorded, full_length_justification
+    judge_all(backend, [prompt], config.judge, seed=0)
+    assert sent and max(len(chat.encode(p)) for p in sent) < backend.context_length
+
+
+def test_a_prompt_that_fills_the_context_is_refused_before_any_work(tiny_model):
+    """vLLM refuses such a prompt for its whole call; the hf backend ran it past the model's context."""
+    model, chat, _ = tiny_model
+    backend = HFBackend(model, chat, max_model_len=64)
+    prompts = [chat.prompt("Hi."), chat.prompt("word " * 100), chat.prompt("Bye.")]
+
+    def no_batch(*batch):
+        pytest.fail(f"batch {batch[0]} ran")
+
+    with pytest.raises(ValueError, match=r"prompt 1 has \d+ tokens, and the context holds 64"):
+        backend.generate(prompts, Sampling(1, 0.0, 1.0, 4, 1), seed=0, on_batch=no_batch)
+    with pytest.raises(ValueError, match=r"prompt 1 has \d+ tokens, and the context holds 64"):
+        backend.next_token_probs(prompts, [5], 1, on_batch=no_batch)

@@ -180,7 +180,9 @@ def measure_dpo(config, path: str, chat: ChatFormat, device: str, scratch: Path)
 def measure_generate(config, path: str, chat: ChatFormat, device: str, prompt_tokens: int) -> Peak:
     cfg = config.responses
     model = load_model(path, config.model)
-    backend = HFBackend(model, chat, prefix_cache=config.generation.prefix_cache)
+    backend = HFBackend(
+        model, chat, prefix_cache=config.generation.prefix_cache, max_model_len=config.generation.max_model_len
+    )  # as generation.load_backend makes it
     prompts = [prompt_of(chat, prompt_tokens - k) for k in range(max(1, cfg.batch_size // cfg.num_samples))]
     sampling = Sampling(cfg.num_samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size,
                         min_new_tokens=cfg.max_new_tokens)  # fmt: skip

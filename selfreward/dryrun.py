@@ -688,9 +688,9 @@ def dry_device(config: Config) -> str:
     one, so that a dry run on the GPU box takes the CUDA paths (4-bit kernels, vLLM on CUDA); else the CPU."""
     if config.model.device == "cpu":
         return "cpu"
-    import torch
+    from selfreward.generation import gpu_present
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if gpu_present() else "cpu"
 
 
 def dry_config(config: Config) -> Config:

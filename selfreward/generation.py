@@ -257,10 +257,14 @@ class HalvesOnOutOfMemory:
                     raise
                 self.row_limit = max(1, size // 2)
                 log.warning("out of memory with %d prompts per call: retrying with %d", size, self.row_limit)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+            else:
+                start += size
                 continue
-            start += size
+            # Out here, not in the except block: there the traceback still holds the failed call's tensors,
+            # and emptying the cache would free none of their memory.
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         return results
 
 

@@ -258,7 +258,7 @@ def test_the_dry_run_takes_the_gpu_when_the_config_asks_for_one_and_there_is_one
     # (4-bit kernels, vLLM on CUDA), not the CPU ones the dry run takes everywhere else.
     import torch
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: int(gpu))
     config = load_config(MISTRAL, {"model.device": device})
     monkeypatch.setattr(dryrun, "stand_in", lambda name: Path("/nonexistent/stand-in"))
     assert dryrun.dry_config(config).model.device == expected

@@ -136,3 +136,27 @@ def test_a_prompt_that_fills_the_context_is_refused_before_any_work(tiny_model):
         backend.generate(prompts, Sampling(1, 0.0, 1.0, 4, 1), seed=0, on_batch=no_batch)
     with pytest.raises(ValueError, match=r"prompt 1 has \d+ tokens, and the context holds 64"):
         backend.next_token_probs(prompts, [5], 1, on_batch=no_batch)
+
+
+def test_an_out_of_memory_call_is_let_go_before_the_cache_is_emptied(monkeypatch):
+    # The halving emptied the CUDA cache inside its except block, where the traceback still holds the failed
+    # call's frames and their tensors: it freed none of them, so the halved retry met the same full card.
+    import weakref
+
+    import torch
+
+    from selfreward.generation import HalvesOnOutOfMemory
+
+    made, alive_at_empty = [], []
+
+    def run(part):
+        if len(part) > 1:
+            activations = torch.zeros(1024)
+            made.append(weakref.ref(activations))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return part
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: alive_at_empty.append(any(r() is not None for r in made)))
+    assert HalvesOnOutOfMemory()._halving([0, 1, 2, 3], run) == [0, 1, 2, 3]
+    assert alive_at_empty == [False, False]  # 4 -> 2 -> 1 rows a call, each failed call already freed

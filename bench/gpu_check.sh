@@ -9,9 +9,10 @@
 #   1. memory: bench/gpu_memory.py, a stand-in of Mistral-7B's real width (2 layers, built in the
 #      process: no weights travel) measures the peak GPU memory of an SFT step, a DPO step and a
 #      generation batch at configs/mistral-7b-qlora.yaml's settings, next to the dry run's estimate;
-#   2. dry runs: ./self-reward.sh --dry-run of configs/mistral-7b-qlora.yaml and
-#      configs/qwen2.5-7b-qlora.yaml on this GPU (model.device cuda, 4-bit through bitsandbytes' CUDA
-#      kernels), with the HF backend, and once more with vLLM when it is installed; in parallel.
+#   2. dry runs: ./self-reward.sh --dry-run of configs/mistral-7b-qlora.yaml, configs/qwen2.5-7b-qlora.yaml
+#      and configs/mistral-7b-qlora-oasst.yaml (its data stood in) on this GPU (model.device cuda, 4-bit
+#      through bitsandbytes' CUDA kernels), with the HF backend, and again with vLLM when it is installed;
+#      and scripts/prepare_data.py --dry-run; all in parallel.
 # Prints one line per part (ok / FAILED with the log's tail) and exits 1 if any part failed. Logs and
 # results are in OUT (default /tmp/gpu-check). On a machine without a GPU it says so and exits 0;
 # --device cpu runs the same parts there (the memory step at a tiny width, nothing measured), to try
@@ -122,9 +123,10 @@ rc=$?
 sed -n '/^gpu_memory: /,/^{/p' "$out/memory.log" | grep -v '^{'
 report "memory of SFT, DPO and generation steps at Mistral-7B's width" "$rc" "$out/memory.log"
 
-# 2. The dry runs, side by side.
-runs=("mistral-7b-qlora hf" "qwen2.5-7b-qlora hf")
-[ -n "$vllm" ] && runs+=("mistral-7b-qlora vllm")
+# 2. The dry runs, side by side: the two GPU profiles, the OASST profile before its data exists, and the
+#    data builder (prepare_data.py --dry-run: SFT baseline, judging, EFT rows).
+runs=("mistral-7b-qlora hf" "qwen2.5-7b-qlora hf" "mistral-7b-qlora-oasst hf")
+[ -n "$vllm" ] && runs+=("mistral-7b-qlora vllm" "qwen2.5-7b-qlora vllm")
 pids=()
 for run in "${runs[@]}"; do
   set -- $run
@@ -134,6 +136,10 @@ for run in "${runs[@]}"; do
       -- --generation.backend "$2" >"$out/$name.log" 2>&1; echo $? >"$out/$name.rc" ) &
   pids+=($!)
 done
+rm -rf "$out/dry-prepare-data"
+( timeout 300 "$python" scripts/prepare_data.py --dry-run --no-oxen --config configs/mistral-7b-qlora.yaml \
+    --out "$out/dry-prepare-data" >"$out/dry-prepare-data.log" 2>&1; echo $? >"$out/dry-prepare-data.rc" ) &
+pids+=($!)
 wait "${pids[@]}"
 for run in "${runs[@]}"; do
   set -- $run
@@ -141,6 +147,8 @@ for run in "${runs[@]}"; do
   grep -E '^\[[0-9]{2}_[a-z_]+\] (iteration [0-9]+:|dry run: .* on (cuda|cpu))' "$out/$name.log" | sed "s/^/    /"
   report "dry run of configs/$1.yaml on $device, generation.backend $2" "$(cat "$out/$name.rc")" "$out/$name.log"
 done
+grep -E '^\[prepare_data\] [0-9]+ IFT rows' "$out/dry-prepare-data.log" | sed "s/^/    /"
+report "prepare_data.py --dry-run on $device" "$(cat "$out/dry-prepare-data.rc")" "$out/dry-prepare-data.log"
 
 echo "gpu_check: done in $(( $(date +%s) - started )) s; $( [ $failed = 0 ] && echo 'every part passed' || echo 'some parts FAILED' )"
 exit $failed

@@ -182,6 +182,7 @@ def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="[prepare_data] %(message)s")
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # a harmless note on CPU
+    cli.process_defaults()
     config = load_config(args.config)
     judge_model, dry = args.judge_model, None
     if args.dry_run:

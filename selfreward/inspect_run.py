@@ -71,7 +71,10 @@ def stage_table(run_dir: Path) -> str:
     while any(layout.manifest(s, t).is_file() for s in stages):
         found += [(s, t, read_manifest(layout.manifest(s, t))) for s in stages]
         t += 1
-    lines = [f"{'stage':<20}{'iter':>5}{'seconds':>10}  {'memory':<28}{'backend':<9}rows in -> out"]
+    # As wide as the longest entry: on a GPU box the memory text also names the GPU's peak.
+    memory = {(s, t): memory_text((m or {}).get("peak_memory_mb", {})) for s, t, m in found}
+    width = max([len("memory"), *map(len, memory.values())]) + 2
+    lines = [f"{'stage':<20}{'iter':>5}{'seconds':>10}  {'memory':<{width}}{'backend':<9}rows in -> out"]
     total = 0.0
     for stage, t, manifest in found:
         if not manifest:
@@ -83,7 +86,7 @@ def stage_table(run_dir: Path) -> str:
             state += "  (Oxen commit recovered by a rerun)"
         lines.append(
             f"{stage:<20}{t:>5}{manifest.get('seconds', 0):>10.1f}  "
-            f"{memory_text(manifest.get('peak_memory_mb', {})):<28}{manifest.get('backend', ''):<9}"
+            f"{memory[stage, t]:<{width}}{manifest.get('backend', ''):<9}"
             f"{manifest.get('rows_in')} -> {manifest.get('rows_out')}{state}"
         )
     lines.append(f"{'all stages':<25}{total:>10.1f}")

@@ -289,3 +289,42 @@ def test_the_merge_ram_check_finds_a_hub_model_in_the_hugging_face_cache(tmp_pat
     with caplog.at_level("WARNING", logger="selfreward"):
         models.check_merge_memory("otherorg/not-cached", config.model)
     assert "cannot tell how much host RAM merging the adapter into otherorg/not-cached needs" in caplog.text
+
+
+def test_the_stage_table_keeps_its_columns_apart_when_a_gpu_peak_is_recorded(tmp_path):
+    # On the H200 the table read "peak RAM 1.8 GiB, GPU 0.1 GiBhf": the memory column was sized for RAM alone.
+    from selfreward.inspect_run import stage_table
+    from selfreward.layout import RunLayout
+    from selfreward.records import write_json
+
+    layout = RunLayout(tmp_path)
+    peak = {"ram": 1843, "gpu": 23_450}
+    write_json(layout.manifest("00_sft", 0), {"complete": True, "seconds": 9.4, "peak_memory_mb": peak,
+                                               "rows_in": 652, "rows_out": 0})  # fmt: skip
+    write_json(layout.manifest("01_gen_prompts", 1), {"complete": True, "seconds": 9.2, "peak_memory_mb": peak,
+                                                      "backend": "hf", "rows_in": 212, "rows_out": 2})  # fmt: skip
+    row = next(line for line in stage_table(tmp_path).splitlines() if line.startswith("01_gen_prompts"))
+    assert "peak RAM 1.8 GiB, GPU 22.9 GiB  hf" in row
+
+
+@pytest.mark.parametrize(
+    ("set_before", "expected"),
+    [
+        ({}, "expandable_segments:True"),
+        ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}, "max_split_size_mb:512"),
+        ({"PYTORCH_ALLOC_CONF": "expandable_segments:False"}, None),
+    ],
+)
+def test_stages_ask_for_expandable_cuda_segments_unless_the_user_set_the_allocator(monkeypatch, set_before, expected):
+    # Measured on an H200: one stage-02 call at Mistral-7B's shape left 96 GiB reserved for 25 GiB in use
+    # with the default allocator (bench/RESULTS.md); a 24 GB card has no such room.
+    import os
+
+    from selfreward import cli
+
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in set_before.items():
+        monkeypatch.setenv(name, value)
+    cli.process_defaults()
+    assert os.environ.get("PYTORCH_CUDA_ALLOC_CONF") == expected

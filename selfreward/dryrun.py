@@ -563,9 +563,11 @@ def _generation_row(
     two moments. Prefill: every prompt of the call goes through the model at once (its samples share that
     cache), and at each layer's MLP the gate, up and product tensors (3 x intermediate) and about four
     hidden-size tensors (the layer's input and residual, the attention's output) are alive for every prompt
-    token. Decoding: every sequence's cache at full length
-    and one step's logits. A 2-layer stand-in at full width peaks in prefill (measured: bench/gpu_memory.py);
-    a 7B's 32 layers of cache make decoding the peak."""
+    token. Decoding: every sequence's cache at full length, one step's logits, and one layer's keys and
+    values copied out to every query head (transformers' SDPA path does that whenever there is an
+    attention mask, as left padding makes, and the model has fewer key/value heads than query heads).
+    Measured on an H200 (bench/RESULTS.md): a 2-layer stand-in at full width peaks in prefill, a 7B's 32
+    layers of cache make decoding the peak."""
     dtype = config.model.dtype
     context = config.generation.max_model_len or context_length(real_config)
     # Prompts longer than the training length are rare: the training rows are cut there too.
@@ -575,14 +577,18 @@ def _generation_row(
     prefill_cache = prompt_tokens * per_token
     prefill = prompt_tokens * (3 * real_config.intermediate_size + 4 * real_config.hidden_size) * _BYTES[dtype]
     cache = batch * (prompt + new) * per_token
+    heads = real_config.num_attention_heads
+    head_dim = getattr(real_config, "head_dim", None) or real_config.hidden_size // heads
+    grouped = (getattr(real_config, "num_key_value_heads", None) or heads) < heads
+    expanded = batch * (prompt + new) * 2 * heads * head_dim * _BYTES[dtype] if grouped else 0
     logits = batch * real_config.vocab_size * 4  # one step's logits, float32 for sampling
-    peak_in_prefill = prefill_cache + prefill > cache + logits
+    peak_in_prefill = prefill_cache + prefill > cache + logits + expanded
     return MemoryRow(
         stage,
         f"{what}: {batch} sequences x ({prompt} prompt + {new} new) tokens, {dtype}"
         + (", peak in prefill" if peak_in_prefill else ""),
         weights=weight_bytes(counts, dtype, False),
-        activations=prefill if peak_in_prefill else logits,
+        activations=prefill if peak_in_prefill else logits + expanded,
         cache=prefill_cache if peak_in_prefill else cache,
     )
 

@@ -294,3 +294,29 @@ def test_the_oasst_profile_dry_runs_stage_00_before_its_data_exists(tmp_path, ca
     assert manifest["heldout_eft_rows"] > 0  # held-out questions drawn from the stand-in EFT rows
     seed_ids = {r["id"] for r in read_jsonl(REPO / "data" / "seed" / "ift.jsonl")}
     assert {r["id"] for r in read_jsonl(run / "M0" / "train" / "ift.jsonl")} <= seed_ids
+
+
+# Peak memory measured on an H200 (bench/RESULTS.md, "First contact with a GPU"): torch's max_memory_allocated
+# in GiB for one step of configs/mistral-7b-qlora.yaml on a random model of Mistral-7B's shape with 2 or 32 layers
+# (bench/gpu_memory.py). Before the estimate counted the float32 copy QLoRA trains, the prefill and the grouped
+# heads' expanded keys and values, it was 0.85x the 2-layer SFT peak and 0.59x the 2-layer generation peak.
+H200_PEAKS_GIB = {
+    (2, "00_sft"): 3.199,
+    (2, "05_dpo"): 4.856,
+    (2, "02_gen_responses"): 3.230,
+    (32, "00_sft"): 9.187,
+    (32, "02_gen_responses"): 24.675,
+}
+
+
+@pytest.mark.parametrize(("layers", "stage"), sorted(H200_PEAKS_GIB))
+def test_the_memory_estimate_is_within_reach_of_what_a_gpu_measured(layers, stage):
+    from transformers import AutoConfig
+
+    config = load_config(MISTRAL)
+    fields = dict(dryrun.KNOWN_MODELS["mistralai/mistral-7b-v0.1"].architecture, num_hidden_layers=layers)
+    real = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    counts = dryrun.parameter_counts(dryrun.meta_model(real), config)
+    row = {r.stage: r for r in dryrun.memory_rows(config, real, counts)}[stage]
+    estimate = (row.gpu - dryrun.GPU_OVERHEAD) / dryrun.GIB  # the CUDA context is not in torch's counters
+    assert 0.95 <= estimate / H200_PEAKS_GIB[layers, stage] <= 1.10  # never well under; not far over

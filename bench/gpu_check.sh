@@ -6,6 +6,8 @@
 # Needs PyTorch (a CUDA build), transformers, peft and accelerate; installs the rest (trl, datasets,
 # bitsandbytes and their small dependencies, vllm if you have its wheel) from the wheels in DIR into
 # OUT/site, without the network, and says which are still missing. Then:
+#   0. fork: bench/cuda_fork_probe.py, whether a child forked after the project's GPU detection (as
+#      vLLM forks its engine) can still use CUDA;
 #   1. memory: bench/gpu_memory.py, a stand-in of Mistral-7B's real width (2 layers, built in the
 #      process: no weights travel) measures the peak GPU memory of an SFT step, a DPO step and a
 #      generation batch at configs/mistral-7b-qlora.yaml's settings, next to the dry run's estimate;
@@ -115,6 +117,15 @@ report() {  # name, exit code, log
     tail -15 "$3" | sed 's/^/    /'
   fi
 }
+
+# 0. The engine-start question of vLLM: does the project's GPU detection leave a forked child CUDA?
+if [ "$device" = cuda ]; then
+  timeout 120 "$python" bench/cuda_fork_probe.py >"$out/fork_probe.log" 2>&1
+  rc=$?
+  sed 's/^/    /' "$out/fork_probe.log" | grep -E 'child:|gpu_present'
+  report "a forked child (as vLLM forks its engine) can use CUDA after the project's GPU detection" "$rc" \
+    "$out/fork_probe.log"
+fi
 
 # 1. Memory first and alone, so the card's counters see only this process.
 timeout 150 "$python" bench/gpu_memory.py ${memory_args[@]+"${memory_args[@]}"} --out "$out/memory.json" \

@@ -151,9 +151,20 @@ def measure_sft(config, path: str, chat: ChatFormat, device: str, scratch: Path)
         {"prompt": prompt_of(chat, train.max_length - 100), "completion": chat.completion(text_of(chat, 200))}
         for _ in range(train.batch_size * train.grad_accum)
     ]
-    trainer = build_sft_trainer(path, rows, config, scratch / "sft")
-    lengths = {len(r["input_ids"]) for r in trainer.train_dataset}
-    assert lengths == {train.max_length}, f"rows not cut to sft.max_length {train.max_length}: {sorted(lengths)}"
+
+    def cut_to_max_length(trainer) -> None:
+        lengths = {len(r["input_ids"]) for r in trainer.train_dataset}
+        assert lengths == {train.max_length}, f"rows not cut to sft.max_length {train.max_length}: {sorted(lengths)}"
+
+    return train_one_step(lambda: build_sft_trainer(path, rows, config, scratch / "sft"), device, cut_to_max_length)
+
+
+def train_one_step(build, device: str, check=None) -> Peak:
+    """One optimizer step of the trainer build() makes, measured; then the trainer is let go as the stages
+    let it go (built here, so no caller holds it while `release` looks at what is left)."""
+    trainer = build()
+    if check:
+        check(trainer)
     with Peak(device) as peak:
         trainer.train()
     peak.extra["loss"] = trainer.state.log_history[0].get("loss") if trainer.state.log_history else None
@@ -169,13 +180,7 @@ def measure_dpo(config, path: str, chat: ChatFormat, device: str, scratch: Path)
     prompt = prompt_of(chat, train.max_length - 100)
     chosen, rejected = chat.completion(text_of(chat, 200)), chat.completion(text_of(chat, 200, OTHER_WORDS))
     rows = [{"prompt": prompt, "chosen": chosen, "rejected": rejected}] * (train.batch_size * train.grad_accum)
-    trainer = build_dpo_trainer(path, rows, config, scratch / "dpo")
-    with Peak(device) as peak:
-        trainer.train()
-    peak.extra["loss"] = trainer.state.log_history[0].get("loss") if trainer.state.log_history else None
-    del trainer
-    release(peak)
-    return peak
+    return train_one_step(lambda: build_dpo_trainer(path, rows, config, scratch / "dpo"), device)
 
 
 def measure_generate(config, path: str, chat: ChatFormat, device: str, prompt_tokens: int) -> Peak:

@@ -79,19 +79,19 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 python=${PYTHON:-python}
 
 # One driver per run folder. Descriptor 9 stays open for the driver's life and is inherited by the
-# stages it starts (selfreward/runlock.py): the lock ends when the last of them exits, however it exits.
+# stages it starts (selfreward/run/runlock.py): the lock ends when the last of them exits, however it exits.
 { mkdir -p "$run_dir/.selfreward" && exec 9<>"$run_dir/.selfreward/lock"; } 2>/dev/null \
   || { echo "self-reward.sh: error: cannot write the run folder $run_dir" >&2; exit 2; }
-SELFREWARD_RUN_LOCK=$("$python" -m selfreward.runlock --run-dir "$run_dir" --fd 9 --pid $$)
+SELFREWARD_RUN_LOCK=$("$python" -m selfreward.run.runlock --run-dir "$run_dir" --fd 9 --pid $$)
 export SELFREWARD_RUN_LOCK
 
-"$python" -m selfreward.config --config "$config" --out "$run_dir/config.yaml" -- \
+"$python" -m selfreward.cli config --config "$config" --out "$run_dir/config.yaml" -- \
   ${overrides[@]+"${overrides[@]}"} ${algorithm_flag[@]+"${algorithm_flag[@]}"}
-stages=$("$python" -m selfreward.config --config "$run_dir/config.yaml" --stages)
+stages=$("$python" -m selfreward.cli config --config "$run_dir/config.yaml" --stages)
 if [ "$num_processes" -gt 1 ]; then
   # The processes share the config's global batch (batch_size x grad_accum): refused now if they cannot,
   # not in stage 05 after an iteration's generation.
-  "$python" -m selfreward.config --config "$run_dir/config.yaml" --processes "$num_processes"
+  "$python" -m selfreward.cli config --config "$run_dir/config.yaml" --processes "$num_processes"
 fi
 if [ -n "$dry_run" ]; then
   # Every setting that cannot work, and the memory table, before anything runs.
@@ -158,6 +158,6 @@ else
 fi
 # The stages left pushing to a remote in the background: wait a bounded time, then one line says whether
 # every commit is pushed, or what is not and the command that pushes it later.
-"$python" -m selfreward.versioning --wait --run-dir "$run_dir"
+"$python" -m selfreward.run.versioning --wait --run-dir "$run_dir"
 exit
 }

@@ -27,7 +27,7 @@ elif how == "device_count":
 elif how == "nvml_is_available":
     torch.cuda.is_available()  # with PYTORCH_NVML_BASED_CUDA_CHECK=1 in the environment
 elif how == "selfreward":
-    from selfreward.config import load_config
+    from selfreward.run.config import load_config
     from selfreward.dryrun import dry_device
     from selfreward.generation import choose_backend, gpu_present
     print(how, "gpu_present:", gpu_present(), "choose_backend(auto):", choose_backend("auto"),

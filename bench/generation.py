@@ -18,10 +18,10 @@ import time
 import torch
 from seed_way import seed_way  # bench/ is the script folder, so on the path
 
-from selfreward.config import GenerationConfig, ModelConfig
 from selfreward.generation import HFBackend, Sampling, load_backend
 from selfreward.models import SMOLLM2, load_for_generation, resolve_model_path
-from selfreward.records import IFT, read_jsonl
+from selfreward.run.config import GenerationConfig, ModelConfig
+from selfreward.run.records import IFT, read_jsonl
 
 
 def main() -> None:

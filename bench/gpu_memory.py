@@ -46,9 +46,9 @@ import torch  # noqa: E402
 
 from selfreward import cli, dryrun  # noqa: E402
 from selfreward.chat import ChatFormat  # noqa: E402
-from selfreward.config import load_config, override_value  # noqa: E402
 from selfreward.generation import HFBackend, Sampling  # noqa: E402
 from selfreward.models import load_model, load_tokenizer, torch_dtype  # noqa: E402
+from selfreward.run.config import load_config, override_value  # noqa: E402
 
 STEPS = ("sft", "dpo", "generate")
 ESTIMATE_ROW = {"sft": "00_sft", "dpo": "05_dpo", "generate": "02_gen_responses"}

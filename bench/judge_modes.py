@@ -50,7 +50,6 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from selfreward.config import load_config  # noqa: E402
 from selfreward.evaluation import judge_quality, measure_pairwise_judge, split_heldout  # noqa: E402
 from selfreward.generation import load_backend  # noqa: E402
 from selfreward.judge import (  # noqa: E402
@@ -61,9 +60,10 @@ from selfreward.judge import (  # noqa: E402
     pairwise_template,
     rubric_of,
 )
-from selfreward.metrics import bootstrap_intervals  # noqa: E402
 from selfreward.pairs import build_pairs  # noqa: E402
-from selfreward.records import EFT, IFT, read_jsonl  # noqa: E402
+from selfreward.run.config import load_config  # noqa: E402
+from selfreward.run.metrics import bootstrap_intervals  # noqa: E402
+from selfreward.run.records import EFT, IFT, read_jsonl  # noqa: E402
 from selfreward.tournament import pairwise_scores, picked_same_letter, position_bias  # noqa: E402
 
 MODES = ("logits", "knockout", "round_robin", "reward_model")

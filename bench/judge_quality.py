@@ -44,9 +44,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from selfreward.config import load_config  # noqa: E402
 from selfreward.evaluation import measure_judge, split_heldout  # noqa: E402
-from selfreward.records import EFT, IFT, read_jsonl, write_jsonl  # noqa: E402
+from selfreward.run.config import load_config  # noqa: E402
+from selfreward.run.records import EFT, IFT, read_jsonl, write_jsonl  # noqa: E402
 
 OLD_IFT, OLD_EFT = 72, 64  # the seed files' first rows are the ones the project had before issue 10
 VARIANTS = {

@@ -12,7 +12,7 @@ exits 0, and compares. Kinds of interruption, drawn in turn:
   after_summary  a stage dies by SIGKILL right after its summary line, before its Oxen commit
   after_commit   a stage dies by SIGKILL right after its Oxen commit, before the ledger records it
   at_exit        a stage dies by SIGSEGV after everything (the crash on the way out); the driver goes on
-  (the failpoint kinds pick a random stage and iteration; see selfreward/failpoints.py)
+  (the failpoint kinds pick a random stage and iteration; see selfreward/run/failpoints.py)
 Two-driver trials start a second driver 0, 15 and 40 s after the first on one fresh folder.
 
 Checks per trial: rows lost or repeated in any JSONL output (by id), outputs that differ from the
@@ -42,8 +42,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from selfreward.config import load_config  # noqa: E402
-from selfreward.layout import GENERATED, RunLayout  # noqa: E402
+from selfreward.run.config import load_config  # noqa: E402
+from selfreward.run.layout import RunLayout  # noqa: E402
+from selfreward.run.stages import GENERATED  # noqa: E402
 
 STAGES = ["00_sft", "01_gen_prompts", "02_gen_responses", "03_gen_scores", "04_gen_preferences", "05_dpo", "06_eval"]
 ID_FIELDS = {"prompts": "prompt_id", "responses": "response_id", "scores": "response_id", "preferences": "prompt_id"}
@@ -99,8 +100,9 @@ def uncommitted(run: Path, iterations: int, env: dict) -> list[str]:
     """Stage outputs whose working file is not what the newest commit holds (or that no commit holds)."""
     layout, bad = RunLayout(run), []
     code = (
-        "import sys\nfrom pathlib import Path\nfrom selfreward import versioning\nfrom selfreward.config import "
-        "load_config\nrun = Path(sys.argv[1]); cfg = load_config(run / 'config.yaml').oxen\n"
+        "import sys\nfrom pathlib import Path\nfrom selfreward.run import versioning\n"
+        "from selfreward.run.config import load_config\n"
+        "run = Path(sys.argv[1]); cfg = load_config(run / 'config.yaml').oxen\n"
         "head = versioning.history(cfg, run)[0]['id']\nfor name in sys.argv[2:]:\n"
         "    try:\n        same = versioning.read_at_commit(cfg, run, run / name, head) == (run / name).read_bytes()\n"
         "    except Exception:\n        same = False\n    print(name, same)\n"

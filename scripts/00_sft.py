@@ -28,7 +28,7 @@ from selfreward.chat import ChatFormat
 from selfreward.evaluation import off_topic_rows, split_heldout
 from selfreward.judge import judge_target, parse_judge_score, rubric_of, template_files
 from selfreward.models import load_tokenizer, resolve_model_path
-from selfreward.records import EFT, IFT, RecordError, read_jsonl, write_jsonl
+from selfreward.run.records import EFT, IFT, RecordError, read_jsonl, write_jsonl
 
 
 def check_eft_scores(rows: list[dict], path: str) -> None:

@@ -21,7 +21,7 @@ from collections import Counter
 from selfreward import cli
 from selfreward.models import prompt_budget
 from selfreward.prompt_gen import PromptFilter, extract_new_task, fit_fewshot_request, is_cut_off, pick_shots, prompt_id
-from selfreward.records import IFT, read_jsonl, write_jsonl
+from selfreward.run.records import IFT, read_jsonl, write_jsonl
 
 
 def main() -> None:

@@ -12,9 +12,9 @@ every row. Prompts that repeat (after normalising case and spaces) are kept once
 """
 
 from selfreward import cli
-from selfreward.evaluation import draw_key
 from selfreward.prompt_gen import normalize, prompt_id
-from selfreward.records import IFT, read_jsonl, write_jsonl
+from selfreward.run.metrics import draw_key
+from selfreward.run.records import IFT, read_jsonl, write_jsonl
 
 
 def main() -> None:

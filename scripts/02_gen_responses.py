@@ -14,7 +14,7 @@ Answers are kept exactly as generated: nothing is trimmed.
 
 from selfreward import cli
 from selfreward.models import prompt_budget
-from selfreward.records import PROMPT, read_jsonl, write_jsonl
+from selfreward.run.records import PROMPT, read_jsonl, write_jsonl
 
 
 def response_rows(prompt: dict, gens, truncated: bool) -> list[dict]:

@@ -34,7 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from selfreward import cli
-from selfreward.evaluation import draw_key, judge_noise, measure_judge
+from selfreward.evaluation import judge_noise, measure_judge
 from selfreward.judge import (
     fit_judge_prompt,
     judge_all,
@@ -45,7 +45,8 @@ from selfreward.judge import (
     rubric_of,
     template_files,
 )
-from selfreward.records import EFT, RESPONSE, read_jsonl, write_jsonl
+from selfreward.run.metrics import draw_key
+from selfreward.run.records import EFT, RESPONSE, read_jsonl, write_jsonl
 from selfreward.tournament import pairwise_scores, position_bias
 
 # The previous judge's chunks share the chunk log, numbered from here on.

@@ -17,9 +17,9 @@ of both, with the count discarded per reason.
 import statistics
 
 from selfreward import cli
-from selfreward.metrics import distinct_n
 from selfreward.raft import select
-from selfreward.records import SCORE, read_jsonl, write_jsonl
+from selfreward.run.metrics import distinct_n
+from selfreward.run.records import SCORE, read_jsonl, write_jsonl
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from collections import Counter
 
 from selfreward import cli
 from selfreward.prompt_gen import normalize, prompt_id
-from selfreward.records import IFT, RESPONSE, read_jsonl, write_jsonl
+from selfreward.run.records import IFT, RESPONSE, read_jsonl, write_jsonl
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from functools import partial
 from selfreward import cli
 from selfreward.chat import ChatFormat
 from selfreward.models import load_tokenizer
-from selfreward.records import SELECTED, read_jsonl, read_manifest, write_jsonl
+from selfreward.run.records import SELECTED, read_jsonl, read_manifest, write_jsonl
 
 
 def main() -> None:

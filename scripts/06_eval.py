@@ -26,8 +26,8 @@ from selfreward import cli
 from selfreward.evaluation import drift, head_to_head, measure_judge
 from selfreward.judge import judge_budget, load_judge, pairwise_template, template_files
 from selfreward.models import prompt_budget
-from selfreward.records import EFT, PREFERENCE, PROMPT, RESPONSE, SCORE, read_jsonl, read_manifest, write_json
 from selfreward.report import write_report
+from selfreward.run.records import EFT, PREFERENCE, PROMPT, RESPONSE, SCORE, read_jsonl, read_manifest, write_json
 from selfreward.tournament import compare
 
 

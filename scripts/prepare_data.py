@@ -36,12 +36,12 @@ from collections import Counter
 from functools import partial
 from pathlib import Path
 
-from selfreward import cli, dryrun, generation, oasst, versioning
+from selfreward import cli, dryrun, generation, oasst
 from selfreward.chat import ChatFormat
-from selfreward.config import load_config
 from selfreward.judge import fit_judge_prompt, judge_all, mean_score, rubric_of
 from selfreward.models import load_tokenizer, prompt_budget, resolve_model_path
-from selfreward.records import RecordError, path_fingerprint, write_json, write_jsonl
+from selfreward.run import versioning
+from selfreward.run.records import RecordError, path_fingerprint, write_json, write_jsonl
 
 DRY_RUN_PROMPTS = 8  # --dry-run's --max-prompts unless given: the path checked, not the data made
 
@@ -152,7 +152,7 @@ def stand_in_scores(candidates: list[dict], judged: list[list[list[dict]]]) -> l
 def judge_candidates(config, judge_path, candidates: list[dict], out: Path, stamp: str) -> list[list[list[dict]]]:
     """Every reply of every candidate judged: candidates x replies x judgments; finished batches are logged
     so that a killed run judges only what is left."""
-    from selfreward.records import ChunkLog
+    from selfreward.run.records import ChunkLog
 
     cfg = dataclasses.replace(config.judge, mode="sample")  # EFT rows need the judge's written justifications
     rubric = rubric_of(cfg)
@@ -183,7 +183,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="[prepare_data] %(message)s")
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # a harmless note on CPU
     cli.process_defaults()
-    config = load_config(args.config)
+    config = cli.load_checked_config(args.config)
     judge_model, dry = args.judge_model, None
     if args.dry_run:
         config, judge_model, dry = dry_run(config, args)

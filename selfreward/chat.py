@@ -124,9 +124,9 @@ def _chat_main(argv: list[str] | None = None) -> int:
     import sys
 
     os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars between the turns
-    from selfreward.config import load_config
     from selfreward.generation import Sampling, load_backend
-    from selfreward.layout import RunLayout
+    from selfreward.run.config import load_config
+    from selfreward.run.layout import RunLayout
 
     parser = argparse.ArgumentParser(prog="python -m selfreward.chat", description=_chat_main.__doc__)
     parser.add_argument("--run-dir", required=True, type=Path)

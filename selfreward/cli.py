@@ -1,4 +1,9 @@
-"""What every stage script shares: arguments, config loading, errors, the summary line."""
+"""What every stage script shares: arguments, config loading, errors, the summary line.
+
+The driver's config step runs here too, so that the run's config.yaml is checked as a stage checks it:
+
+    python -m selfreward.cli config --config configs/tiny.yaml --out runs/default/config.yaml -- --seed 3
+"""
 
 from __future__ import annotations
 
@@ -16,45 +21,51 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from selfreward import failpoints, versioning
-from selfreward.config import Config, ConfigError, all_keys, load_config, override_value, save_config
-from selfreward.layout import RunLayout
+import yaml
+
+from selfreward.judge import check_judge_settings
 from selfreward.models import HostMemoryError, ModelNotFoundError
-from selfreward.records import ChunkLog, RecordError, path_fingerprint, read_manifest, write_json, write_text
-from selfreward.runlock import EXIT_BUSY, RunBusyError, is_rank_zero, lock_for_stage
-from selfreward.versioning import OxenError
+from selfreward.run import failpoints, versioning
+from selfreward.run.config import (
+    Config,
+    ConfigError,
+    all_keys,
+    load_config,
+    override_value,
+    parse_override_args,
+    per_process_batch,
+    save_config,
+)
+from selfreward.run.layout import RunLayout
+from selfreward.run.records import (
+    ChunkLog,
+    RecordError,
+    memory_text,
+    path_fingerprint,
+    read_manifest,
+    write_json,
+    write_text,
+)
+from selfreward.run.runlock import EXIT_BUSY, RunBusyError, is_rank_zero, lock_for_stage
+from selfreward.run.stages import BASE_MODEL_KEYS, CONFIG_SECTIONS, ITERATION_STAGES, NOT_FINGERPRINTED
+from selfreward.run.versioning import OxenError
 
 EXIT_BAD_INPUT = 2  # bad arguments, config, data file or model path; a disk or permission error; Oxen failed
 EXIT_NO_PAIRS = 3  # stage 05 was given zero preference pairs: nothing to train on
 EXIT_GATE = 4  # judge.gate stop: the judge is not better than chance on held-out EFT rows
-# EXIT_BUSY = 5: another process is writing the run folder (selfreward.runlock)
+# EXIT_BUSY = 5: another process is writing the run folder (selfreward.run.runlock)
 EXIT_SKIPPED = 10  # --skip-if-complete found the output complete and did nothing
 EXIT_FILE_ENV = "SELFREWARD_EXIT_FILE"  # set by self-reward.sh --num-processes: see _report_exit
 
 log = logging.getLogger("selfreward")
 
-# The config sections (or single keys, "section.key") each stage's output depends on: changing
-# anything else does not redo it.
-CONFIG_SECTIONS = {
-    "00_sft": ("seed", "data", "model", "lora", "sft", "judge.format", "judge.template", "judge.score_pattern"),
-    "01_gen_prompts": ("seed", "model", "generation", "prompts"),
-    "01_sft_prompts": ("seed", "algorithm", "spin.num_prompts", "raft.num_prompts"),
-    "02_gen_responses": ("seed", "model", "generation", "responses", "algorithm", "raft.samples_per_prompt"),
-    "03_gen_scores": ("seed", "model", "generation", "judge", "eval.bootstrap_samples", "preferences.consistency"),
-    "04_gen_preferences": ("preferences", "judge.gate"),
-    "04_spin_pairs": (),
-    "04_raft_select": ("raft",),
-    "05_dpo": ("seed", "model", "lora", "dpo"),
-    "05_raft_sft": ("seed", "model", "lora", "sft", "raft.epochs"),
-    "06_eval": ("seed", "model", "generation", "judge", "eval"),
-}
 
-
-# Keys of those sections that do not change a stage's output (the gate only decides whether to go on).
-NOT_FINGERPRINTED = {"03_gen_scores": ("judge.gate",), "06_eval": ("judge.gate",)}
-
-# Keys that only stage 00 reads: every later stage loads M<t-1> from the run folder instead.
-BASE_MODEL_KEYS = ("model.name_or_path", "model.fallback_chat_template")
+def load_checked_config(path: str | Path, overrides: dict[str, object] | None = None) -> Config:
+    """load_config, then the checks that need the judge (its templates and score pattern): the config of
+    every stage, and the run's config.yaml the driver writes, pass both."""
+    config = load_config(path, overrides)
+    check_judge_settings(config.judge)
+    return config
 
 
 class StageError(RuntimeError):
@@ -284,14 +295,6 @@ class Stage:
         return bool(made)
 
 
-def memory_text(peak: dict) -> str:
-    """'peak RAM 1.2 GiB, GPU 14.0 GiB' from a manifest's peak_memory_mb."""
-    if not peak:
-        return ""
-    text = f"peak RAM {max(peak.get('ram', 0), peak.get('ram_child', 0)) / 1024:.1f} GiB"
-    return text + (f", GPU {peak['gpu'] / 1024:.1f} GiB" if "gpu" in peak else "")
-
-
 def summary_line(manifest: dict) -> str:
     made = f"wrote {manifest['model']}" if manifest.get("model") else f"{manifest['rows_out']} rows out"
     line = (
@@ -361,7 +364,7 @@ def parse_stage(
     config_path = args.config or layout.config
     if not os.path.exists(config_path):
         raise ConfigError(f"no config: {config_path} does not exist; pass --config FILE")
-    config = load_config(config_path, overrides)
+    config = load_checked_config(config_path, overrides)
     dry_run = None
     if args.dry_run:
         config, dry_run = _dry_run(name, config, layout)
@@ -518,3 +521,66 @@ def run(main: Callable[[], None]) -> None:
         raise
     _report_exit(0)
     failpoints.reach("at_exit")
+
+
+def write_run_config(source: str | Path, target: str | Path, args: list[str]) -> None:
+    """The run's config.yaml, which every stage reads: `source` as it is, or with `args` overrides applied.
+
+    Overrides given to self-reward.sh are written here, not passed to each stage, so that a stage rerun
+    by hand later sees the same settings as the run.
+    """
+    source, target = Path(source), Path(target)
+    overrides = parse_override_args(args)
+    config = load_checked_config(source, overrides)  # checks every key and value, overrides included
+    if overrides:
+        shown = " ".join(args)
+        text = f"# {source} with the overrides {shown}\n" + yaml.safe_dump(config.to_dict(), sort_keys=False)
+    else:
+        text = source.read_text(encoding="utf-8")
+    if target.is_file() and target.read_text(encoding="utf-8", errors="replace") != text:
+        print(f"note: the run's config changes ({target}); stages whose settings changed run again")
+    write_text(target, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """self-reward.sh's config step: write the run's config.yaml, list its stages, or check its processes."""
+    parser = argparse.ArgumentParser(prog="python -m selfreward.cli", description=main.__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    command = commands.add_parser("config", description="Write a run's config.yaml from a config file and overrides.")
+    command.add_argument("--config", required=True, help="the config file")
+    command.add_argument("--out", help="the run's config.yaml")
+    command.add_argument(
+        "--stages", action="store_true", help="print the stages of one iteration of the config's algorithm instead"
+    )
+    command.add_argument(
+        "--processes",
+        type=int,
+        help="check instead that this many training processes can share the global batches of the stages that train",
+    )
+    command.add_argument("overrides", nargs=argparse.REMAINDER, help="-- --key value ...")
+    args = parser.parse_args(argv)
+    overrides = args.overrides[1:] if args.overrides[:1] == ["--"] else args.overrides
+    if not args.stages and not args.processes and not args.out:
+        command.error("--out is required")
+    try:
+        if args.processes:
+            config = load_config(args.config)
+            per_process_batch(config.sft, args.processes)  # stage 00, and RAFT's stage 05
+            if "05_dpo" in ITERATION_STAGES[config.algorithm]:
+                per_process_batch(config.dpo, args.processes)
+            return 0
+        if args.stages:
+            print(" ".join(ITERATION_STAGES[load_config(args.config).algorithm]))
+            return 0
+        write_run_config(args.config, args.out, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: cannot write {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

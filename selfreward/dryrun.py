@@ -25,6 +25,7 @@ measurements: see `memory_rows` for what each column counts.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -33,7 +34,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfreward.config import Config, ConfigError
+from selfreward.judge import check_judge_settings
+from selfreward.run.config import Config, ConfigError, load_config
 
 GIB = 1024**3
 # CUDA context, cuBLAS workspaces and the allocator's slack: added to every GPU figure.
@@ -809,10 +811,6 @@ def guard_run_folder(root: Path, dry: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from selfreward.config import load_config
-
     parser = argparse.ArgumentParser(
         prog="python -m selfreward.dryrun",
         description="Check a config's settings against its model's architecture and estimate its memory.",
@@ -821,7 +819,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        print(plan(load_config(args.config)).describe(), flush=True)
+        config = load_config(args.config)
+        check_judge_settings(config.judge)
+        print(plan(config).describe(), flush=True)
     except ConfigError as exc:
         print(f"error: {args.config}: {exc}", file=sys.stderr)
         return 2

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 import statistics
 from collections import Counter
 
 from selfreward.chat import packaged_template
-from selfreward.metrics import (
+from selfreward.run.metrics import (
     bootstrap_intervals,
     both_orders_verdict,
     distinct_n,
+    draw_key,
     kendall_tau_b,
     pairwise_agreement,
     spearman,
 )
-
-
-def draw_key(key: str, seed: int) -> str:
-    """A sort key that orders items by a hash of the seed and their key: a draw that no file order changes."""
-    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
 
 
 def split_heldout(ift: list[dict], eft: list[dict], n_prompts: int, n_questions: int, seed: int):

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from selfreward.layout import RunLayout
 from selfreward.report import head_to_head_table, judge_quality_table
+from selfreward.run.layout import RunLayout
 
 
 class ExportError(Exception):

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from selfreward.chat import ChatFormat
-from selfreward.config import ConfigError
+from selfreward.run.config import ConfigError
 
 log = logging.getLogger("selfreward")
 

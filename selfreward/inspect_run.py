@@ -15,7 +15,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from selfreward.config import OxenConfig, load_config
+from selfreward.run.config import OxenConfig, load_config
 
 
 def summarize_jsonl(text: str, name: str, show_rows: int = 3) -> str:
@@ -50,18 +50,17 @@ def score_histogram(scores: list, key: str, width: int = 40) -> str:
 
 def iteration_stages(layout) -> tuple[str, ...]:
     """The stages of one iteration of the run's algorithm (its config.yaml; srlm if it cannot be read)."""
-    from selfreward.config import run_algorithm
-    from selfreward.layout import ITERATION_STAGES
+    from selfreward.run.config import run_algorithm
+    from selfreward.run.stages import ITERATION_STAGES
 
     return ITERATION_STAGES[run_algorithm(layout.config) or "srlm"]
 
 
 def stage_table(run_dir: Path) -> str:
     """Every stage's manifest in run order: seconds, peak memory, backend, rows; and the total time."""
-    from selfreward.cli import memory_text
-    from selfreward.layout import RunLayout
-    from selfreward.records import read_manifest
-    from selfreward.versioning import recovered_stages, stage_key
+    from selfreward.run.layout import RunLayout
+    from selfreward.run.records import memory_text, read_manifest
+    from selfreward.run.versioning import recovered_stages, stage_key
 
     layout = RunLayout(run_dir)
     recovered = recovered_stages(layout)
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(stage_table(Path(args.run_dir)))
         return 0
 
-    from selfreward import versioning
+    from selfreward.run import versioning
 
     run_dir = Path(args.run_dir)
     config_file = run_dir / "config.yaml"

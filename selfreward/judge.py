@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from selfreward.chat import packaged_template
-from selfreward.config import ConfigError
+from selfreward.run.config import ConfigError
 
 MAX_SCORE = 5
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from selfreward.chat import ensure_chat_template, packaged_template
-from selfreward.config import ModelConfig
+from selfreward.run.config import ModelConfig
 
 if TYPE_CHECKING:
     import torch

@@ -16,7 +16,7 @@ import hashlib
 from collections import Counter
 from pathlib import Path
 
-from selfreward.records import RecordError, read_jsonl
+from selfreward.run.records import RecordError, read_jsonl
 
 MESSAGE = {
     "message_id": (str,),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 
-from selfreward.metrics import kendall_tau_b
+from selfreward.run.metrics import kendall_tau_b
 
 
 def build_pairs(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 
-from selfreward.metrics import distinct_n
+from selfreward.run.metrics import distinct_n
 
 
 def discard_reason(row: dict, cfg) -> str | None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from selfreward.layout import RunLayout
-from selfreward.records import write_text
+from selfreward.run.layout import RunLayout
+from selfreward.run.records import write_text
 
 QUALITY = ("pairwise_accuracy", "exact_match", "spearman", "kendall_tau")
 
@@ -239,7 +239,7 @@ def write_comparison(runs: list[Path], out: Path) -> Path:
     """One Markdown report of several runs side by side (say srlm, spin and raft on the same data):
     per iteration, each run's head-to-head against M<t-1> and M0, its judge's quality where it has
     one, and its drift figures, each table with a run column."""
-    from selfreward.config import run_algorithm
+    from selfreward.run.config import run_algorithm
 
     algorithms = [run_algorithm(RunLayout(Path(r)).config) or "?" for r in runs]
     named = [(f"{Path(r).name} ({a})", load_evals(RunLayout(Path(r)))) for r, a in zip(runs, algorithms, strict=True)]

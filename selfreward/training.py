@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import TrainerCallback
 
-from selfreward import failpoints
 from selfreward.chat import ChatFormat
-from selfreward.config import Config, TrainConfig, per_process_batch
 from selfreward.models import check_merge_memory, device_of, load_model, load_tokenizer, merge_adapter
-from selfreward.runlock import is_rank_zero
+from selfreward.run import failpoints
+from selfreward.run.config import Config, TrainConfig, per_process_batch
+from selfreward.run.runlock import is_rank_zero
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -92,8 +92,8 @@ def _trainer_args(train: TrainConfig, config: Config, output_dir: Path, rows: in
 def _peft_config(config: Config, model):
     from peft import LoraConfig
 
-    from selfreward.config import ConfigError
     from selfreward.dryrun import lora_target_problem
+    from selfreward.run.config import ConfigError
 
     problem = lora_target_problem(model, list(config.lora.target_modules))
     if problem:  # peft's own error comes from deep inside the trainer's set-up
@@ -293,7 +293,7 @@ def write_lineage(
     reference: str | None = None,
 ) -> None:
     """Where a model came from: enough to retrace it without reading logs."""
-    from selfreward.records import path_fingerprint, write_json
+    from selfreward.run.records import path_fingerprint, write_json
 
     write_json(
         path,

@@ -133,8 +133,8 @@ def tiny_run(tmp_path_factory, cache) -> Path:
 def tiny_model(cache):
     """The tiny random model and its chat format, loaded in-process."""
     from selfreward.chat import ChatFormat
-    from selfreward.config import ModelConfig
     from selfreward.models import TINY, load_model, load_tokenizer, resolve_model_path
+    from selfreward.run.config import ModelConfig
 
     cfg = ModelConfig(name_or_path=TINY, device="cpu")
     path = resolve_model_path(TINY)

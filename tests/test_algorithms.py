@@ -10,9 +10,10 @@ import sys
 import pytest
 from conftest import REPO, stage_env
 
-from selfreward.config import OxenConfig
-from selfreward.layout import ITERATION_STAGES, RunLayout
-from selfreward.versioning import committed_commit
+from selfreward.run.config import OxenConfig
+from selfreward.run.layout import RunLayout
+from selfreward.run.stages import ITERATION_STAGES
+from selfreward.run.versioning import committed_commit
 
 
 def read(path):
@@ -100,8 +101,8 @@ def test_raft_keeps_the_best_answers_after_the_discard_filter():
 
 
 def test_the_comparison_report_puts_runs_side_by_side(tmp_path):
-    from selfreward.records import write_json
     from selfreward.report import main
+    from selfreward.run.records import write_json
 
     for name, algorithm, wins in (("a", "srlm", 3), ("b", "spin", 5)):
         layout = RunLayout(tmp_path / name)

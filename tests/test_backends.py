@@ -12,12 +12,12 @@ import shutil
 
 import pytest
 
-from selfreward.config import GenerationConfig, ModelConfig
 from selfreward.generation import Sampling, load_backend, vllm_available
 from selfreward.judge import judge_prompt
-from selfreward.layout import RunLayout
 from selfreward.models import TINY
-from selfreward.records import RESPONSE, read_jsonl
+from selfreward.run.config import GenerationConfig, ModelConfig
+from selfreward.run.layout import RunLayout
+from selfreward.run.records import RESPONSE, read_jsonl
 
 QUESTIONS = ["What is 2+2?", "Name a colour.", "Write a haiku about rain.", "Why is the sky blue?", "Say hi."]
 

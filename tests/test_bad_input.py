@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from selfreward.layout import RunLayout
-from selfreward.records import RESPONSE, read_jsonl, write_jsonl
+from selfreward.run.layout import RunLayout
+from selfreward.run.records import RESPONSE, read_jsonl, write_jsonl
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from selfreward.config import Config, ConfigError, apply_overrides, from_dict, load_config
+from selfreward.run.config import Config, ConfigError, apply_overrides, from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 

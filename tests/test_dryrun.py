@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from selfreward import dryrun
-from selfreward.config import ConfigError, load_config
+from selfreward.run.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 MISTRAL = REPO / "configs" / "mistral-7b-qlora.yaml"
@@ -52,8 +52,8 @@ def test_the_stand_in_has_the_real_architecture_and_a_tokenizer_that_behaves_lik
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from selfreward.chat import ChatFormat
-    from selfreward.config import ModelConfig
     from selfreward.models import load_tokenizer
+    from selfreward.run.config import ModelConfig
 
     folder = dryrun.stand_in(name)
     real, _ = dryrun.real_architecture(name)
@@ -274,7 +274,7 @@ def test_the_oasst_profile_dry_runs_stage_00_before_its_data_exists(tmp_path, ca
 
     from conftest import stage_env
 
-    from selfreward.records import read_jsonl
+    from selfreward.run.records import read_jsonl
 
     elsewhere = tmp_path / "cwd"  # the profile's data paths are relative: here there is no data/oasst
     elsewhere.mkdir()

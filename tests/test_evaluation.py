@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from selfreward.evaluation import drift, head_to_head, judge_quality, off_topic_rows, split_heldout
-from selfreward.layout import RunLayout
+from selfreward.run.layout import RunLayout
 
 
 def test_heldout_split_is_disjoint_stable_and_keeps_questions_together():
@@ -80,7 +80,7 @@ def test_judge_quality_intervals_resample_questions():
 
 
 def test_bootstrap_intervals_treat_a_question_drawn_twice_as_two():
-    from selfreward.metrics import bootstrap_intervals
+    from selfreward.run.metrics import bootstrap_intervals
 
     seen = []
 
@@ -159,9 +159,9 @@ def test_the_pairwise_judge_is_scored_over_both_orders():
     from types import SimpleNamespace
 
     from selfreward.chat import ChatFormat
-    from selfreward.config import ModelConfig
     from selfreward.evaluation import measure_pairwise_judge
     from selfreward.models import TINY, load_tokenizer, resolve_model_path
+    from selfreward.run.config import ModelConfig
 
     chat = ChatFormat.from_tokenizer(load_tokenizer(resolve_model_path(TINY), ModelConfig(name_or_path=TINY)))
     rows = [

@@ -118,8 +118,8 @@ def test_chat_fits_a_long_question_to_the_context(tiny_model, monkeypatch):
     # vLLM fails a call whose prompt passes max_model_len: a long pasted question must be cut, as stage 06 cuts.
     from selfreward import chat as chat_tool
     from selfreward import generation
-    from selfreward.config import load_config
     from selfreward.generation import Generation, Sampling
+    from selfreward.run.config import load_config
 
     _, chat, path = tiny_model
     asked = []
@@ -151,9 +151,9 @@ def test_chat_cuts_a_question_too_long_for_the_context(cache):
     from conftest import REPO
 
     from selfreward import chat
-    from selfreward.config import load_config
     from selfreward.generation import Sampling
     from selfreward.models import TINY, resolve_model_path
+    from selfreward.run.config import load_config
 
     config = load_config(REPO / "configs" / "tiny.yaml", {"generation.max_model_len": 128})
     answers = chat._answer_in_turn(

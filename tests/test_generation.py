@@ -79,9 +79,9 @@ def test_the_hf_backend_fits_prompts_to_generation_max_model_len(cache):
     """Stages fit prompts to backend.context_length: vLLM's is generation.max_model_len (2048 in the
     Mistral profile), the hf backend's was the model's 32k positions, so one config cut prompts (and
     sized memory, as the dry run estimates it) differently on each backend."""
-    from selfreward.config import GenerationConfig, ModelConfig
     from selfreward.generation import load_backend
     from selfreward.models import TINY
+    from selfreward.run.config import GenerationConfig, ModelConfig
 
     cfg = ModelConfig(name_or_path=TINY, device="cpu")
     assert load_backend(TINY, cfg, GenerationConfig(backend="hf", max_model_len=256)).context_length == 256
@@ -95,8 +95,8 @@ def test_logit_judge_prompts_fit_the_context_with_their_score_prefix(tiny_model,
     the maximum model length")."""
     from pathlib import Path
 
-    from selfreward.config import load_config
     from selfreward.judge import fit_judge_prompt, judge_all, judge_budget, rubric_of
+    from selfreward.run.config import load_config
 
     model, chat, _ = tiny_model
     backend = HFBackend(model, chat, max_model_len=600)

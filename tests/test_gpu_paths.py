@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from selfreward.chat import ChatFormat
-from selfreward.config import load_config
 from selfreward.models import TINY, load_tokenizer, resolve_model_path
+from selfreward.run.config import load_config
 from selfreward.training import build_dpo_trainer, build_sft_trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,8 +83,8 @@ def test_each_torchrun_rank_loads_4bit_onto_its_own_gpu(monkeypatch):
     # torchrun sets LOCAL_RANK; device_map {"": "cuda"} would put every rank's copy on cuda:0.
     import transformers
 
-    from selfreward.config import ModelConfig
     from selfreward.models import device_of, load_model
+    from selfreward.run.config import ModelConfig
 
     seen = {}
 
@@ -294,8 +294,8 @@ def test_the_merge_ram_check_finds_a_hub_model_in_the_hugging_face_cache(tmp_pat
 def test_the_stage_table_keeps_its_columns_apart_when_a_gpu_peak_is_recorded(tmp_path):
     # On the H200 the table read "peak RAM 1.8 GiB, GPU 0.1 GiBhf": the memory column was sized for RAM alone.
     from selfreward.inspect_run import stage_table
-    from selfreward.layout import RunLayout
-    from selfreward.records import write_json
+    from selfreward.run.layout import RunLayout
+    from selfreward.run.records import write_json
 
     layout = RunLayout(tmp_path)
     peak = {"ram": 1843, "gpu": 23_450}

@@ -115,9 +115,9 @@ def test_the_logit_judge_reads_within_the_context_after_a_prompt_cut_to_its_budg
     its justification too): judge_budget must leave room for all of it."""
     from pathlib import Path
 
-    from selfreward.config import load_config
     from selfreward.generation import Generation
     from selfreward.judge import judge_all, judge_budget, rubric_of
+    from selfreward.run.config import load_config
 
     _, chat, _ = tiny_model
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -169,8 +169,8 @@ def test_judge_target_puts_the_score_where_the_format_says():
     ("mode", "fmt"), [("sample", "score_last"), ("logits", "score_first"), ("logits", "score_last")]
 )
 def test_judge_all_reads_each_mode_and_format(tiny_model, mode, fmt):
-    from selfreward.config import JudgeConfig
     from selfreward.judge import judge_all
+    from selfreward.run.config import JudgeConfig
 
     model, chat, _ = tiny_model
     prompts = [chat.prompt(judge_prompt(q, a)) for q, a in (("What is 2+2?", "4"), ("Name a colour.", "Blue."))]
@@ -250,25 +250,27 @@ def test_a_custom_template_and_pattern_read_and_write_their_own_score_line(tmp_p
 def test_a_template_or_pattern_that_cannot_work_is_refused_when_the_config_loads(tmp_path, template, pattern, message):
     from pathlib import Path
 
-    from selfreward.config import ConfigError, load_config
+    from selfreward.cli import load_checked_config
+    from selfreward.run.config import ConfigError
 
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
     overrides = {"judge.template": _file(tmp_path, "t.txt", template), "judge.score_pattern": pattern}
     with pytest.raises(ConfigError, match=message):
-        load_config(tiny, overrides)
+        load_checked_config(tiny, overrides)
 
 
 def test_a_missing_template_or_a_pairwise_template_without_its_answers_is_refused(tmp_path):
     from pathlib import Path
 
-    from selfreward.config import ConfigError, load_config
+    from selfreward.cli import load_checked_config
+    from selfreward.run.config import ConfigError
 
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
     with pytest.raises(ConfigError, match="'judge.template': 'nope.txt' is neither one of compact, paper nor a file"):
-        load_config(tiny, {"judge.template": "nope.txt"})
+        load_checked_config(tiny, {"judge.template": "nope.txt"})
     pairwise = _file(tmp_path, "p.txt", "Which is better?\n{question}\nA: {answer_a}\nReply A or B.")
     with pytest.raises(ConfigError, match=r"judge.pairwise_template': .* has no \{answer_b\} placeholder"):
-        load_config(tiny, {"judge.pairwise_template": pairwise})
+        load_checked_config(tiny, {"judge.pairwise_template": pairwise})
 
 
 def test_the_loop_runs_with_a_judge_template_and_score_pattern_of_its_own(tmp_path, cache):

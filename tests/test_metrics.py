@@ -2,7 +2,7 @@
 
 import pytest
 
-from selfreward.metrics import both_orders_verdict, distinct_n, kendall_tau_b, pairwise_agreement, ranks, spearman
+from selfreward.run.metrics import both_orders_verdict, distinct_n, kendall_tau_b, pairwise_agreement, ranks, spearman
 
 
 def test_ranks_share_ties():

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from selfreward.layout import RunLayout
-from selfreward.records import PREFERENCE, PROMPT, RESPONSE, SCORE, read_jsonl
+from selfreward.run.layout import RunLayout
+from selfreward.run.records import PREFERENCE, PROMPT, RESPONSE, SCORE, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["00_sft", "01_gen_prompts", "02_gen_responses", "03_gen_scores", "04_gen_preferences", "05_dpo", "06_eval"]
@@ -106,7 +106,7 @@ def test_driver_rerun_skips_complete_stages_without_loading_torch(tiny_run, cach
 
 @pytest.mark.parametrize("stage", ["02_gen_responses", "03_gen_scores", "01_gen_prompts", "04_gen_preferences"])
 def test_rerunning_a_stage_by_hand_gives_the_same_rows(tiny_run, run_stage, stage):
-    from selfreward.layout import GENERATED
+    from selfreward.run.stages import GENERATED
 
     out = RunLayout(tiny_run).generated(1, GENERATED[stage])
     before = out.read_text()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from selfreward import oasst
-from selfreward.records import EFT, IFT, RecordError, read_jsonl
+from selfreward.run.records import EFT, IFT, RecordError, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "oasst_messages.jsonl"

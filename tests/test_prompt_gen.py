@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from selfreward.layout import RunLayout
 from selfreward.prompt_gen import (
     PromptFilter,
     extract_new_task,
@@ -14,6 +13,7 @@ from selfreward.prompt_gen import (
     is_cut_off,
     pick_shots,
 )
+from selfreward.run.layout import RunLayout
 
 SEED = [
     "Explain how photosynthesis works in simple terms.",
@@ -114,10 +114,10 @@ def test_stage_01_sends_no_request_longer_than_the_context(tmp_path, monkeypatch
 
     from selfreward import generation
     from selfreward.chat import ChatFormat
-    from selfreward.config import load_config
     from selfreward.generation import Generation
     from selfreward.models import TINY, load_tokenizer, prompt_budget, resolve_model_path
-    from selfreward.records import write_jsonl
+    from selfreward.run.config import load_config
+    from selfreward.run.records import write_jsonl
 
     repo = Path(__file__).resolve().parents[1]
     run = tmp_path / "run"

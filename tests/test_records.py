@@ -1,6 +1,6 @@
 import pytest
 
-from selfreward.records import IFT, SCORE, RecordError, read_jsonl, write_jsonl
+from selfreward.run.records import IFT, SCORE, RecordError, read_jsonl, write_jsonl
 
 
 def write(path, text):

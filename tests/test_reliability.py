@@ -19,7 +19,7 @@ import textwrap
 import pytest
 from conftest import REPO, silent_server, stage_env, stop_pusher
 
-from selfreward.layout import RunLayout
+from selfreward.run.layout import RunLayout
 
 ITERATION_1_FILES = ["M0/train/ift.jsonl", "M0/train/eft.jsonl", "M0/train/heldout_prompts.jsonl",
                      "M0/generated/prompts.jsonl", "M0/generated/responses.jsonl", "M0/generated/scores.jsonl",
@@ -136,7 +136,7 @@ def test_two_drivers_started_at_once_one_refuses(tiny_run, cache, tmp_path):
 
 HOLD_LOCK = textwrap.dedent("""
     import sys, time
-    from selfreward.runlock import lock_run
+    from selfreward.run.runlock import lock_run
     lock_run(sys.argv[1], "self-reward.sh")
     print("locked", flush=True)
     time.sleep(600)
@@ -159,7 +159,7 @@ def test_a_stage_by_hand_is_refused_while_the_folder_is_in_use_and_runs_once_the
 
 
 def test_the_refusal_names_a_stage_its_killed_driver_left_running():
-    from selfreward.runlock import busy_message
+    from selfreward.run.runlock import busy_message
 
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -204,10 +204,20 @@ def test_overrides_a_stage_cannot_use_are_refused(run, cache):
 
 
 def test_driver_overrides_go_into_the_run_config(tmp_path):
-    from selfreward.config import load_config
+    from selfreward.run.config import load_config
 
     out = tmp_path / "config.yaml"
-    command = [sys.executable, "-m", "selfreward.config", "--config", "configs/tiny.yaml", "--out", str(out), "--"]
+    command = [
+        sys.executable,
+        "-m",
+        "selfreward.cli",
+        "config",
+        "--config",
+        "configs/tiny.yaml",
+        "--out",
+        str(out),
+        "--",
+    ]
     proc = subprocess.run([*command, "--judge.num_samples", "2", "--no-oxen"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     config = load_config(out)
@@ -242,7 +252,7 @@ def test_a_hung_remote_holds_up_no_stage_and_the_next_run_pushes_again(run, cach
         proc = stage("04_gen_preferences", run, *args, cache=cache, env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         # The stage did not wait for its push: wait for it here, as self-reward.sh's end does.
-        waited = subprocess.run([sys.executable, "-m", "selfreward.versioning", "--wait", "--run-dir", str(run)],
+        waited = subprocess.run([sys.executable, "-m", "selfreward.run.versioning", "--wait", "--run-dir", str(run)],
                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
         failed = "failed after 2 tries: no progress for 2 s (oxen.push_stall_seconds): the remote does not answer"
         assert waited.returncode == 0 and f"the push {failed}" in waited.stdout, waited.stdout

@@ -10,8 +10,8 @@ import time
 
 from conftest import REPO, stage_env
 
-from selfreward.layout import RunLayout
-from selfreward.records import ChunkLog, read_jsonl, write_jsonl
+from selfreward.run.layout import RunLayout
+from selfreward.run.records import ChunkLog, read_jsonl, write_jsonl
 
 
 def test_chunk_log_drops_a_torn_last_line_and_foreign_logs(tmp_path):

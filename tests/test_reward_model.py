@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from selfreward.config import ConfigError, ModelConfig
 from selfreward.models import TINY, TINY_REWARD, resolve_model_path
 from selfreward.reward_model import load_reward_model
+from selfreward.run.config import ConfigError, ModelConfig
 
 QUESTIONS = ["Hi", "What is the capital of France?", "Name three colours.", "Why is the sky blue? " * 5, "2+2?"]
 ANSWERS = ["Hello!", "Paris.", "Red, green and blue.", "Rayleigh scattering of sunlight. " * 8, "4"]
@@ -133,8 +133,8 @@ def test_a_non_finite_reward_is_no_score_and_makes_no_pair(reward, monkeypatch, 
     import runpy
     from pathlib import Path
 
-    from selfreward.config import load_config
     from selfreward.pairs import build_pairs
+    from selfreward.run.config import load_config
 
     repo = Path(__file__).resolve().parents[1]
     forward = type(reward.model).forward

@@ -11,7 +11,7 @@ import pytest
 
 from selfreward.chat import packaged_template
 from selfreward.judge import fill_template
-from selfreward.layout import RunLayout
+from selfreward.run.layout import RunLayout
 from selfreward.tournament import fit_pairwise_prompt, position_bias, rank_by_comparisons, win_shares
 
 TEMPLATE = packaged_template("pairwise_judge.txt")
@@ -21,8 +21,8 @@ CLOSING = "Reply with the letter of the better answer only: A or B."
 @pytest.fixture(scope="module")
 def chat(cache):
     from selfreward.chat import ChatFormat
-    from selfreward.config import ModelConfig
     from selfreward.models import TINY, load_tokenizer, resolve_model_path
+    from selfreward.run.config import ModelConfig
 
     return ChatFormat.from_tokenizer(load_tokenizer(resolve_model_path(TINY), ModelConfig(name_or_path=TINY)))
 
@@ -179,22 +179,23 @@ def test_judges_agreement_is_kendall_tau_per_prompt():
 
 
 def test_settings_that_cannot_work_are_refused_when_the_config_loads(tmp_path):
-    from selfreward.config import ConfigError, load_config
+    from selfreward.cli import load_checked_config
+    from selfreward.run.config import ConfigError
 
     with pytest.raises(ConfigError, match="judge.reward_model"):
-        load_config("configs/tiny.yaml", {"judge.mode": "reward_model", "judge.reward_model": None})
+        load_checked_config("configs/tiny.yaml", {"judge.mode": "reward_model", "judge.reward_model": None})
     with pytest.raises(ConfigError, match="preferences.consistency"):
-        load_config(
+        load_checked_config(
             "configs/tiny.yaml",
             {"judge.mode": "reward_model", "judge.reward_model": "rm", "preferences.consistency": "filter"},
         )
     with pytest.raises(ConfigError, match="judge.ranking"):
-        load_config("configs/tiny.yaml", {"judge.ranking": "swiss"})
+        load_checked_config("configs/tiny.yaml", {"judge.ranking": "swiss"})
 
 
 def test_the_report_shows_consistency_and_judges_that_are_not_an_iterate(tmp_path):
-    from selfreward.records import write_json
     from selfreward.report import write_report
+    from selfreward.run.records import write_json
 
     layout = RunLayout(tmp_path / "run")
     for t in (1, 2):

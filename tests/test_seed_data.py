@@ -2,8 +2,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from selfreward.judge import parse_judge_score
-from selfreward.metrics import spearman
-from selfreward.records import EFT, IFT, read_jsonl
+from selfreward.run.metrics import spearman
+from selfreward.run.records import EFT, IFT, read_jsonl
 
 SEED = Path(__file__).resolve().parents[1] / "data" / "seed"
 
@@ -34,9 +34,9 @@ def test_eft_rows_are_enough_to_learn_from_and_to_measure_with():
     )
     assert longer_but_worse >= 0.5 * len(questions)
     # the held-out questions of the default config give at least 150 scored pairs to measure with
-    from selfreward.config import Config
     from selfreward.evaluation import split_heldout
-    from selfreward.metrics import pairwise_agreement
+    from selfreward.run.config import Config
+    from selfreward.run.metrics import pairwise_agreement
 
     config = Config()
     held = split_heldout([], rows, 0, config.data.heldout_eft_questions, config.seed)[3]

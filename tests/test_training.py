@@ -6,8 +6,8 @@ import shutil
 import pytest
 from safetensors.torch import load_file
 
-from selfreward.config import Config, apply_overrides
-from selfreward.layout import RunLayout
+from selfreward.run.config import Config, apply_overrides
+from selfreward.run.layout import RunLayout
 from selfreward.training import build_sft_trainer, optimizer_steps
 
 
@@ -199,8 +199,8 @@ def test_dpo_reference_initial_keeps_m0_as_the_reference(tiny_run, tmp_path, run
     from transformers import AutoModelForCausalLM
 
     from selfreward.chat import ChatFormat
-    from selfreward.config import load_config
     from selfreward.models import load_tokenizer
+    from selfreward.run.config import load_config
     from selfreward.training import build_dpo_trainer
 
     layout = RunLayout(tiny_run)
@@ -230,7 +230,7 @@ def test_dpo_reference_initial_keeps_m0_as_the_reference(tiny_run, tmp_path, run
 def _shipped(name: str) -> Config:
     from conftest import REPO
 
-    from selfreward.config import load_config
+    from selfreward.run.config import load_config
 
     return load_config(REPO / "configs" / name, {"model.device": "cpu"})
 
@@ -254,7 +254,7 @@ def test_eight_processes_train_the_configs_global_batch(profile, tmp_path, monke
 
 
 def test_a_global_batch_the_processes_cannot_share_is_refused(tmp_path, monkeypatch):
-    from selfreward.config import ConfigError
+    from selfreward.run.config import ConfigError
     from selfreward.training import _trainer_args
 
     config = apply_overrides(Config(), {"model.device": "cpu", "dpo.batch_size": 4, "dpo.grad_accum": 4}, "test")

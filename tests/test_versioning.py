@@ -12,9 +12,9 @@ import threading
 import yaml
 from conftest import REPO, run_driver, silent_server, stage_env, stop_pusher
 
-from selfreward import versioning
-from selfreward.config import OxenConfig
-from selfreward.layout import RunLayout
+from selfreward.run import versioning
+from selfreward.run.config import OxenConfig
+from selfreward.run.layout import RunLayout
 
 
 def inspect(run, *args, cache):
@@ -78,7 +78,9 @@ def test_a_silent_remote_holds_up_no_stage_and_the_end_says_what_is_unpushed(tmp
         last = proc.stdout.strip().splitlines()[-1]
         assert last.startswith(f"warning: 7 commits not pushed to {url} (00_sft/0 … 06_eval/1); a push is still "
                                "going in the background (pid "), last  # fmt: skip
-        assert last.endswith(f"to push them: OXEN_REMOTE={url} python -m selfreward.versioning --push --run-dir {run}")
+        assert last.endswith(
+            f"to push them: OXEN_REMOTE={url} python -m selfreward.run.versioning --push --run-dir {run}"
+        )
         ledger = json.loads(RunLayout(run).oxen_ledger.read_text())
         assert ledger["head"] and url not in ledger.get("pushed", {})
         assert len(inspect(run, cache=cache).stdout.splitlines()) == 7  # every commit is made, locally
@@ -89,7 +91,7 @@ def test_a_silent_remote_holds_up_no_stage_and_the_end_says_what_is_unpushed(tmp
         assert again.returncode == 10, again.stderr[-2000:]
 
         server.close()  # the remote goes away: the push now fails, and the command to push says so in one line
-        push = [sys.executable, "-m", "selfreward.versioning", "--push", "--run-dir", str(run)]
+        push = [sys.executable, "-m", "selfreward.run.versioning", "--push", "--run-dir", str(run)]
         pushed = subprocess.run(push, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert pushed.returncode == 2 and pushed.stderr.count("\n") == 1, pushed.stderr
         assert pushed.stderr.startswith(f"error: 7 commits not pushed to {url} (00_sft/0 … 06_eval/1): the push "
@@ -98,7 +100,7 @@ def test_a_silent_remote_holds_up_no_stage_and_the_end_says_what_is_unpushed(tmp
         config = yaml.safe_load(RunLayout(run).config.read_text())
         config["oxen"]["strict"] = True
         RunLayout(run).config.write_text(yaml.safe_dump(config))
-        wait = [sys.executable, "-m", "selfreward.versioning", "--wait", "--run-dir", str(run)]
+        wait = [sys.executable, "-m", "selfreward.run.versioning", "--wait", "--run-dir", str(run)]
         strict = subprocess.run(wait, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert strict.returncode == 2 and strict.stderr.startswith("error: 7 commits not pushed")
         assert strict.stderr.strip().endswith("(oxen.strict)")
@@ -139,7 +141,7 @@ def test_a_refused_push_is_told_and_tried_again_by_the_next_stage(tiny_run, cach
         )  # fmt: skip
 
     def wait_for_the_pusher():
-        return subprocess.run([sys.executable, "-m", "selfreward.versioning", "--wait", "--run-dir", str(run)],
+        return subprocess.run([sys.executable, "-m", "selfreward.run.versioning", "--wait", "--run-dir", str(run)],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
 
     def commits_of_04() -> int:

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from selfreward import vllm_backend
-from selfreward.config import GenerationConfig, ModelConfig
 from selfreward.generation import Generation, Sampling, load_backend, plan_batches
 from selfreward.models import TINY, resolve_model_path
+from selfreward.run.config import GenerationConfig, ModelConfig
 
 
 def _fake_tokens(*key) -> list[int]:

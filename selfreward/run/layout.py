@@ -27,22 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-GENERATED = {
-    "01_gen_prompts": "prompts",
-    "01_sft_prompts": "prompts",
-    "02_gen_responses": "responses",
-    "03_gen_scores": "scores",
-    "04_gen_preferences": "preferences",
-    "04_spin_pairs": "preferences",
-    "04_raft_select": "selected",
-}
-
-# The stages of one iteration, per `algorithm`; every algorithm starts from 00_sft's M0.
-ITERATION_STAGES = {
-    "srlm": ("01_gen_prompts", "02_gen_responses", "03_gen_scores", "04_gen_preferences", "05_dpo", "06_eval"),
-    "spin": ("01_sft_prompts", "02_gen_responses", "04_spin_pairs", "05_dpo", "06_eval"),
-    "raft": ("01_sft_prompts", "02_gen_responses", "03_gen_scores", "04_raft_select", "05_raft_sft", "06_eval"),
-}
+from selfreward.run.stages import GENERATED
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ file itself. Anyone else gets one line naming the holder. The kernel drops the l
 process holding it exits, however it exits, so a killed run is taken over by the next one with no
 stale lock to clean up; a stage left running by a killed driver keeps the folder locked until it ends.
 
-    python -m selfreward.runlock --run-dir runs/default --fd 9 --pid $$   # what self-reward.sh does
+    python -m selfreward.run.runlock --run-dir runs/default --fd 9 --pid $$   # what self-reward.sh does
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from selfreward.layout import RunLayout
+from selfreward.run.layout import RunLayout
 
 LOCK_ENV = "SELFREWARD_RUN_LOCK"  # the driver's token, inherited by the stages it starts
 EXIT_BUSY = 5  # the run folder is in use by another process

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from selfreward.run.records import write_text
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
@@ -429,6 +431,9 @@ def from_dict(data: dict, where: str = "config") -> Config:
 
 
 def load_config(path: str | Path, overrides: dict[str, object] | None = None) -> Config:
+    """The config of a YAML file with `overrides` applied, every key and value checked. The judge's
+    templates are checked a floor up, by whoever runs the judge (cli.load_checked_config): reading
+    them needs the judge."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -446,9 +451,6 @@ def load_config(path: str | Path, overrides: dict[str, object] | None = None) ->
         raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
     config = from_dict(data or {}, str(path))
     config = apply_overrides(config, overrides or {}, "command-line overrides")
-    from selfreward.judge import check_judge_settings  # here: judge imports this module
-
-    check_judge_settings(config.judge)
     if config.preferences.consistency != "off" and config.judge.mode == "reward_model":
         raise ConfigError(
             "config key 'preferences.consistency': the reward model does not change between iterations, so "
@@ -458,8 +460,6 @@ def load_config(path: str | Path, overrides: dict[str, object] | None = None) ->
 
 
 def save_config(config: Config, path: str | Path, header: str = "") -> None:
-    from selfreward.records import write_text
-
     write_text(path, header + yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
@@ -502,78 +502,9 @@ def parse_override_args(args: list[str]) -> dict[str, object]:
     return overrides
 
 
-def write_run_config(source: str | Path, target: str | Path, args: list[str]) -> None:
-    """The run's config.yaml, which every stage reads: `source` as it is, or with `args` overrides applied.
-
-    Overrides given to self-reward.sh are written here, not passed to each stage, so that a stage rerun
-    by hand later sees the same settings as the run.
-    """
-    from selfreward.records import write_text
-
-    source, target = Path(source), Path(target)
-    overrides = parse_override_args(args)
-    config = load_config(source, overrides)  # checks every key and value, overrides included
-    if overrides:
-        shown = " ".join(args)
-        text = f"# {source} with the overrides {shown}\n" + yaml.safe_dump(config.to_dict(), sort_keys=False)
-    else:
-        text = source.read_text(encoding="utf-8")
-    if target.is_file() and target.read_text(encoding="utf-8", errors="replace") != text:
-        print(f"note: the run's config changes ({target}); stages whose settings changed run again")
-    write_text(target, text)
-
-
 def run_algorithm(run_config: str | Path) -> str | None:
     """The `algorithm` of a run's config.yaml; None when it cannot be read."""
     try:
         return load_config(run_config).algorithm
     except (ConfigError, OSError):
         return None
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(description="Write a run's config.yaml from a config file and overrides.")
-    parser.add_argument("--config", required=True, help="the config file")
-    parser.add_argument("--out", help="the run's config.yaml")
-    parser.add_argument(
-        "--stages", action="store_true", help="print the stages of one iteration of the config's algorithm instead"
-    )
-    parser.add_argument(
-        "--processes",
-        type=int,
-        help="check instead that this many training processes can share the global batches of the stages that train",
-    )
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="-- --key value ...")
-    args = parser.parse_args(argv)
-    overrides = args.overrides[1:] if args.overrides[:1] == ["--"] else args.overrides
-    if not args.stages and not args.processes and not args.out:
-        parser.error("--out is required")
-    try:
-        if args.processes:
-            from selfreward.layout import ITERATION_STAGES
-
-            config = load_config(args.config)
-            per_process_batch(config.sft, args.processes)  # stage 00, and RAFT's stage 05
-            if "05_dpo" in ITERATION_STAGES[config.algorithm]:
-                per_process_batch(config.dpo, args.processes)
-            return 0
-        if args.stages:
-            from selfreward.layout import ITERATION_STAGES
-
-            print(" ".join(ITERATION_STAGES[load_config(args.config).algorithm]))
-            return 0
-        write_run_config(args.config, args.out, overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: cannot write {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -6,6 +6,7 @@ A bad row stops the stage with `file:line: what is wrong` before anything is wri
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -133,14 +134,20 @@ def read_manifest(path: str | Path) -> dict | None:
     return manifest if isinstance(manifest, dict) else None
 
 
+def memory_text(peak: dict) -> str:
+    """'peak RAM 1.2 GiB, GPU 14.0 GiB' from a manifest's peak_memory_mb."""
+    if not peak:
+        return ""
+    text = f"peak RAM {max(peak.get('ram', 0), peak.get('ram_child', 0)) / 1024:.1f} GiB"
+    return text + (f", GPU {peak['gpu'] / 1024:.1f} GiB" if "gpu" in peak else "")
+
+
 def path_fingerprint(path: str | Path) -> str:
     """A content hash of a file or a model folder, cheap even for multi-GB weights.
 
     Small files are hashed whole; files over 16 MiB by their size and first and last MiB, which
     changes whenever a training run writes new weights.
     """
-    import hashlib
-
     path = Path(path)
     if path.is_file():
         files = [path]

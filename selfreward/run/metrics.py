@@ -1,9 +1,12 @@
-"""Agreement between two scorings of the same items: rank correlations and pairwise order agreement."""
+"""Agreement between two scorings of the same items (rank correlations, pairwise order agreement, bootstrap
+intervals), distinct-n, and the seeded draw every sample of rows is made by."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
+import random
 from collections import defaultdict
 
 
@@ -112,8 +115,6 @@ def bootstrap_intervals(
     to. A figure undefined on a draw (None) is left out of that draw; it gets no interval (None) when
     fewer than half of the draws define it.
     """
-    import random
-
     members: dict[str, list[int]] = defaultdict(list)
     for i, g in enumerate(groups):
         members[g].append(i)
@@ -140,3 +141,8 @@ def bootstrap_intervals(
             drawn[max(0, math.ceil((1 - tail) * len(drawn)) - 1)],
         )
     return out
+
+
+def draw_key(key: str, seed: int) -> str:
+    """A sort key that orders items by a hash of the seed and their key: a draw that no file order changes."""
+    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()

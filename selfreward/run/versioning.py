@@ -1,7 +1,7 @@
 """Every stage's outputs committed to an Oxen repository (the run folder by default), and pushed.
 
 Oxen's native library never runs inside a stage: every call goes to a short-lived child process
-(`python -m selfreward.versioning`, one JSON request on stdin, one JSON answer). That buys three things:
+(`python -m selfreward.run.versioning`, one JSON request on stdin, one JSON answer). That buys three things:
 - The library starts background threads (tokio, RocksDB, jemalloc) that outlive the call. In a stage
   they were seen faulting while libtorch's exit handlers ran (about 2% of finished stages in one
   series of trials exited with SIGSEGV after their commit). The child does nothing else and leaves
@@ -12,12 +12,12 @@ Oxen's native library never runs inside a stage: every call goes to a short-live
   the stage, and comes back as one line.
 
 Committing is local and never needs the network; pushing is not a stage's work. After its commit a
-stage starts the run's pusher (`python -m selfreward.versioning --push --background`, detached, one
+stage starts the run's pusher (`python -m selfreward.run.versioning --push --background`, detached, one
 per run: it holds <run>/.selfreward/pusher locked, writes <run>/.selfreward/push.log) and goes on. The
 pusher pushes the branch until the remote has the newest commit, from a copy of the repository's
 metadata: Oxen holds the repository locked for the whole of a push, and a stage's commit must not wait
 on the network. self-reward.sh's end waits oxen.final_push_wait_seconds for it and says what is still
-unpushed and how to push it (`python -m selfreward.versioning --push --run-dir DIR`).
+unpushed and how to push it (`python -m selfreward.run.versioning --push --run-dir DIR`).
 
 The ledger <run>/.selfreward/oxen.json records which manifest each stage's commit holds and which
 commit each remote has, so a rerun can tell a complete stage whose commit never happened (a kill
@@ -42,8 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from selfreward.config import ConfigError, OxenConfig, load_config
-from selfreward.layout import RunLayout
+from selfreward.run.config import ConfigError, OxenConfig, load_config
+from selfreward.run.layout import RunLayout
 
 log = logging.getLogger("selfreward")
 
@@ -67,7 +67,7 @@ def remote_url(cfg: OxenConfig) -> str | None:
 
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
-    package_root = str(Path(__file__).resolve().parents[1])
+    package_root = str(Path(__file__).resolve().parents[2])  # the folder that holds selfreward/
     env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
@@ -77,7 +77,7 @@ def _call(request: dict, stall: float | None = None, limit: float | None = None)
     no progress for `stall` seconds, or still running after `limit`)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         child = subprocess.Popen(
-            [sys.executable, "-m", "selfreward.versioning"], stdin=subprocess.PIPE, stdout=out, stderr=err,
+            [sys.executable, "-m", "selfreward.run.versioning"], stdin=subprocess.PIPE, stdout=out, stderr=err,
             env=_child_env(),
         )  # fmt: skip
         try:
@@ -254,7 +254,7 @@ def _read_ledger(layout: RunLayout) -> dict:
 
 
 def _write_ledger(layout: RunLayout, ledger: dict) -> None:
-    from selfreward.records import write_json
+    from selfreward.run.records import write_json
 
     write_json(layout.oxen_ledger, ledger)  # atomic: a kill leaves the old ledger or the new one
 
@@ -326,7 +326,7 @@ def start_pusher(cfg: OxenConfig, layout: RunLayout) -> None:
               f"background (log: {layout.push_log})", flush=True)  # fmt: skip
     else:
         log.info("pushing to %s in the background (log: %s)", url, layout.push_log)
-    command = [sys.executable, "-m", "selfreward.versioning", "--push", "--background",
+    command = [sys.executable, "-m", "selfreward.run.versioning", "--push", "--background",
                "--run-dir", str(layout.root.resolve()), "--oxen", json.dumps(dataclasses.asdict(cfg))]  # fmt: skip
     with open(layout.push_log, "ab") as output:
         subprocess.Popen(
@@ -429,7 +429,7 @@ def _unpushed_stages(cfg: OxenConfig, layout: RunLayout, url: str) -> tuple[int,
 
 
 def push_command(layout: RunLayout, url: str) -> str:
-    command = f"python -m selfreward.versioning --push --run-dir {layout.root}"
+    command = f"python -m selfreward.run.versioning --push --run-dir {layout.root}"
     return f"OXEN_REMOTE={url} {command}" if os.environ.get("OXEN_REMOTE") == url else command
 
 
@@ -632,7 +632,7 @@ def _child_main() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m selfreward.versioning",
+        prog="python -m selfreward.run.versioning",
         description="Push a run's commits to its Oxen remote (oxen.remote in the run's config.yaml, or OXEN_REMOTE).",
     )
     parser.add_argument("--run-dir", required=True, help="the run's folder, e.g. runs/default")

@@ -29,7 +29,8 @@ elif how == "nvml_is_available":
 elif how == "selfreward":
     from selfreward.run.config import load_config
     from selfreward.dryrun import dry_device
-    from selfreward.generation import choose_backend, gpu_present
+    from selfreward.model.backends import choose_backend
+    from selfreward.model.models import gpu_present
     print(how, "gpu_present:", gpu_present(), "choose_backend(auto):", choose_backend("auto"),
           "dry_device:", dry_device(load_config("configs/mistral-7b-qlora.yaml")), flush=True)
 print(how, "parent is_initialized:", torch.cuda.is_initialized(), flush=True)

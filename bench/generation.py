@@ -18,8 +18,9 @@ import time
 import torch
 from seed_way import seed_way  # bench/ is the script folder, so on the path
 
-from selfreward.generation import HFBackend, Sampling, load_backend
-from selfreward.models import SMOLLM2, load_for_generation, resolve_model_path
+from selfreward.model.backends import load_backend
+from selfreward.model.generation import HFBackend, Sampling
+from selfreward.model.models import SMOLLM2, load_for_generation, resolve_model_path
 from selfreward.run.config import GenerationConfig, ModelConfig
 from selfreward.run.records import IFT, read_jsonl
 

@@ -45,9 +45,9 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from selfreward import cli, dryrun  # noqa: E402
-from selfreward.chat import ChatFormat  # noqa: E402
-from selfreward.generation import HFBackend, Sampling  # noqa: E402
-from selfreward.models import load_model, load_tokenizer, torch_dtype  # noqa: E402
+from selfreward.model.chat import ChatFormat  # noqa: E402
+from selfreward.model.generation import HFBackend, Sampling  # noqa: E402
+from selfreward.model.models import load_model, load_tokenizer, torch_dtype  # noqa: E402
 from selfreward.run.config import load_config, override_value  # noqa: E402
 
 STEPS = ("sft", "dpo", "generate")
@@ -144,7 +144,7 @@ def release(peak: Peak) -> None:
 
 
 def measure_sft(config, path: str, chat: ChatFormat, device: str, scratch: Path) -> Peak:
-    from selfreward.training import build_sft_trainer
+    from selfreward.model.training import build_sft_trainer
 
     train = config.sft
     rows = [
@@ -174,7 +174,7 @@ def train_one_step(build, device: str, check=None) -> Peak:
 
 
 def measure_dpo(config, path: str, chat: ChatFormat, device: str, scratch: Path) -> Peak:
-    from selfreward.training import build_dpo_trainer
+    from selfreward.model.training import build_dpo_trainer
 
     train = config.dpo
     prompt = prompt_of(chat, train.max_length - 100)
@@ -188,7 +188,7 @@ def measure_generate(config, path: str, chat: ChatFormat, device: str, prompt_to
     model = load_model(path, config.model)
     backend = HFBackend(
         model, chat, prefix_cache=config.generation.prefix_cache, max_model_len=config.generation.max_model_len
-    )  # as generation.load_backend makes it
+    )  # as backends.load_backend makes it
     prompts = [prompt_of(chat, prompt_tokens - k) for k in range(max(1, cfg.batch_size // cfg.num_samples))]
     sampling = Sampling(cfg.num_samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size,
                         min_new_tokens=cfg.max_new_tokens)  # fmt: skip

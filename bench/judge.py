@@ -23,9 +23,9 @@ import time
 import torch
 from seed_way import seed_way  # bench/ is the script folder, so on the path
 
-from selfreward.generation import HFBackend, Sampling, shared_prefix_length
 from selfreward.judge import fit_judge_prompt, mean_score, parse_judge_score, score_by_logits
-from selfreward.models import SMOLLM2, load_for_generation, resolve_model_path
+from selfreward.model.generation import HFBackend, Sampling, shared_prefix_length
+from selfreward.model.models import SMOLLM2, load_for_generation, resolve_model_path
 from selfreward.run.config import ModelConfig
 from selfreward.run.metrics import pairwise_agreement, spearman
 from selfreward.run.records import EFT, read_jsonl

@@ -51,7 +51,6 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from selfreward.evaluation import judge_quality, measure_pairwise_judge, split_heldout  # noqa: E402
-from selfreward.generation import load_backend  # noqa: E402
 from selfreward.judge import (  # noqa: E402
     fit_judge_prompt,
     judge_all,
@@ -60,6 +59,7 @@ from selfreward.judge import (  # noqa: E402
     pairwise_template,
     rubric_of,
 )
+from selfreward.model.backends import load_backend  # noqa: E402
 from selfreward.pairs import build_pairs  # noqa: E402
 from selfreward.run.config import load_config  # noqa: E402
 from selfreward.run.metrics import bootstrap_intervals  # noqa: E402
@@ -173,7 +173,7 @@ def stand_in_reward_model(model_path: str, config, folder: str, seed: int):
     """The model's weights with a random one-output head, saved to `folder` and loaded as stage 03 would."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from selfreward.models import resolve_model_path
+    from selfreward.model.models import resolve_model_path
     from selfreward.reward_model import load_reward_model
 
     path = resolve_model_path(model_path)

@@ -116,8 +116,8 @@ def run_variant(name: str, args, files: dict[str, Path], work: Path) -> dict:
         result.update(sft_rows=manifest["rows_in"], sft_seconds=manifest["seconds"])
         result.update(overrides=extra[0] if extra else [])
         model = str(run / "M0" / "model")
-    from selfreward.generation import load_backend
-    from selfreward.models import prompt_budget
+    from selfreward.model.backends import load_backend
+    from selfreward.model.models import prompt_budget
 
     backend = load_backend(model, config.model, config.generation)
     budget = prompt_budget(backend.context_length, config.model, config.judge.max_new_tokens + 2)

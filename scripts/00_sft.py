@@ -24,10 +24,10 @@ import shutil
 from functools import partial
 
 from selfreward import cli, dryrun
-from selfreward.chat import ChatFormat
 from selfreward.evaluation import off_topic_rows, split_heldout
 from selfreward.judge import judge_target, parse_judge_score, rubric_of, template_files
-from selfreward.models import load_tokenizer, resolve_model_path
+from selfreward.model.chat import ChatFormat
+from selfreward.model.models import load_tokenizer, resolve_model_path
 from selfreward.run.records import EFT, IFT, RecordError, read_jsonl, write_jsonl
 
 
@@ -51,7 +51,7 @@ def main() -> None:
     if not stage.dry_run:
         dryrun.refuse_dry_data(data_files)
     # Imported once the stage runs: a complete stage (--skip-if-complete) exits without loading PyTorch and TRL.
-    from selfreward.training import build_sft_trainer, train_and_merge, training_processes, write_lineage
+    from selfreward.model.training import build_sft_trainer, train_and_merge, training_processes, write_lineage
 
     ift = read_jsonl(config.data.ift, IFT, id_field="id")
     eft = read_jsonl(config.data.eft, EFT, id_field="id")

@@ -19,7 +19,7 @@ import random
 from collections import Counter
 
 from selfreward import cli
-from selfreward.models import prompt_budget
+from selfreward.model.models import prompt_budget
 from selfreward.prompt_gen import PromptFilter, extract_new_task, fit_fewshot_request, is_cut_off, pick_shots, prompt_id
 from selfreward.run.records import IFT, read_jsonl, write_jsonl
 
@@ -32,7 +32,8 @@ def main() -> None:
     model_dir = layout.model(t - 1)
     stage.begin(inputs=[ift_path, model_dir])
     # Imported once the stage runs: a complete stage (--skip-if-complete) exits without loading PyTorch.
-    from selfreward.generation import Sampling, load_backend
+    from selfreward.model.backends import load_backend
+    from selfreward.model.generation import Sampling
 
     pool = [row["prompt"] for row in read_jsonl(ift_path, IFT, id_field="id")]
     if not pool:

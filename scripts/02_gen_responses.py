@@ -13,7 +13,7 @@ Answers are kept exactly as generated: nothing is trimmed.
 """
 
 from selfreward import cli
-from selfreward.models import prompt_budget
+from selfreward.model.models import prompt_budget
 from selfreward.run.records import PROMPT, read_jsonl, write_jsonl
 
 
@@ -41,7 +41,8 @@ def main() -> None:
     model_dir = layout.model(t - 1)
     stage.begin(inputs=[prompts_path, model_dir])
     # Imported once the stage runs: a complete stage (--skip-if-complete) exits without loading PyTorch.
-    from selfreward.generation import Sampling, load_backend
+    from selfreward.model.backends import load_backend
+    from selfreward.model.generation import Sampling
 
     prompts = read_jsonl(prompts_path, PROMPT, id_field="prompt_id")
     if not prompts:

@@ -17,8 +17,8 @@ import sys
 from functools import partial
 
 from selfreward import cli
-from selfreward.chat import ChatFormat
-from selfreward.models import load_tokenizer
+from selfreward.model.chat import ChatFormat
+from selfreward.model.models import load_tokenizer
 from selfreward.run.records import PREFERENCE, read_jsonl, read_manifest, write_jsonl
 
 
@@ -30,7 +30,7 @@ def main() -> None:
     reference = layout.model(0) if config.dpo.reference == "initial" and t > 1 else None
     stage.begin(inputs=[pairs_path, layout.model(t - 1), *([reference] if reference else [])])
     # Imported once the stage runs: a complete stage (--skip-if-complete) exits without loading PyTorch and TRL.
-    from selfreward.training import build_dpo_trainer, train_child
+    from selfreward.model.training import build_dpo_trainer, train_child
 
     pairs = read_jsonl(pairs_path, PREFERENCE, id_field="prompt_id")
     if not pairs:

@@ -17,8 +17,8 @@ from dataclasses import replace
 from functools import partial
 
 from selfreward import cli
-from selfreward.chat import ChatFormat
-from selfreward.models import load_tokenizer
+from selfreward.model.chat import ChatFormat
+from selfreward.model.models import load_tokenizer
 from selfreward.run.records import SELECTED, read_jsonl, read_manifest, write_jsonl
 
 
@@ -28,7 +28,7 @@ def main() -> None:
     selected_path = layout.generated(t, "selected")
     stage.begin(inputs=[selected_path, layout.model(t - 1)])
     # Imported once the stage runs: a complete stage (--skip-if-complete) exits without loading PyTorch and TRL.
-    from selfreward.training import build_sft_trainer, train_child
+    from selfreward.model.training import build_sft_trainer, train_child
 
     selected = read_jsonl(selected_path, SELECTED, id_field="response_id")
     if not selected:

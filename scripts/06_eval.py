@@ -25,7 +25,7 @@ from pathlib import Path
 from selfreward import cli
 from selfreward.evaluation import drift, head_to_head, measure_judge
 from selfreward.judge import judge_budget, load_judge, pairwise_template, template_files
-from selfreward.models import prompt_budget
+from selfreward.model.models import prompt_budget
 from selfreward.report import write_report
 from selfreward.run.records import EFT, PREFERENCE, PROMPT, RESPONSE, SCORE, read_jsonl, read_manifest, write_json
 from selfreward.tournament import compare
@@ -80,7 +80,8 @@ def main() -> None:
         inputs.append(config.eval.judge_model)
     stage.begin(inputs=inputs + template_files(config.judge))
     # Imported once the stage runs: a complete stage (--skip-if-complete) exits without loading PyTorch.
-    from selfreward.generation import Sampling, load_backend
+    from selfreward.model.backends import load_backend
+    from selfreward.model.generation import Sampling
 
     questions = [r["prompt"] for r in read_jsonl(prompts_path, {"prompt": (str,)})]
     eft = read_jsonl(eft_path, EFT, id_field="id")

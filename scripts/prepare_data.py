@@ -36,10 +36,11 @@ from collections import Counter
 from functools import partial
 from pathlib import Path
 
-from selfreward import cli, dryrun, generation, oasst
-from selfreward.chat import ChatFormat
+from selfreward import cli, dryrun, oasst
 from selfreward.judge import fit_judge_prompt, judge_all, mean_score, rubric_of
-from selfreward.models import load_tokenizer, prompt_budget, resolve_model_path
+from selfreward.model import backends
+from selfreward.model.chat import ChatFormat
+from selfreward.model.models import load_tokenizer, prompt_budget, resolve_model_path
 from selfreward.run import versioning
 from selfreward.run.records import RecordError, path_fingerprint, write_json, write_jsonl
 
@@ -98,7 +99,7 @@ def fingerprint(*parts) -> str:
 
 def sft_baseline(config, ift: list[dict], out: Path) -> Path:
     """The config's model after SFT on the IFT rows alone (the paper's judge for EFT); resumable."""
-    from selfreward.training import build_sft_trainer, train_and_merge
+    from selfreward.model.training import build_sft_trainer, train_and_merge
 
     folder = out / "sft-baseline"
     stamp = fingerprint(ift, config.model, config.lora, config.sft, config.seed)
@@ -157,7 +158,7 @@ def judge_candidates(config, judge_path, candidates: list[dict], out: Path, stam
     cfg = dataclasses.replace(config.judge, mode="sample")  # EFT rows need the judge's written justifications
     rubric = rubric_of(cfg)
     flat = [(c, r) for c, conv in enumerate(candidates) for r in range(len(conv["replies"]))]
-    backend = generation.load_backend(judge_path, config.model, config.generation)
+    backend = backends.load_backend(judge_path, config.model, config.generation)
     budget = prompt_budget(backend.context_length, config.model, cfg.max_new_tokens + 2)
     prompts = [
         fit_judge_prompt(backend.chat, candidates[c]["prompt"], candidates[c]["replies"][r]["text"], budget, rubric)[0]

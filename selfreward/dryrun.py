@@ -35,6 +35,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selfreward.judge import check_judge_settings
+from selfreward.model.chat import packaged_template
+from selfreward.model.models import (
+    TINY_REWARD,
+    build_atomically,
+    cache_dir,
+    gpu_present,
+    lora_target_problem,
+    resolve_model_path,
+)
 from selfreward.run.config import Config, ConfigError, load_config
 
 GIB = 1024**3
@@ -143,8 +152,6 @@ KNOWN_MODELS = {
 def _local_source(name_or_path: str) -> str | None:
     """A folder on this machine with the model's config.json and tokenizer: a path, a builtin model,
     or a hub id already in the Hugging Face cache. None when only the hub has it."""
-    from selfreward.models import resolve_model_path
-
     path = resolve_model_path(name_or_path)
     if Path(path).is_dir():
         return path
@@ -231,8 +238,6 @@ STAND_IN_VERSION = 2
 
 
 def _template_lines() -> list[str]:
-    from selfreward.chat import packaged_template
-
     names = ("judge_rubric.txt", "prompt_generation.txt", "pairwise_judge.txt")
     return [line for name in names for line in packaged_template(name).splitlines() if line]
 
@@ -321,8 +326,6 @@ def stand_in_tokenizer(known: KnownModel):
 def _stand_in_tokenizer(name_or_path: str, source: str | None):
     from transformers import AutoTokenizer
 
-    from selfreward.chat import packaged_template
-
     if source:  # the real tokenizer: its vocabulary is kept, only the model is small
         return AutoTokenizer.from_pretrained(source)
     known = KNOWN_MODELS[name_or_path.lower()]
@@ -336,8 +339,6 @@ def stand_in(name_or_path: str) -> Path:
     """The folder of the tiny random model that stands in for `name_or_path` (built once, then cached)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from selfreward.models import _build_atomically, cache_dir
 
     real, where = real_architecture(name_or_path)
     source = where if Path(where).is_dir() else None  # the model's own folder: its tokenizer is used
@@ -369,7 +370,7 @@ def stand_in(name_or_path: str) -> Path:
             json.dumps({"stands_in_for": name_or_path, "architecture_from": where}, indent=1) + "\n"
         )
 
-    return _build_atomically(target, build)
+    return build_atomically(target, build)
 
 
 def is_stand_in(path: str | Path) -> bool:
@@ -378,31 +379,6 @@ def is_stand_in(path: str | Path) -> bool:
 
 # ---------------------------------------------------------------------------------------------------
 # Settings that cannot work
-
-
-def linear_module_names(model) -> list[str]:
-    """The distinct last names of the model's linear layers inside its blocks (what LoRA can target)."""
-    import torch
-
-    names = set()
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] != "lm_head":
-            names.add(name.split(".")[-1])
-    return sorted(names)
-
-
-def lora_target_problem(model, targets: list[str]) -> str | None:
-    """Why `lora.target_modules` cannot be applied to `model`, or None."""
-    if targets in (["all-linear"], "all-linear"):
-        return None
-    have = set(linear_module_names(model))
-    every = {name.split(".")[-1] for name, _ in model.named_modules()}
-    missing = [t for t in targets if t not in have]
-    if not missing:
-        return None
-    kind = type(model).__name__
-    bad = ", ".join(f"'{m}'" + ("" if m not in every else " (not a linear layer)") for m in missing)
-    return f"config key 'lora.target_modules': {bad} not in {kind}; its linear layers are: {', '.join(sorted(have))}"
 
 
 def context_length(real_config) -> int:
@@ -696,16 +672,12 @@ def dry_device(config: Config) -> str:
     one, so that a dry run on the GPU box takes the CUDA paths (4-bit kernels, vLLM on CUDA); else the CPU."""
     if config.model.device == "cpu":
         return "cpu"
-    from selfreward.generation import gpu_present
-
     return "cuda" if gpu_present() else "cpu"
 
 
 def dry_config(config: Config) -> Config:
     """`config` as the dry run runs it: the stand-in on the GPU if there is one (see `dry_device`), else
     on the CPU, counts cut to one step or batch."""
-    from selfreward.models import TINY_REWARD
-
     dry = dataclasses.replace
     stand = config.model.name_or_path
     if not is_stand_in(stand):

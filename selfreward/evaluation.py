@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from collections import Counter
 
-from selfreward.chat import packaged_template
+from selfreward.model.chat import packaged_template
 from selfreward.run.metrics import (
     bootstrap_intervals,
     both_orders_verdict,

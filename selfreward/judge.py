@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from selfreward.chat import packaged_template
+from selfreward.model.chat import cut_to_fit, packaged_template
 from selfreward.run.config import ConfigError
 
 MAX_SCORE = 5
@@ -179,7 +179,7 @@ def load_judge(path, config):
         from selfreward.reward_model import load_reward_model
 
         return load_reward_model(config.judge.reward_model, config.model)
-    from selfreward.generation import load_backend
+    from selfreward.model.backends import load_backend
 
     return load_backend(path, config.model, config.generation)
 
@@ -189,7 +189,7 @@ def judge_budget(judge, config) -> int:
     context too. The logit judge reads the digit after the prompt and "Score: " (format score_last: after
     its justification and "\nScore: "), and that digit needs a position of its own: vLLM fails a whole
     call when one prompt is as long as its context."""
-    from selfreward.models import prompt_budget
+    from selfreward.model.models import prompt_budget
 
     cfg = config.judge
     if cfg.mode == "logits":
@@ -213,28 +213,6 @@ def fit_judge_prompt(chat, question: str, response: str, max_tokens: int, rubric
         lambda q, r: chat.prompt(rubric.prompt(q, r)), chat.encode, chat.tokenizer.decode, question, response,
         max_tokens, what="the judge rubric",
     )  # fmt: skip
-
-
-def cut_to_fit(render, encode, decode, question: str, response: str, max_tokens: int, *, what: str):
-    """(render(question, response) within `max_tokens` tokens, whether anything was cut): the end of the
-    response is cut first, then the end of the question; ValueError names `what` if the rest alone is
-    too long."""
-    rendered = render(question, response)
-    overflow = len(encode(rendered)) - max_tokens
-    if overflow <= 0:
-        return rendered, False
-    for _ in range(8):  # each pass removes at least the measured overflow; re-tokenizing can merge differently
-        r_ids = encode(response)
-        cut = min(len(r_ids), overflow)
-        response = decode(r_ids[: len(r_ids) - cut])
-        if cut < overflow:
-            q_ids = encode(question)
-            question = decode(q_ids[: max(0, len(q_ids) - (overflow - cut))])
-        rendered = render(question, response)
-        overflow = len(encode(rendered)) - max_tokens
-        if overflow <= 0:
-            return rendered, True
-    raise ValueError(f"{what} alone is longer than {max_tokens} tokens")
 
 
 def parse_judge_score(judgment: str) -> float | None:
@@ -373,7 +351,7 @@ def judge_all(
     Returns a list of judgments per prompt, each {"score", "text", ...}; `skip` and `on_batch` (called
     with (batch, indices, judgments per index)) work as in `Backend.generate`.
     """
-    from selfreward.generation import Sampling
+    from selfreward.model.generation import Sampling
 
     if cfg.mode not in ("sample", "logits"):
         raise ValueError(f"judge.mode must be 'sample' or 'logits', got '{cfg.mode}'")

@@ -8,7 +8,7 @@ import random
 import re
 from collections import Counter, defaultdict
 
-from selfreward.chat import packaged_template
+from selfreward.model.chat import packaged_template
 
 _NEXT_LABEL = re.compile(r"(?:^|\n)\s*\**task\s*\d+\s*\**\s*:", re.IGNORECASE)
 

@@ -16,10 +16,9 @@ from collections.abc import Collection
 
 import torch
 
-from selfreward.chat import ensure_chat_template, tokenizer_added_prefix
-from selfreward.generation import BatchCallback, HalvesOnOutOfMemory, plan_batches, run_batches
-from selfreward.judge import cut_to_fit
-from selfreward.models import ModelNotFoundError, device_of, resolve_model_path
+from selfreward.model.chat import cut_to_fit, ensure_chat_template, tokenizer_added_prefix
+from selfreward.model.generation import BatchCallback, HalvesOnOutOfMemory, plan_batches, run_batches
+from selfreward.model.models import ModelNotFoundError, device_of, resolve_model_path
 from selfreward.run.config import ConfigError
 
 log = logging.getLogger("selfreward")

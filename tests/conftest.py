@@ -92,13 +92,14 @@ def run_driver(run_dir: Path, cache: Path, config: str = "configs/tiny.yaml", it
 
 @pytest.fixture
 def live_models_at_load(monkeypatch) -> list[int]:
-    """How many models loaded through generation.load_backend or reward_model.load_reward_model are still
+    """How many models loaded through backends.load_backend or reward_model.load_reward_model are still
     alive when the next one loads: a stage or tool that lets each go before loading the next records only
     zeros."""
     import gc
     import weakref
 
-    from selfreward import generation, reward_model
+    from selfreward import reward_model
+    from selfreward.model import backends
 
     live, alive_at_load = weakref.WeakSet(), []
 
@@ -112,7 +113,7 @@ def live_models_at_load(monkeypatch) -> list[int]:
 
         return load_and_count
 
-    monkeypatch.setattr(generation, "load_backend", counting(generation.load_backend))
+    monkeypatch.setattr(backends, "load_backend", counting(backends.load_backend))
     monkeypatch.setattr(reward_model, "load_reward_model", counting(reward_model.load_reward_model))
     return alive_at_load
 
@@ -132,8 +133,8 @@ def tiny_run(tmp_path_factory, cache) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(cache):
     """The tiny random model and its chat format, loaded in-process."""
-    from selfreward.chat import ChatFormat
-    from selfreward.models import TINY, load_model, load_tokenizer, resolve_model_path
+    from selfreward.model.chat import ChatFormat
+    from selfreward.model.models import TINY, load_model, load_tokenizer, resolve_model_path
     from selfreward.run.config import ModelConfig
 
     cfg = ModelConfig(name_or_path=TINY, device="cpu")

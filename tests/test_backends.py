@@ -12,9 +12,10 @@ import shutil
 
 import pytest
 
-from selfreward.generation import Sampling, load_backend, vllm_available
 from selfreward.judge import judge_prompt
-from selfreward.models import TINY
+from selfreward.model.backends import load_backend, vllm_available
+from selfreward.model.generation import Sampling
+from selfreward.model.models import TINY
 from selfreward.run.config import GenerationConfig, ModelConfig
 from selfreward.run.layout import RunLayout
 from selfreward.run.records import RESPONSE, read_jsonl
@@ -145,8 +146,8 @@ def model_with_sampling_defaults(tmp_path_factory):
     from transformers import GenerationConfig as HFGenerationConfig
     from transformers import LlamaForCausalLM
 
-    from selfreward.chat import ChatFormat
-    from selfreward.models import _tiny_tokenizer_and_config
+    from selfreward.model.chat import ChatFormat
+    from selfreward.model.models import _tiny_tokenizer_and_config
 
     tokenizer, config = _tiny_tokenizer_and_config(initializer_range=0.1)  # varied greedy answers, wide margins
     torch.manual_seed(0)

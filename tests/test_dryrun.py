@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from selfreward import dryrun
+from selfreward.model.models import linear_module_names
 from selfreward.run.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,8 +52,8 @@ def test_the_stand_in_has_the_real_architecture_and_a_tokenizer_that_behaves_lik
 ):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from selfreward.chat import ChatFormat
-    from selfreward.models import load_tokenizer
+    from selfreward.model.chat import ChatFormat
+    from selfreward.model.models import load_tokenizer
     from selfreward.run.config import ModelConfig
 
     folder = dryrun.stand_in(name)
@@ -65,7 +66,7 @@ def test_the_stand_in_has_the_real_architecture_and_a_tokenizer_that_behaves_lik
     assert small.rope_parameters == real.rope_parameters
     model = AutoModelForCausalLM.from_pretrained(folder)
     # the same module names, so a LoRA target the stand-in accepts is one the real model has
-    assert dryrun.linear_module_names(model) == dryrun.linear_module_names(dryrun.meta_model(real))
+    assert linear_module_names(model) == linear_module_names(dryrun.meta_model(real))
     biases = {n for n, _ in model.named_parameters() if n.endswith(".bias")}
     assert bool(biases) == (real.model_type == "qwen2")  # Qwen2's q, k, v projections carry biases
 
@@ -117,8 +118,8 @@ def test_lora_parameters_and_4bit_weights_are_counted_as_peft_and_bitsandbytes_h
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from selfreward.models import load_model
-    from selfreward.training import _peft_config
+    from selfreward.model.models import load_model
+    from selfreward.model.training import _peft_config
 
     config = load_config(MISTRAL)
     folder = dryrun.stand_in(config.model.name_or_path)
@@ -206,8 +207,8 @@ def test_an_unknown_hub_model_says_how_to_make_it_known():
 
 
 def test_a_real_run_rejects_a_lora_target_its_model_lacks(tmp_path):
-    from selfreward.models import TINY, resolve_model_path
-    from selfreward.training import build_sft_trainer
+    from selfreward.model.models import TINY, resolve_model_path
+    from selfreward.model.training import build_sft_trainer
 
     config = load_config(REPO / "configs" / "tiny.yaml", {"lora.target_modules": ["q_proj", "query_key_value"]})
     with pytest.raises(

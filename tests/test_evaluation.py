@@ -158,9 +158,9 @@ def test_eval_on_any_prompts_file(tiny_run, run_stage, tmp_path):
 def test_the_pairwise_judge_is_scored_over_both_orders():
     from types import SimpleNamespace
 
-    from selfreward.chat import ChatFormat
     from selfreward.evaluation import measure_pairwise_judge
-    from selfreward.models import TINY, load_tokenizer, resolve_model_path
+    from selfreward.model.chat import ChatFormat
+    from selfreward.model.models import TINY, load_tokenizer, resolve_model_path
     from selfreward.run.config import ModelConfig
 
     chat = ChatFormat.from_tokenizer(load_tokenizer(resolve_model_path(TINY), ModelConfig(name_or_path=TINY)))

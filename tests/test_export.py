@@ -81,7 +81,7 @@ def test_chat_with_two_models_of_a_run(tiny_run, cache):
     from conftest import REPO, stage_env
 
     proc = subprocess.run(
-        [sys.executable, "-m", "selfreward.chat", "--run-dir", str(tiny_run), "--compare", "M0", "M2",
+        [sys.executable, "-m", "selfreward.tools.chat", "--run-dir", str(tiny_run), "--compare", "M0", "M2",
          "--max-new-tokens", "4"],
         input="Name a fruit.\nCount to three.\n\n", cwd=REPO, env=stage_env(cache), capture_output=True, text=True,
     )  # fmt: skip
@@ -96,7 +96,7 @@ def test_chat_compare_holds_one_model_at_a_time(tiny_run, monkeypatch, capsys, m
     import io
     import sys
 
-    from selfreward import chat
+    from selfreward.tools import chat
 
     alive_at_load = live_models_at_load
     questions = io.StringIO("Name a fruit.\nCount to three.\n\n")
@@ -104,7 +104,7 @@ def test_chat_compare_holds_one_model_at_a_time(tiny_run, monkeypatch, capsys, m
         monkeypatch.setattr(questions, "isatty", lambda: True)
         monkeypatch.setattr(chat, "_fit_together", lambda folders, config: False)
     monkeypatch.setattr(sys, "stdin", questions)
-    code = chat._chat_main(["--run-dir", str(tiny_run), "--compare", "M0", "M2", "--max-new-tokens", "3"])
+    code = chat.main(["--run-dir", str(tiny_run), "--compare", "M0", "M2", "--max-new-tokens", "3"])
     assert code == 0
     labels = [
         line[:2] for line in capsys.readouterr().out.replace("you> ", "").splitlines() if line[:3] in ("M0>", "M2>")
@@ -116,10 +116,10 @@ def test_chat_compare_holds_one_model_at_a_time(tiny_run, monkeypatch, capsys, m
 
 def test_chat_fits_a_long_question_to_the_context(tiny_model, monkeypatch):
     # vLLM fails a call whose prompt passes max_model_len: a long pasted question must be cut, as stage 06 cuts.
-    from selfreward import chat as chat_tool
-    from selfreward import generation
-    from selfreward.generation import Generation, Sampling
+    from selfreward.model import backends
+    from selfreward.model.generation import Generation, Sampling
     from selfreward.run.config import load_config
+    from selfreward.tools import chat as chat_tool
 
     _, chat, path = tiny_model
     asked = []
@@ -137,7 +137,7 @@ def test_chat_fits_a_long_question_to_the_context(tiny_model, monkeypatch):
         def close(self):
             pass
 
-    monkeypatch.setattr(generation, "load_backend", lambda *args: ShortContextBackend())
+    monkeypatch.setattr(backends, "load_backend", lambda *args: ShortContextBackend())
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
     sampling = Sampling(1, 0.0, 1.0, 8, 8)
     answers = chat_tool._answer_in_turn({"M0": path}, ["Summarise: " + "word " * 200], config, sampling)
@@ -150,10 +150,10 @@ def test_chat_cuts_a_question_too_long_for_the_context(cache):
     # cuts the question as the stages do, leaving room for the answer.
     from conftest import REPO
 
-    from selfreward import chat
-    from selfreward.generation import Sampling
-    from selfreward.models import TINY, resolve_model_path
+    from selfreward.model.generation import Sampling
+    from selfreward.model.models import TINY, resolve_model_path
     from selfreward.run.config import load_config
+    from selfreward.tools import chat
 
     config = load_config(REPO / "configs" / "tiny.yaml", {"generation.max_model_len": 128})
     answers = chat._answer_in_turn(

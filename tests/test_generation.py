@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfreward.generation import Generation, HFBackend, Sampling, plan_batches, shared_prefix_length
 from selfreward.judge import judge_prompt, score_by_logits
+from selfreward.model.generation import Generation, HFBackend, Sampling, plan_batches, shared_prefix_length
 
 QUESTIONS = ["What is 2+2?", "Name a colour.", "Write a haiku about rain.", "Why is the sky blue?", "Say hi."]
 
@@ -79,8 +79,8 @@ def test_the_hf_backend_fits_prompts_to_generation_max_model_len(cache):
     """Stages fit prompts to backend.context_length: vLLM's is generation.max_model_len (2048 in the
     Mistral profile), the hf backend's was the model's 32k positions, so one config cut prompts (and
     sized memory, as the dry run estimates it) differently on each backend."""
-    from selfreward.generation import load_backend
-    from selfreward.models import TINY
+    from selfreward.model.backends import load_backend
+    from selfreward.model.models import TINY
     from selfreward.run.config import GenerationConfig, ModelConfig
 
     cfg = ModelConfig(name_or_path=TINY, device="cpu")
@@ -145,7 +145,7 @@ def test_an_out_of_memory_call_is_let_go_before_the_cache_is_emptied(monkeypatch
 
     import torch
 
-    from selfreward.generation import HalvesOnOutOfMemory
+    from selfreward.model.generation import HalvesOnOutOfMemory
 
     made, alive_at_empty = [], []
 

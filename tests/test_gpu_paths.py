@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from selfreward.chat import ChatFormat
-from selfreward.models import TINY, load_tokenizer, resolve_model_path
+from selfreward.model.chat import ChatFormat
+from selfreward.model.models import TINY, load_tokenizer, resolve_model_path
+from selfreward.model.training import build_dpo_trainer, build_sft_trainer
 from selfreward.run.config import load_config
-from selfreward.training import build_dpo_trainer, build_sft_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,8 +36,8 @@ def _tiny_with_bos_tokenizer(folder: Path, *, chat_template: str | None) -> Path
     "template", ["fallback (starts with bos_token)", "no BOS in the template", "Mistral-7B's dry-run stand-in"]
 )
 def test_training_rows_and_generation_prompts_start_with_one_bos(tmp_path, template):
-    from selfreward.chat import packaged_template
     from selfreward.dryrun import stand_in
+    from selfreward.model.chat import packaged_template
 
     if template.startswith("Mistral"):  # SentencePiece: "▁" is put before the text after BOS, in both paths
         model = stand_in("mistralai/Mistral-7B-v0.1")
@@ -83,7 +83,7 @@ def test_each_torchrun_rank_loads_4bit_onto_its_own_gpu(monkeypatch):
     # torchrun sets LOCAL_RANK; device_map {"": "cuda"} would put every rank's copy on cuda:0.
     import transformers
 
-    from selfreward.models import device_of, load_model
+    from selfreward.model.models import device_of, load_model
     from selfreward.run.config import ModelConfig
 
     seen = {}
@@ -109,8 +109,8 @@ def test_a_merge_that_cannot_fit_in_host_ram_fails_before_training(monkeypatch, 
     # after hours of training. The check reads only the safetensors headers.
     from types import SimpleNamespace
 
-    from selfreward import models
-    from selfreward.training import train_and_merge
+    from selfreward.model import models
+    from selfreward.model.training import train_and_merge
 
     config = load_config(REPO / "configs" / "tiny.yaml")
     path = resolve_model_path(TINY)
@@ -124,13 +124,13 @@ def test_a_merge_that_cannot_fit_in_host_ram_fails_before_training(monkeypatch, 
     trainer = SimpleNamespace(
         model=None, args=SimpleNamespace(output_dir=str(tmp_path)), train=lambda **kw: calls.append("train")
     )
-    monkeypatch.setattr(models, "_available_host_ram", lambda: needed // 2)
+    monkeypatch.setattr(models, "available_host_ram", lambda: needed // 2)
     with pytest.raises(models.HostMemoryError, match=r"about 0\.0 GiB of RAM, but 0\.0 GiB is available"):
         train_and_merge(
             lambda: trainer, path, config, adapter_dir=tmp_path / "a", model_dir=tmp_path / "m", log_path=tmp_path / "l"
         )
     assert calls == []  # refused before the first step
-    monkeypatch.setattr(models, "_available_host_ram", lambda: needed)
+    monkeypatch.setattr(models, "available_host_ram", lambda: needed)
     models.check_merge_memory(path, config.model)  # enough: no error
 
 
@@ -207,7 +207,7 @@ def test_prepare_data_frees_the_sft_baseline_before_the_judge_loads(tmp_path, mo
     # baseline: the trainer, its model and its optimizer must be gone when the CUDA cache is emptied.
     import runpy
 
-    from selfreward import training
+    from selfreward.model import training
 
     watch = _WatchedTraining(training.build_sft_trainer, monkeypatch)
     monkeypatch.setattr(training, "build_sft_trainer", watch.build)
@@ -225,7 +225,7 @@ def test_dpo_with_the_initial_reference_frees_both_models_before_the_merge(tmp_p
     # Stage 05 with dpo.reference initial holds a second model, the reference, in its trainer.
     from functools import partial
 
-    from selfreward import training
+    from selfreward.model import training
 
     config = load_config(REPO / "configs" / "tiny.yaml", {"dpo.max_steps": 1, "dpo.report_to": "none"})
     path = resolve_model_path(TINY)
@@ -264,7 +264,7 @@ def test_the_merge_ram_check_finds_a_hub_model_in_the_hugging_face_cache(tmp_pat
     import huggingface_hub.constants
     import transformers
 
-    from selfreward import models
+    from selfreward.model import models
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -275,7 +275,7 @@ def test_the_merge_ram_check_finds_a_hub_model_in_the_hugging_face_cache(tmp_pat
     snapshot = _fake_hub_snapshot(tmp_path / "hub", "someorg/some-7b", loaded)
     assert len(list(snapshot.glob("model-*.safetensors"))) > 1
     assert models.merge_ram_needed("someorg/some-7b", config.model) == needed
-    monkeypatch.setattr(models, "_available_host_ram", lambda: needed // 2)
+    monkeypatch.setattr(models, "available_host_ram", lambda: needed // 2)
     with pytest.raises(models.HostMemoryError, match="merging the adapter loads someorg/some-7b"):
         models.check_merge_memory("someorg/some-7b", config.model)
 

@@ -1,7 +1,7 @@
 import pytest
 
-from selfreward.generation import HFBackend, Sampling, generate
 from selfreward.judge import fit_judge_prompt, judge_prompt, mean_score, parse_judge_score, score_by_logits
+from selfreward.model.generation import HFBackend, Sampling, generate
 
 
 @pytest.mark.parametrize(
@@ -115,8 +115,8 @@ def test_the_logit_judge_reads_within_the_context_after_a_prompt_cut_to_its_budg
     its justification too): judge_budget must leave room for all of it."""
     from pathlib import Path
 
-    from selfreward.generation import Generation
     from selfreward.judge import judge_all, judge_budget, rubric_of
+    from selfreward.model.generation import Generation
     from selfreward.run.config import load_config
 
     _, chat, _ = tiny_model

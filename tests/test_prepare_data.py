@@ -95,7 +95,7 @@ class _QualityJudge:
     fail_after_batches: int | None = None
 
     def generate(self, prompts, sampling, *, seed, desc="", skip=(), on_batch=None):
-        from selfreward.generation import Generation
+        from selfreward.model.generation import Generation
 
         rows = [None] * len(prompts)
         for batch, start in enumerate(range(0, len(prompts), 4)):  # batches of 4 prompts, logged one by one
@@ -117,9 +117,9 @@ class _QualityJudge:
 
 
 def test_prepare_data_writes_files_the_loop_accepts(tmp_path, monkeypatch, run_stage):
-    from selfreward import generation
-    from selfreward.chat import ChatFormat
-    from selfreward.models import load_tokenizer
+    from selfreward.model import backends
+    from selfreward.model.chat import ChatFormat
+    from selfreward.model.models import load_tokenizer
 
     loaded = []
 
@@ -127,7 +127,7 @@ def test_prepare_data_writes_files_the_loop_accepts(tmp_path, monkeypatch, run_s
         loaded.append(Path(model_dir))
         return _QualityJudge(ChatFormat.from_tokenizer(load_tokenizer(model_dir, model_cfg)))
 
-    monkeypatch.setattr(generation, "load_backend", fake_backend)
+    monkeypatch.setattr(backends, "load_backend", fake_backend)
     monkeypatch.setattr(_QualityJudge, "judged", [])
     out = tmp_path / "oasst"
     config = str(REPO / "configs" / "tiny.yaml")

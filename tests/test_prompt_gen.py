@@ -112,10 +112,10 @@ def test_stage_01_sends_no_request_longer_than_the_context(tmp_path, monkeypatch
     import runpy
     import sys
 
-    from selfreward import generation
-    from selfreward.chat import ChatFormat
-    from selfreward.generation import Generation
-    from selfreward.models import TINY, load_tokenizer, prompt_budget, resolve_model_path
+    from selfreward.model import backends
+    from selfreward.model.chat import ChatFormat
+    from selfreward.model.generation import Generation
+    from selfreward.model.models import TINY, load_tokenizer, prompt_budget, resolve_model_path
     from selfreward.run.config import load_config
     from selfreward.run.records import write_jsonl
 
@@ -147,7 +147,7 @@ def test_stage_01_sends_no_request_longer_than_the_context(tmp_path, monkeypatch
         def close(self):
             pass
 
-    monkeypatch.setattr(generation, "load_backend", lambda path, model_cfg, gen_cfg: RecordingBackend(chat))
+    monkeypatch.setattr(backends, "load_backend", lambda path, model_cfg, gen_cfg: RecordingBackend(chat))
     config_file = str(repo / "configs" / "tiny.yaml")
     argv = ["01_gen_prompts.py", "--run-dir", str(run), "--iteration", "1", "--config", config_file, "--no-oxen"]
     monkeypatch.setattr(sys, "argv", argv)

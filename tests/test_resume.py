@@ -124,7 +124,7 @@ def test_a_killed_dpo_resumes_from_its_checkpoint(tiny_run, cache, tmp_path):
 
 
 def test_a_checkpoint_killed_while_saving_is_not_resumed(tmp_path):
-    from selfreward.training import last_checkpoint
+    from selfreward.model.training import last_checkpoint
 
     for step, complete in ((2, True), (4, True), (6, False)):
         folder = tmp_path / f"checkpoint-{step}"

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from selfreward.models import TINY, TINY_REWARD, resolve_model_path
+from selfreward.model.models import TINY, TINY_REWARD, resolve_model_path
 from selfreward.reward_model import load_reward_model
 from selfreward.run.config import ConfigError, ModelConfig
 

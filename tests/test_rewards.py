@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from selfreward.chat import packaged_template
 from selfreward.judge import fill_template
+from selfreward.model.chat import packaged_template
 from selfreward.run.layout import RunLayout
 from selfreward.tournament import fit_pairwise_prompt, position_bias, rank_by_comparisons, win_shares
 
@@ -20,8 +20,8 @@ CLOSING = "Reply with the letter of the better answer only: A or B."
 
 @pytest.fixture(scope="module")
 def chat(cache):
-    from selfreward.chat import ChatFormat
-    from selfreward.models import TINY, load_tokenizer, resolve_model_path
+    from selfreward.model.chat import ChatFormat
+    from selfreward.model.models import TINY, load_tokenizer, resolve_model_path
     from selfreward.run.config import ModelConfig
 
     return ChatFormat.from_tokenizer(load_tokenizer(resolve_model_path(TINY), ModelConfig(name_or_path=TINY)))
@@ -124,7 +124,7 @@ def test_the_pairwise_judge_reads_the_letters_a_sentencepiece_model_writes_after
     pairwise prompt, which ends in a newline: there it writes "A". The judge must read P("A") over the
     tokens the model would write after the very prompt it is shown."""
     from selfreward import dryrun
-    from selfreward.chat import ChatFormat, ensure_chat_template
+    from selfreward.model.chat import ChatFormat, ensure_chat_template
 
     tokenizer = dryrun.stand_in_tokenizer(dryrun.KNOWN_MODELS["mistralai/mistral-7b-v0.1"])
     if ends_with.startswith("a space"):  # "Answer: " + "A" encodes as "Answer:" + "▁A"
@@ -269,7 +269,7 @@ def test_stages_03_04_06_with_the_pairwise_judge_and_consistency(tiny_run, tmp_p
 
 
 def test_stage_03_with_an_external_reward_model(tiny_run, tmp_path, run_stage):
-    from selfreward.models import TINY_REWARD
+    from selfreward.model.models import TINY_REWARD
 
     run = copy_run(tiny_run, tmp_path)
     flags = ["--run-dir", str(run), "--iteration", "1", "--no-oxen", "--judge.mode", "reward_model",

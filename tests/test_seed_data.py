@@ -48,7 +48,7 @@ def test_fallback_chat_template(tiny_model):
     """A tokenizer without a chat template gets the packaged fallback, which ends turns with EOS."""
     from transformers import AutoTokenizer
 
-    from selfreward.chat import ChatFormat, ensure_chat_template
+    from selfreward.model.chat import ChatFormat, ensure_chat_template
 
     _, _, path = tiny_model
     tokenizer = AutoTokenizer.from_pretrained(path)

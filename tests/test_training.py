@@ -6,9 +6,9 @@ import shutil
 import pytest
 from safetensors.torch import load_file
 
+from selfreward.model.training import build_sft_trainer, optimizer_steps
 from selfreward.run.config import Config, apply_overrides
 from selfreward.run.layout import RunLayout
-from selfreward.training import build_sft_trainer, optimizer_steps
 
 
 def test_sft_loss_covers_completion_tokens_only(tiny_model, tmp_path):
@@ -145,7 +145,7 @@ def test_a_torchrun_rank_closes_the_process_group_before_it_returns(tmp_path, mo
 
     import torch.distributed as dist
 
-    from selfreward import training
+    from selfreward.model import training
 
     class Rank1Trainer:
         model = None
@@ -198,10 +198,10 @@ def test_dpo_reference_initial_keeps_m0_as_the_reference(tiny_run, tmp_path, run
     import torch
     from transformers import AutoModelForCausalLM
 
-    from selfreward.chat import ChatFormat
-    from selfreward.models import load_tokenizer
+    from selfreward.model.chat import ChatFormat
+    from selfreward.model.models import load_tokenizer
+    from selfreward.model.training import build_dpo_trainer
     from selfreward.run.config import load_config
-    from selfreward.training import build_dpo_trainer
 
     layout = RunLayout(tiny_run)
     config = load_config(layout.config, {"dpo.reference": "initial"})
@@ -240,7 +240,7 @@ def test_eight_processes_train_the_configs_global_batch(profile, tmp_path, monke
     """--num-processes 8 took each config batch per process with grad_accum unchanged: eight times the
     global batch, an eighth of the optimizer steps (SFT on 534 rows: 34 steps became 5). The global
     batch batch_size x grad_accum is the config's however many processes share it."""
-    from selfreward.training import _trainer_args
+    from selfreward.model.training import _trainer_args
 
     config = _shipped(profile)
     for section in ("sft", "dpo"):
@@ -254,8 +254,8 @@ def test_eight_processes_train_the_configs_global_batch(profile, tmp_path, monke
 
 
 def test_a_global_batch_the_processes_cannot_share_is_refused(tmp_path, monkeypatch):
+    from selfreward.model.training import _trainer_args
     from selfreward.run.config import ConfigError
-    from selfreward.training import _trainer_args
 
     config = apply_overrides(Config(), {"model.device": "cpu", "dpo.batch_size": 4, "dpo.grad_accum": 4}, "test")
     monkeypatch.setenv("WORLD_SIZE", "3")

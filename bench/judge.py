@@ -23,7 +23,7 @@ import time
 import torch
 from seed_way import seed_way  # bench/ is the script folder, so on the path
 
-from selfreward.judge import fit_judge_prompt, mean_score, parse_judge_score, score_by_logits
+from selfreward.judge.rubric import fit_judge_prompt, mean_score, parse_judge_score, score_by_logits
 from selfreward.model.generation import HFBackend, Sampling, shared_prefix_length
 from selfreward.model.models import SMOLLM2, load_for_generation, resolve_model_path
 from selfreward.run.config import ModelConfig

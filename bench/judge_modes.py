@@ -23,7 +23,7 @@ each question the pair build_pairs makes from the mode's scores (min_margin 0), 
 humans scored its chosen answer above its rejected one (a human tie counts half), with a 95%
 bootstrap interval over questions. The pairwise modes also give their position bias (the share of
 comparisons whose letter did not change with the order) and comparisons per question.
-evaluation.measure_pairwise_judge (every pair of answers with different human scores, both orders)
+judges.measure_pairwise_judge (every pair of answers with different human scores, both orders)
 runs once at the end for reference.
 
     python bench/judge_modes.py                                  # SmolLM2-135M-Instruct, the CPU demo's config
@@ -50,21 +50,21 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from selfreward.evaluation import judge_quality, measure_pairwise_judge, split_heldout  # noqa: E402
-from selfreward.judge import (  # noqa: E402
+from selfreward.evaluation import split_heldout  # noqa: E402
+from selfreward.judge.judges import judge_budget, judge_quality, measure_pairwise_judge  # noqa: E402
+from selfreward.judge.rubric import (  # noqa: E402
     fit_judge_prompt,
     judge_all,
-    judge_budget,
     mean_score,
     pairwise_template,
     rubric_of,
 )
+from selfreward.judge.tournament import pairwise_scores, picked_same_letter, position_bias  # noqa: E402
 from selfreward.model.backends import load_backend  # noqa: E402
 from selfreward.pairs import build_pairs  # noqa: E402
 from selfreward.run.config import load_config  # noqa: E402
 from selfreward.run.metrics import bootstrap_intervals  # noqa: E402
 from selfreward.run.records import EFT, IFT, read_jsonl  # noqa: E402
-from selfreward.tournament import pairwise_scores, picked_same_letter, position_bias  # noqa: E402
 
 MODES = ("logits", "knockout", "round_robin", "reward_model")
 
@@ -173,8 +173,8 @@ def stand_in_reward_model(model_path: str, config, folder: str, seed: int):
     """The model's weights with a random one-output head, saved to `folder` and loaded as stage 03 would."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from selfreward.judge.reward_model import load_reward_model
     from selfreward.model.models import resolve_model_path
-    from selfreward.reward_model import load_reward_model
 
     path = resolve_model_path(model_path)
     torch.manual_seed(seed)

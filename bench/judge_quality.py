@@ -44,7 +44,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from selfreward.evaluation import measure_judge, split_heldout  # noqa: E402
+from selfreward.evaluation import split_heldout  # noqa: E402
+from selfreward.judge.judges import measure_judge  # noqa: E402
 from selfreward.run.config import load_config  # noqa: E402
 from selfreward.run.records import EFT, IFT, read_jsonl, write_jsonl  # noqa: E402
 
@@ -124,7 +125,7 @@ def run_variant(name: str, args, files: dict[str, Path], work: Path) -> dict:
     held = read_jsonl(files["heldout"], EFT, id_field="id")
     judged_at = time.time()
     if pairwise:
-        from selfreward.evaluation import measure_pairwise_judge
+        from selfreward.judge.judges import measure_pairwise_judge
 
         quality = measure_pairwise_judge(backend, held, template=None, batch_size=config.judge.batch_size,
                                          budget=prompt_budget(backend.context_length, config.model, 1),

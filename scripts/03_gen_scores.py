@@ -14,7 +14,7 @@ judgments, or null if none parsed. judge.mode "logits": the score is the expecte
 (score_first, one forward pass), or after a greedy justification (score_last); the judgment also
 records that distribution. judge.mode "pairwise": a prompt's answers meet two at a time
 (judge.ranking: knockout or round_robin), each comparison asked in both orders; `score` is 5 x the
-answer's win share and `comparisons` holds every comparison it played (see selfreward/tournament.py).
+answer's win share and `comparisons` holds every comparison it played (see selfreward/judge/tournament.py).
 judge.mode "reward_model": judge.reward_model, a sequence classifier, scores each answer in its own
 chat template; `score` is its reward.
 
@@ -30,89 +30,16 @@ alone).
     python scripts/03_gen_scores.py --run-dir runs/demo --iteration 1 --judge.mode pairwise
 """
 
-from dataclasses import replace
 from pathlib import Path
 
 from selfreward import cli
-from selfreward.evaluation import judge_noise, measure_judge
-from selfreward.judge import (
-    fit_judge_prompt,
-    judge_all,
-    judge_budget,
-    load_judge,
-    mean_score,
-    pairwise_template,
-    rubric_of,
-    template_files,
-)
-from selfreward.run.metrics import draw_key
+from selfreward.judge.judges import judge_budget, load_judge, measure_judge, measure_noise, score_rows
+from selfreward.judge.rubric import template_files
+from selfreward.judge.tournament import position_bias
 from selfreward.run.records import EFT, RESPONSE, read_jsonl, write_jsonl
-from selfreward.tournament import pairwise_scores, position_bias
 
 # The previous judge's chunks share the chunk log, numbered from here on.
 PREVIOUS_JUDGE_CHUNKS = 1_000_000
-
-
-def score_rows(judge, responses: list[dict], config, *, budget: int, seed: int, skip=(), save=None) -> list[dict]:
-    """Every response row scored by `judge` as judge.mode says. Each chunk of rows goes to save(k, rows) as
-    soon as it is done; the chunks in `skip` are not judged again (their rows are not returned)."""
-    cfg = config.judge
-    if cfg.mode == "pairwise":
-        return pairwise_scores(
-            judge, responses, cfg, template=pairwise_template(cfg), budget=budget,
-            prompts_per_chunk=max(1, cfg.batch_size // 2), skip=skip, on_chunk=save,
-        )  # fmt: skip
-    rows: list[dict] = []
-
-    def keep(k: int, new: list[dict]) -> None:
-        rows.extend(new)
-        if save:
-            save(k, new)
-
-    if cfg.mode == "reward_model":
-        fitted = [judge.render(r["prompt"], r["response"], budget) for r in responses]
-
-        def rewarded(k: int, idx: list[int], rewards: list[float | None]) -> None:
-            scores = [None if reward is None else round(reward, 4) for reward in rewards]  # None: it was not finite
-            keep(k, [{**responses[i], "score": score, "judgments": [], "judge_input_truncated": fitted[i][1]}
-                     for i, score in zip(idx, scores, strict=True)])  # fmt: skip
-
-        judge.score([text for text, _ in fitted], cfg.batch_size, skip=skip, on_batch=rewarded)
-        return rows
-    rubric = rubric_of(cfg)
-    fitted = [fit_judge_prompt(judge.chat, r["prompt"], r["response"], budget, rubric) for r in responses]
-
-    def judged(k: int, idx: list[int], judgments: list[list[dict]]) -> None:
-        keep(k, [{**responses[i], "score": mean_score([j["score"] for j in js]), "judgments": js,
-                  "judge_input_truncated": fitted[i][1]} for i, js in zip(idx, judgments, strict=True)])  # fmt: skip
-
-    judge_all(judge, [text for text, _ in fitted], cfg, seed=seed, skip=skip, on_batch=judged)
-    return rows
-
-
-def noise(judge, responses: list[dict], rows: list[dict], config, *, budget: int, seed: int) -> dict:
-    """The largest change of a score when judge.noise_samples answers (pairwise: prompts) drawn by hash
-    are judged again, alone: differences of scores smaller than this say nothing about the answers."""
-    cfg = config.judge
-    if cfg.mode in ("sample", "logits"):
-        rubric = rubric_of(cfg)
-        prompts = [fit_judge_prompt(judge.chat, r["prompt"], r["response"], budget, rubric)[0] for r in rows]
-        return judge_noise(judge, prompts, [r["score"] for r in rows], cfg, count=cfg.noise_samples, seed=seed)
-
-    score = {r["response_id"]: r["score"] for r in rows}
-    if cfg.mode == "pairwise":
-        prompts = set(sorted({r["prompt_id"] for r in responses}, key=lambda p: draw_key(p, seed))[: cfg.noise_samples])
-        again_of = [r for r in responses if r["prompt_id"] in prompts]
-    else:
-        again_of = sorted(responses, key=lambda r: draw_key(r["response_id"], seed))[: cfg.noise_samples]
-    alone = replace(config, judge=replace(cfg, batch_size=2 if cfg.mode == "pairwise" else 1))
-    again = score_rows(judge, again_of, alone, budget=budget, seed=seed + 7919)
-    changes = [
-        abs(r["score"] - score[r["response_id"]])
-        for r in again
-        if r["score"] is not None and score[r["response_id"]] is not None
-    ]
-    return {"answers": len(changes), "max_change": round(max(changes), 4) if changes else None}
 
 
 def main() -> None:
@@ -151,7 +78,7 @@ def main() -> None:
         check["heldout"] = measure_judge(
             judge, heldout, cfg, budget=budget, samples=config.eval.bootstrap_samples, seed=config.seed
         )
-    check["noise"] = noise(judge, responses, rows, config, budget=budget, seed=config.seed + t)
+    check["noise"] = measure_noise(judge, responses, rows, config, budget=budget, seed=config.seed + t)
     judge.close()
     extra = {"backend": judge.name}
     if cfg.mode == "reward_model":  # NaN or inf (see RewardModel.score), given as no score

@@ -37,7 +37,7 @@ from functools import partial
 from pathlib import Path
 
 from selfreward import cli, dryrun, oasst
-from selfreward.judge import fit_judge_prompt, judge_all, mean_score, rubric_of
+from selfreward.judge.rubric import fit_judge_prompt, judge_all, mean_score, rubric_of
 from selfreward.model import backends
 from selfreward.model.chat import ChatFormat
 from selfreward.model.models import load_tokenizer, prompt_budget, resolve_model_path

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from selfreward.judge import check_judge_settings
+from selfreward.judge.rubric import check_judge_settings
 from selfreward.model.models import HostMemoryError, ModelNotFoundError
 from selfreward.run import failpoints, versioning
 from selfreward.run.config import (

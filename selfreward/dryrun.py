@@ -34,7 +34,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfreward.judge import check_judge_settings
+from selfreward.judge.rubric import check_judge_settings
 from selfreward.model.chat import packaged_template
 from selfreward.model.models import (
     TINY_REWARD,

@@ -177,7 +177,7 @@ def eft_rows(conv: dict, judged: list[list[dict]], rubric) -> list[dict]:
     """The EFT rows of one prompt whose ranking the judge got right: one per reply, with the judgment
     closest to the judge's mean score as the justification, its score line written "Score: N" (the
     data format; SFT rewrites it the way the run's template shows it)."""
-    from selfreward.judge import mean_score, text_before_score_line
+    from selfreward.judge.rubric import mean_score, text_before_score_line
 
     rows = []
     for reply, judgments in zip(conv["replies"], judged, strict=True):

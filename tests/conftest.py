@@ -98,7 +98,7 @@ def live_models_at_load(monkeypatch) -> list[int]:
     import gc
     import weakref
 
-    from selfreward import reward_model
+    from selfreward.judge import reward_model
     from selfreward.model import backends
 
     live, alive_at_load = weakref.WeakSet(), []

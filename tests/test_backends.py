@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from selfreward.judge import judge_prompt
+from selfreward.judge.rubric import judge_prompt
 from selfreward.model.backends import load_backend, vllm_available
 from selfreward.model.generation import Sampling
 from selfreward.model.models import TINY

@@ -5,7 +5,8 @@ import shutil
 
 import pytest
 
-from selfreward.evaluation import drift, head_to_head, judge_quality, off_topic_rows, split_heldout
+from selfreward.evaluation import drift, head_to_head, off_topic_rows, split_heldout
+from selfreward.judge.judges import judge_quality
 from selfreward.run.layout import RunLayout
 
 
@@ -158,7 +159,7 @@ def test_eval_on_any_prompts_file(tiny_run, run_stage, tmp_path):
 def test_the_pairwise_judge_is_scored_over_both_orders():
     from types import SimpleNamespace
 
-    from selfreward.evaluation import measure_pairwise_judge
+    from selfreward.judge.judges import measure_pairwise_judge
     from selfreward.model.chat import ChatFormat
     from selfreward.model.models import TINY, load_tokenizer, resolve_model_path
     from selfreward.run.config import ModelConfig

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfreward.judge import judge_prompt, score_by_logits
+from selfreward.judge.rubric import judge_prompt, score_by_logits
 from selfreward.model.generation import Generation, HFBackend, Sampling, plan_batches, shared_prefix_length
 
 QUESTIONS = ["What is 2+2?", "Name a colour.", "Write a haiku about rain.", "Why is the sky blue?", "Say hi."]
@@ -95,7 +95,8 @@ def test_logit_judge_prompts_fit_the_context_with_their_score_prefix(tiny_model,
     the maximum model length")."""
     from pathlib import Path
 
-    from selfreward.judge import fit_judge_prompt, judge_all, judge_budget, rubric_of
+    from selfreward.judge.judges import judge_budget
+    from selfreward.judge.rubric import fit_judge_prompt, judge_all, rubric_of
     from selfreward.run.config import load_config
 
     model, chat, _ = tiny_model

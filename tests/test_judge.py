@@ -1,6 +1,6 @@
 import pytest
 
-from selfreward.judge import fit_judge_prompt, judge_prompt, mean_score, parse_judge_score, score_by_logits
+from selfreward.judge.rubric import fit_judge_prompt, judge_prompt, mean_score, parse_judge_score, score_by_logits
 from selfreward.model.generation import HFBackend, Sampling, generate
 
 
@@ -115,7 +115,8 @@ def test_the_logit_judge_reads_within_the_context_after_a_prompt_cut_to_its_budg
     its justification too): judge_budget must leave room for all of it."""
     from pathlib import Path
 
-    from selfreward.judge import judge_all, judge_budget, rubric_of
+    from selfreward.judge.judges import judge_budget
+    from selfreward.judge.rubric import judge_all, rubric_of
     from selfreward.model.generation import Generation
     from selfreward.run.config import load_config
 
@@ -154,7 +155,7 @@ def test_the_logit_judge_reads_within_the_context_after_a_prompt_cut_to_its_budg
 
 
 def test_judge_target_puts_the_score_where_the_format_says():
-    from selfreward.judge import judge_target
+    from selfreward.judge.rubric import judge_target
 
     justification = "Relevant (1) and correct (2, 3).\nIt rambles, so no fourth point.\nScore: 3"
     assert judge_target(justification, 3, "score_last") == justification
@@ -169,7 +170,7 @@ def test_judge_target_puts_the_score_where_the_format_says():
     ("mode", "fmt"), [("sample", "score_last"), ("logits", "score_first"), ("logits", "score_last")]
 )
 def test_judge_all_reads_each_mode_and_format(tiny_model, mode, fmt):
-    from selfreward.judge import judge_all
+    from selfreward.judge.rubric import judge_all
     from selfreward.run.config import JudgeConfig
 
     model, chat, _ = tiny_model
@@ -207,7 +208,7 @@ RATING_PATTERN = r"Rating: \[\[(?P<score>\d(?:\.\d+)?)\]\]"
 
 
 def test_the_paper_template_follows_figure_2_and_reads_like_the_compact_one():
-    from selfreward.judge import load_rubric
+    from selfreward.judge.rubric import load_rubric
 
     paper = load_rubric("paper")
     text = paper.prompt("What is 2+2?", "4")
@@ -218,7 +219,7 @@ def test_the_paper_template_follows_figure_2_and_reads_like_the_compact_one():
 
 
 def test_a_custom_template_and_pattern_read_and_write_their_own_score_line(tmp_path):
-    from selfreward.judge import judge_target, load_rubric
+    from selfreward.judge.rubric import judge_target, load_rubric
 
     rubric = load_rubric(_file(tmp_path, "rating.txt", RATING), RATING_PATTERN)
     assert (

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
+from selfreward.judge.reward_model import load_reward_model
 from selfreward.model.models import TINY, TINY_REWARD, resolve_model_path
-from selfreward.reward_model import load_reward_model
 from selfreward.run.config import ConfigError, ModelConfig
 
 QUESTIONS = ["Hi", "What is the capital of France?", "Name three colours.", "Why is the sky blue? " * 5, "2+2?"]
@@ -130,9 +130,9 @@ def test_a_non_finite_reward_is_no_score_and_makes_no_pair(reward, monkeypatch, 
     # An overflowing reward model gives inf or NaN: inf was the best answer of its prompt and went into a
     # pair as "chosen"; NaN, listed first, made the prompt's pair with itself, dropping the prompt.
     import re
-    import runpy
     from pathlib import Path
 
+    from selfreward.judge.judges import score_rows
     from selfreward.pairs import build_pairs
     from selfreward.run.config import load_config
 
@@ -153,7 +153,6 @@ def test_a_non_finite_reward_is_no_score_and_makes_no_pair(reward, monkeypatch, 
         for p, values in answers.items() for k, value in enumerate(values)
     ]  # fmt: skip
     config = load_config(repo / "configs" / "tiny.yaml", {"judge.mode": "reward_model"})
-    score_rows = runpy.run_path(str(repo / "scripts" / "03_gen_scores.py"))["score_rows"]
     with caplog.at_level("WARNING", logger="selfreward"):
         rows = score_rows(reward, responses, config, budget=reward.context_length, seed=0)
     assert {r["response"]: r["score"] for r in rows} == {

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from selfreward.judge import fill_template
+from selfreward.judge.rubric import fill_template
+from selfreward.judge.tournament import fit_pairwise_prompt, position_bias, rank_by_comparisons, win_shares
 from selfreward.model.chat import packaged_template
 from selfreward.run.layout import RunLayout
-from selfreward.tournament import fit_pairwise_prompt, position_bias, rank_by_comparisons, win_shares
 
 TEMPLATE = packaged_template("pairwise_judge.txt")
 CLOSING = "Reply with the letter of the better answer only: A or B."
@@ -101,7 +101,7 @@ def test_a_long_second_answer_does_not_push_out_the_closing_instruction(chat):
 
 
 def test_the_pairwise_measurement_keeps_the_closing_instruction(chat):
-    from selfreward.evaluation import measure_pairwise_judge
+    from selfreward.judge.judges import measure_pairwise_judge
 
     rows = [
         {"prompt": "q", "response": "short", "score": 5, "id": "1"},
@@ -290,7 +290,7 @@ def test_stage_03_with_an_external_reward_model(tiny_run, tmp_path, run_stage):
 
 
 def test_a_rerun_ranks_only_the_prompts_a_killed_run_had_not_saved(chat):
-    from selfreward.tournament import pairwise_scores
+    from selfreward.judge.tournament import pairwise_scores
 
     quality = {f"{p}{k}": k for p in "xy" for k in range(3)}
     responses = [

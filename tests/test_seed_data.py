@@ -1,7 +1,7 @@
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from selfreward.judge import parse_judge_score
+from selfreward.judge.rubric import parse_judge_score
 from selfreward.run.metrics import spearman
 from selfreward.run.records import EFT, IFT, read_jsonl
 

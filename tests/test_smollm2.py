@@ -2,7 +2,7 @@
 
 import pytest
 
-from selfreward.judge import judge_prompt, parse_judge_score, score_by_logits, score_token_ids
+from selfreward.judge.rubric import judge_prompt, parse_judge_score, score_by_logits, score_token_ids
 from selfreward.model.chat import ChatFormat
 from selfreward.model.generation import HFBackend, Sampling, generate
 from selfreward.model.models import SMOLLM2, load_model, load_tokenizer, resolve_model_path

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from itertools import combinations
 
-from selfreward.judge import MAX_SCORE, fill_template
+from selfreward.judge.rubric import MAX_SCORE, fill_template
 
 RANKINGS = ("knockout", "round_robin")
 
@@ -66,13 +66,31 @@ def picked_same_letter(comparison: dict) -> bool:
     return (comparison["p_a_first"] >= 0.5) == (comparison["p_a_second"] <= 0.5)
 
 
+def ab_token_ids(chat, template: str) -> tuple[int, list[int]]:
+    """(characters to cut from the end of every rendered pairwise prompt, the token ids of "A" and "B" that
+    the judge's next token is read over).
+
+    The ids are taken in context, as score_token_ids takes the digits: the tokens the model writes right
+    after the rendered prompt. A SentencePiece tokenizer (Mistral's, Llama 2's) encodes "A" alone as "▁A",
+    a word-initial token the model rarely writes after the prompt's closing newline, where it writes "A".
+    Where the prompt ends in a space that the tokenizer joins to the letter ("Answer: " + "A" is "Answer:"
+    + "▁A"), that space is cut from the prompt and the joined token read, as the model saw it in training.
+    """
+    prompt = chat.prompt(fill_template(template, question="", answer_a="", answer_b=""))
+    for cut in (0, 1) if prompt.endswith(" ") else (0,):
+        base = chat.encode(prompt[: len(prompt) - cut])
+        written = [chat.encode(prompt + letter) for letter in ("A", "B")]
+        ids = [tokens[-1] for tokens in written if tokens[:-1] == base]
+        if len(ids) == 2 and ids[0] != ids[1]:
+            return cut, ids
+    raise ValueError("the pairwise judge needs 'A' and 'B' to be one token each after the pairwise prompt")
+
+
 def compare(backend, matches: list[tuple[str, str, str]], *, template: str, budget: int, batch_size: int) -> list[dict]:
     """For each (question, answer a, answer b): {"p_a_first", "p_a_second", "cut"}, where p_a_first is
     P(a is better) with a shown as A, p_a_second with a shown as B (renormalised over the two letters).
     ValueError when the tokenizer has no one token for each letter after the prompt, or the template
     alone is longer than `budget`."""
-    from selfreward.evaluation import ab_token_ids
-
     trim, letter_ids = ab_token_ids(backend.chat, template)
     prompts, cut = [], []
     for q, a, b in matches:

@@ -162,7 +162,8 @@ def template_files(cfg) -> list[str]:
 
 
 def check_judge_settings(cfg) -> None:
-    """Raise ConfigError for a judge template or score pattern that cannot work (called on config load)."""
+    """Raise ConfigError for a judge template or score pattern that cannot work (run where a config is loaded
+    for a stage or a dry run: cli.load_checked_config, dryrun.main)."""
     rubric_of(cfg)
     pairwise_template(cfg)
     if cfg.mode == "reward_model" and not cfg.reward_model:
@@ -170,35 +171,6 @@ def check_judge_settings(cfg) -> None:
             "config key 'judge.reward_model': judge.mode reward_model needs one (a folder or hub id of a "
             "sequence classifier with one output)"
         )
-
-
-def load_judge(path, config):
-    """The model that judges: judge.reward_model for judge.mode reward_model (a reward_model.RewardModel),
-    else the LM in `path` (a generation backend)."""
-    if config.judge.mode == "reward_model":
-        from selfreward.reward_model import load_reward_model
-
-        return load_reward_model(config.judge.reward_model, config.model)
-    from selfreward.model.backends import load_backend
-
-    return load_backend(path, config.model, config.generation)
-
-
-def judge_budget(judge, config) -> int:
-    """Prompt tokens the judge may read. What it writes before its score (mode sample) has to fit in its
-    context too. The logit judge reads the digit after the prompt and "Score: " (format score_last: after
-    its justification and "\nScore: "), and that digit needs a position of its own: vLLM fails a whole
-    call when one prompt is as long as its context."""
-    from selfreward.model.models import prompt_budget
-
-    cfg = config.judge
-    if cfg.mode == "logits":
-        prefix, _ = score_token_ids(judge.chat, rubric_of(cfg))
-        last = cfg.format == "score_last"
-        reserve = (cfg.max_new_tokens if last else 0) + len(judge.chat.encode(("\n" if last else "") + prefix)) + 1
-    else:
-        reserve = cfg.max_new_tokens + 2 if cfg.mode == "sample" else 1
-    return prompt_budget(judge.context_length, config.model, reserve)
 
 
 def judge_prompt(question: str, response: str, rubric: Rubric | None = None) -> str:

@@ -50,7 +50,6 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from selfreward.evaluation import split_heldout  # noqa: E402
 from selfreward.judge.judges import judge_budget, judge_quality, measure_pairwise_judge  # noqa: E402
 from selfreward.judge.rubric import (  # noqa: E402
     fit_judge_prompt,
@@ -60,8 +59,9 @@ from selfreward.judge.rubric import (  # noqa: E402
     rubric_of,
 )
 from selfreward.judge.tournament import pairwise_scores, picked_same_letter, position_bias  # noqa: E402
+from selfreward.loop.evaluation import split_heldout  # noqa: E402
+from selfreward.loop.pairs import build_pairs  # noqa: E402
 from selfreward.model.backends import load_backend  # noqa: E402
-from selfreward.pairs import build_pairs  # noqa: E402
 from selfreward.run.config import load_config  # noqa: E402
 from selfreward.run.metrics import bootstrap_intervals  # noqa: E402
 from selfreward.run.records import EFT, IFT, read_jsonl  # noqa: E402

@@ -44,8 +44,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from selfreward.evaluation import split_heldout  # noqa: E402
 from selfreward.judge.judges import measure_judge  # noqa: E402
+from selfreward.loop.evaluation import split_heldout  # noqa: E402
 from selfreward.run.config import load_config  # noqa: E402
 from selfreward.run.records import EFT, IFT, read_jsonl, write_jsonl  # noqa: E402
 

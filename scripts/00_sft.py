@@ -24,8 +24,8 @@ import shutil
 from functools import partial
 
 from selfreward import cli, dryrun
-from selfreward.evaluation import off_topic_rows, split_heldout
 from selfreward.judge.rubric import judge_target, parse_judge_score, rubric_of, template_files
+from selfreward.loop.evaluation import off_topic_rows, split_heldout
 from selfreward.model.chat import ChatFormat
 from selfreward.model.models import load_tokenizer, resolve_model_path
 from selfreward.run.records import EFT, IFT, RecordError, read_jsonl, write_jsonl

@@ -19,8 +19,15 @@ import random
 from collections import Counter
 
 from selfreward import cli
+from selfreward.loop.prompt_gen import (
+    PromptFilter,
+    extract_new_task,
+    fit_fewshot_request,
+    is_cut_off,
+    pick_shots,
+    prompt_id,
+)
 from selfreward.model.models import prompt_budget
-from selfreward.prompt_gen import PromptFilter, extract_new_task, fit_fewshot_request, is_cut_off, pick_shots, prompt_id
 from selfreward.run.records import IFT, read_jsonl, write_jsonl
 
 

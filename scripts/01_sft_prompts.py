@@ -12,7 +12,7 @@ every row. Prompts that repeat (after normalising case and spaces) are kept once
 """
 
 from selfreward import cli
-from selfreward.prompt_gen import normalize, prompt_id
+from selfreward.loop.prompt_gen import normalize, prompt_id
 from selfreward.run.metrics import draw_key
 from selfreward.run.records import IFT, read_jsonl, write_jsonl
 

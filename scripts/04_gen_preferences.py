@@ -20,7 +20,7 @@ preferences.min_agreement); every pair then records its `agreement`, and the man
 """
 
 from selfreward import cli
-from selfreward.pairs import build_pairs, judges_agreement
+from selfreward.loop.pairs import build_pairs, judges_agreement
 from selfreward.run.records import SCORE, read_jsonl, read_manifest, write_jsonl
 
 

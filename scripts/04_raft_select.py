@@ -17,7 +17,7 @@ of both, with the count discarded per reason.
 import statistics
 
 from selfreward import cli
-from selfreward.raft import select
+from selfreward.loop.raft import select
 from selfreward.run.metrics import distinct_n
 from selfreward.run.records import SCORE, read_jsonl, write_jsonl
 

@@ -15,7 +15,7 @@ the model has caught up with its data, which is where SPIN stops.
 from collections import Counter
 
 from selfreward import cli
-from selfreward.prompt_gen import normalize, prompt_id
+from selfreward.loop.prompt_gen import normalize, prompt_id
 from selfreward.run.records import IFT, RESPONSE, read_jsonl, write_jsonl
 
 

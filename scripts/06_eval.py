@@ -23,10 +23,10 @@ Writes: <run>/M<t>/eval/eval.json and eval.{manifest.json,config.yaml}; <run>/re
 from pathlib import Path
 
 from selfreward import cli
-from selfreward.evaluation import drift, head_to_head
 from selfreward.judge.judges import judge_budget, load_judge, measure_judge
 from selfreward.judge.rubric import pairwise_template, template_files
 from selfreward.judge.tournament import compare
+from selfreward.loop.evaluation import drift, head_to_head
 from selfreward.model.models import prompt_budget
 from selfreward.report import write_report
 from selfreward.run.records import EFT, PREFERENCE, PROMPT, RESPONSE, SCORE, read_jsonl, read_manifest, write_json

@@ -36,8 +36,9 @@ from collections import Counter
 from functools import partial
 from pathlib import Path
 
-from selfreward import cli, dryrun, oasst
+from selfreward import cli, dryrun
 from selfreward.judge.rubric import fit_judge_prompt, judge_all, mean_score, rubric_of
+from selfreward.loop import oasst
 from selfreward.model import backends
 from selfreward.model.chat import ChatFormat
 from selfreward.model.models import load_tokenizer, prompt_budget, resolve_model_path

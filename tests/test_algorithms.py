@@ -81,7 +81,7 @@ def test_an_algorithm_runs_two_iterations_resumes_after_a_kill_and_commits_every
 def test_raft_keeps_the_best_answers_after_the_discard_filter():
     from types import SimpleNamespace
 
-    from selfreward.raft import select
+    from selfreward.loop.raft import select
 
     def row(pid, k, score, text="a fine answer here", finish="eos"):
         return {"prompt_id": pid, "response_id": f"{pid}-r{k}", "prompt": pid, "response": text,

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from selfreward.evaluation import drift, head_to_head, off_topic_rows, split_heldout
 from selfreward.judge.judges import judge_quality
+from selfreward.loop.evaluation import drift, head_to_head, off_topic_rows, split_heldout
 from selfreward.run.layout import RunLayout
 
 

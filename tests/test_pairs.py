@@ -1,4 +1,4 @@
-from selfreward.pairs import build_pairs
+from selfreward.loop.pairs import build_pairs
 
 
 def scored(prompt_id, *scores, texts=None):

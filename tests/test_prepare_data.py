@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from selfreward import oasst
+from selfreward.loop import oasst
 from selfreward.run.records import EFT, IFT, RecordError, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]

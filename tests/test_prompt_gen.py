@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from selfreward.prompt_gen import (
+from selfreward.loop.prompt_gen import (
     PromptFilter,
     extract_new_task,
     fewshot_request,

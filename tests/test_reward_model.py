@@ -133,7 +133,7 @@ def test_a_non_finite_reward_is_no_score_and_makes_no_pair(reward, monkeypatch, 
     from pathlib import Path
 
     from selfreward.judge.judges import score_rows
-    from selfreward.pairs import build_pairs
+    from selfreward.loop.pairs import build_pairs
     from selfreward.run.config import load_config
 
     repo = Path(__file__).resolve().parents[1]

@@ -164,7 +164,7 @@ def test_win_shares_count_a_dead_heat_half_and_an_answer_that_never_played_as_no
 
 
 def test_judges_agreement_is_kendall_tau_per_prompt():
-    from selfreward.pairs import judges_agreement
+    from selfreward.loop.pairs import judges_agreement
 
     def rows(pid, pairs):
         return [{"prompt_id": pid, "score": s, "previous_score": p} for s, p in pairs]

@@ -34,7 +34,7 @@ def test_eft_rows_are_enough_to_learn_from_and_to_measure_with():
     )
     assert longer_but_worse >= 0.5 * len(questions)
     # the held-out questions of the default config give at least 150 scored pairs to measure with
-    from selfreward.evaluation import split_heldout
+    from selfreward.loop.evaluation import split_heldout
     from selfreward.run.config import Config
     from selfreward.run.metrics import pairwise_agreement
 

@@ -16,6 +16,7 @@ import hashlib
 from collections import Counter
 from pathlib import Path
 
+from selfreward.judge.rubric import mean_score, text_before_score_line
 from selfreward.run.records import RecordError, read_jsonl
 
 MESSAGE = {
@@ -177,8 +178,6 @@ def eft_rows(conv: dict, judged: list[list[dict]], rubric) -> list[dict]:
     """The EFT rows of one prompt whose ranking the judge got right: one per reply, with the judgment
     closest to the judge's mean score as the justification, its score line written "Score: N" (the
     data format; SFT rewrites it the way the run's template shows it)."""
-    from selfreward.judge.rubric import mean_score, text_before_score_line
-
     rows = []
     for reply, judgments in zip(conv["replies"], judged, strict=True):
         valid = [j for j in judgments if j["score"] is not None]

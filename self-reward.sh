@@ -85,13 +85,13 @@ python=${PYTHON:-python}
 SELFREWARD_RUN_LOCK=$("$python" -m selfreward.run.runlock --run-dir "$run_dir" --fd 9 --pid $$)
 export SELFREWARD_RUN_LOCK
 
-"$python" -m selfreward.cli config --config "$config" --out "$run_dir/config.yaml" -- \
+"$python" -m selfreward.stage config --config "$config" --out "$run_dir/config.yaml" -- \
   ${overrides[@]+"${overrides[@]}"} ${algorithm_flag[@]+"${algorithm_flag[@]}"}
-stages=$("$python" -m selfreward.cli config --config "$run_dir/config.yaml" --stages)
+stages=$("$python" -m selfreward.stage config --config "$run_dir/config.yaml" --stages)
 if [ "$num_processes" -gt 1 ]; then
   # The processes share the config's global batch (batch_size x grad_accum): refused now if they cannot,
   # not in stage 05 after an iteration's generation.
-  "$python" -m selfreward.cli config --config "$run_dir/config.yaml" --processes "$num_processes"
+  "$python" -m selfreward.stage config --config "$run_dir/config.yaml" --processes "$num_processes"
 fi
 if [ -n "$dry_run" ]; then
   # Every setting that cannot work, and the memory table, before anything runs.
@@ -100,7 +100,7 @@ fi
 
 # Start a stage and return its exit code. With --num-processes N the training stages run under
 # torchrun, which exits 1 whatever went wrong in a rank; rank 0 writes its own exit code (skipped,
-# no pairs, bad input...) to a file (SELFREWARD_EXIT_FILE, selfreward/cli.py) and that code counts.
+# no pairs, bad input...) to a file (SELFREWARD_EXIT_FILE, selfreward/stage.py) and that code counts.
 start_stage() {
   local stage=$1; shift
   if [ "$num_processes" -gt 1 ] && { [ "$stage" = 00_sft ] || [ "$stage" = 05_dpo ] || [ "$stage" = 05_raft_sft ]; }; then
@@ -150,7 +150,7 @@ for ((t = 1; t <= iterations; t++)); do
     run_stage "$stage" --iteration "$t"
   done
 done
-"$python" -m selfreward.inspect_run --run-dir "$run_dir" --stages
+"$python" -m selfreward.tools.inspect_run --run-dir "$run_dir" --stages
 if [ -n "$dry_run" ]; then
   echo "self-reward.sh: dry run done: every stage ran with the settings of $config on a stand-in model, in $run_dir"
 else

@@ -21,7 +21,7 @@ Measured: torch.cuda.max_memory_allocated and max_memory_reserved over the step,
 (the model is loaded before the counters are reset). Estimate: selfreward.dryrun.memory_rows for the
 same architecture and settings, without its fixed allowance for the CUDA context (GPU_OVERHEAD), which
 the counters do not see; the context is reported on its own. The CUDA allocator is set up as the stages
-set it up (cli.process_defaults: expandable segments). On a CPU the steps run the same way and
+set it up (stage.process_defaults: expandable segments). On a CPU the steps run the same way and
 nothing is measured (the estimates are printed; --device cpu is how the tests exercise this file).
 
 Prints a table and ends with one JSON line (also written to --out).
@@ -44,11 +44,12 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from selfreward import cli, dryrun  # noqa: E402
+from selfreward import dryrun  # noqa: E402
 from selfreward.model.chat import ChatFormat  # noqa: E402
 from selfreward.model.generation import HFBackend, Sampling  # noqa: E402
 from selfreward.model.models import load_model, load_tokenizer, torch_dtype  # noqa: E402
 from selfreward.run.config import load_config, override_value  # noqa: E402
+from selfreward.stage import process_defaults  # noqa: E402
 
 STEPS = ("sft", "dpo", "generate")
 ESTIMATE_ROW = {"sft": "00_sft", "dpo": "05_dpo", "generate": "02_gen_responses"}
@@ -203,7 +204,7 @@ def measure_generate(config, path: str, chat: ChatFormat, device: str, prompt_to
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cli.process_defaults()  # the CUDA allocator's settings the stages run with
+    process_defaults()  # the CUDA allocator's settings the stages run with
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_memory: no CUDA GPU here (torch.cuda.is_available() is False); use --device cpu", flush=True)
         return 0

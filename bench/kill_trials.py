@@ -79,8 +79,8 @@ def digests(run: Path) -> dict[str, str]:
 
 
 def normalised_history(run: Path, env: dict) -> list[str]:
-    proc = subprocess.run([sys.executable, "-m", "selfreward.inspect_run", "--run-dir", str(run)], cwd=REPO, env=env,
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "selfreward.tools.inspect_run", "--run-dir", str(run)], cwd=REPO,
+                          env=env, capture_output=True, text=True, check=True)  # fmt: skip
     messages = [line.split("  ", 2)[2] for line in proc.stdout.splitlines()][::-1]
     return [re.sub(r", [\d.]+ s, peak RAM [\d.]+ GiB", "", m).replace(" (recovered)", "") for m in messages]
 

@@ -23,12 +23,13 @@ merged into the full-precision base.
 import shutil
 from functools import partial
 
-from selfreward import cli, dryrun
+from selfreward import dryrun
 from selfreward.judge.rubric import judge_target, parse_judge_score, rubric_of, template_files
 from selfreward.loop.evaluation import off_topic_rows, split_heldout
 from selfreward.model.chat import ChatFormat
 from selfreward.model.models import load_tokenizer, resolve_model_path
 from selfreward.run.records import EFT, IFT, RecordError, read_jsonl, write_jsonl
+from selfreward.stage import StageError, parse_stage, run
 
 
 def check_eft_scores(rows: list[dict], path: str) -> None:
@@ -43,7 +44,7 @@ def check_eft_scores(rows: list[dict], path: str) -> None:
 
 
 def main() -> None:
-    stage = cli.parse_stage("00_sft", __doc__, iteration=False)
+    stage = parse_stage("00_sft", __doc__, iteration=False)
     config, layout = stage.config, stage.layout
     heldout_file = config.data.heldout_eft
     data_files = [config.data.ift, config.data.eft, *([heldout_file] if heldout_file else [])]
@@ -57,7 +58,7 @@ def main() -> None:
     eft = read_jsonl(config.data.eft, EFT, id_field="id")
     check_eft_scores(eft, config.data.eft)
     if not ift and not eft:
-        raise cli.StageError(f"no training rows in {config.data.ift} or {config.data.eft}")
+        raise StageError(f"no training rows in {config.data.ift} or {config.data.eft}")
     questions = 0 if heldout_file else config.data.heldout_eft_questions
     ift, eft, heldout_prompts, heldout_eft = split_heldout(
         ift, eft, config.data.heldout_prompts, questions, config.seed
@@ -131,4 +132,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    run(main)

@@ -18,7 +18,6 @@ prompts.num_prompts or after prompts.max_attempts candidates, and reports both.
 import random
 from collections import Counter
 
-from selfreward import cli
 from selfreward.loop.prompt_gen import (
     PromptFilter,
     extract_new_task,
@@ -29,10 +28,11 @@ from selfreward.loop.prompt_gen import (
 )
 from selfreward.model.models import prompt_budget
 from selfreward.run.records import IFT, read_jsonl, write_jsonl
+from selfreward.stage import StageError, log, parse_stage, run
 
 
 def main() -> None:
-    stage = cli.parse_stage("01_gen_prompts", __doc__)
+    stage = parse_stage("01_gen_prompts", __doc__)
     config, layout, t = stage.config, stage.layout, stage.iteration
     cfg = config.prompts
     ift_path = layout.train_dir(0) / "ift.jsonl"
@@ -44,12 +44,12 @@ def main() -> None:
 
     pool = [row["prompt"] for row in read_jsonl(ift_path, IFT, id_field="id")]
     if not pool:
-        raise cli.StageError(f"{ift_path}: no IFT prompts to use as shots")
+        raise StageError(f"{ift_path}: no IFT prompts to use as shots")
     backend = load_backend(model_dir, config.model, config.generation)
     chat = backend.chat
     budget = prompt_budget(backend.context_length, config.model, cfg.max_new_tokens)
     if fit_fewshot_request(chat, [""], budget)[0] is None:
-        raise cli.StageError(
+        raise StageError(
             f"the prompt-generation request alone is longer than the {budget} prompt tokens the context leaves "
             f"after prompts.max_new_tokens ({cfg.max_new_tokens}); lower it or raise generation.max_model_len"
         )
@@ -100,7 +100,7 @@ def main() -> None:
         attempts += count
         batch += 1
     backend.close()
-    cli.log.info(
+    log.info(
         "%d new prompts of %d wanted after %d attempts (limit %d); rejected: %s",
         len(rows),
         cfg.num_prompts,
@@ -109,7 +109,7 @@ def main() -> None:
         dict(rejected) or "none",
     )
     if shots_dropped:
-        cli.log.info("%d shots were dropped from requests longer than %d prompt tokens", shots_dropped, budget)
+        log.info("%d shots were dropped from requests longer than %d prompt tokens", shots_dropped, budget)
     out = layout.generated(t, "prompts")
     stage.start_writing()
     write_jsonl(out, rows)
@@ -130,4 +130,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    run(main)

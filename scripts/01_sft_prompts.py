@@ -11,24 +11,22 @@ every row. Prompts that repeat (after normalising case and spaces) are kept once
     python scripts/01_sft_prompts.py --run-dir runs/spin --iteration 1
 """
 
-from selfreward import cli
 from selfreward.loop.prompt_gen import normalize, prompt_id
 from selfreward.run.metrics import draw_key
 from selfreward.run.records import IFT, read_jsonl, write_jsonl
+from selfreward.stage import StageError, parse_stage, run
 
 
 def main() -> None:
-    stage = cli.parse_stage("01_sft_prompts", __doc__)
+    stage = parse_stage("01_sft_prompts", __doc__)
     config, layout, t = stage.config, stage.layout, stage.iteration
     if config.algorithm not in ("spin", "raft"):
-        raise cli.StageError(
-            f"01_sft_prompts is a stage of the spin and raft algorithms; the run's is {config.algorithm}"
-        )
+        raise StageError(f"01_sft_prompts is a stage of the spin and raft algorithms; the run's is {config.algorithm}")
     ift_path = layout.train_dir(0) / "ift.jsonl"
     stage.begin(inputs=[ift_path])
     rows = read_jsonl(ift_path, IFT, id_field="id")
     if not rows:
-        raise cli.StageError(f"{ift_path}: no SFT prompts to draw from")
+        raise StageError(f"{ift_path}: no SFT prompts to draw from")
     wanted = (config.spin if config.algorithm == "spin" else config.raft).num_prompts
     drawn = sorted(rows, key=lambda r: draw_key(f"{t}:{r['id']}", config.seed))  # each iteration its own draw
     prompts, seen = [], set()
@@ -48,4 +46,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    run(main)

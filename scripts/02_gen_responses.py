@@ -12,9 +12,9 @@ Answers are kept exactly as generated: nothing is trimmed.
     python scripts/02_gen_responses.py --run-dir runs/demo --iteration 1
 """
 
-from selfreward import cli
 from selfreward.model.models import prompt_budget
 from selfreward.run.records import PROMPT, read_jsonl, write_jsonl
+from selfreward.stage import StageError, log, parse_stage, run
 
 
 def response_rows(prompt: dict, gens, truncated: bool) -> list[dict]:
@@ -34,7 +34,7 @@ def response_rows(prompt: dict, gens, truncated: bool) -> list[dict]:
 
 
 def main() -> None:
-    stage = cli.parse_stage("02_gen_responses", __doc__)
+    stage = parse_stage("02_gen_responses", __doc__)
     config, layout, t = stage.config, stage.layout, stage.iteration
     cfg = config.responses
     prompts_path = layout.generated(t, "prompts")
@@ -46,12 +46,12 @@ def main() -> None:
 
     prompts = read_jsonl(prompts_path, PROMPT, id_field="prompt_id")
     if not prompts:
-        raise cli.StageError(f"{prompts_path} has no prompts: nothing to answer (see stage 01's manifest)")
+        raise StageError(f"{prompts_path} has no prompts: nothing to answer (see stage 01's manifest)")
     backend = load_backend(model_dir, config.model, config.generation)
     budget = prompt_budget(backend.context_length, config.model, cfg.max_new_tokens)
     fitted = [backend.chat.fit(p["prompt"], budget) for p in prompts]
     if any(cut for _, cut in fitted):
-        cli.log.warning("%d prompts were longer than %d tokens and were cut", sum(c for _, c in fitted), budget)
+        log.warning("%d prompts were longer than %d tokens and were cut", sum(c for _, c in fitted), budget)
     # SPIN's rejected side is one answer of the model's own; RAFT picks the best of raft.samples_per_prompt
     samples = {"spin": 1, "raft": config.raft.samples_per_prompt}.get(config.algorithm, cfg.num_samples)
     sampling = Sampling(samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size)
@@ -76,4 +76,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    run(main)

@@ -32,18 +32,18 @@ alone).
 
 from pathlib import Path
 
-from selfreward import cli
 from selfreward.judge.judges import judge_budget, load_judge, measure_judge, measure_noise, score_rows
 from selfreward.judge.rubric import template_files
 from selfreward.judge.tournament import position_bias
 from selfreward.run.records import EFT, RESPONSE, read_jsonl, write_jsonl
+from selfreward.stage import StageError, log, parse_stage, run
 
 # The previous judge's chunks share the chunk log, numbered from here on.
 PREVIOUS_JUDGE_CHUNKS = 1_000_000
 
 
 def main() -> None:
-    stage = cli.parse_stage("03_gen_scores", __doc__)
+    stage = parse_stage("03_gen_scores", __doc__)
     config, layout, t = stage.config, stage.layout, stage.iteration
     cfg = config.judge
     responses_path = layout.generated(t, "responses")
@@ -56,7 +56,7 @@ def main() -> None:
     responses = read_jsonl(responses_path, RESPONSE, id_field="response_id")
     heldout = read_jsonl(heldout_path, EFT, id_field="id") if heldout_path.is_file() else []
     if not responses:
-        raise cli.StageError(f"{responses_path} has no responses: nothing to judge")
+        raise StageError(f"{responses_path} has no responses: nothing to judge")
     chunks = stage.chunk_log()  # each finished batch is saved at once; a rerun after a kill skips it
     order = {r["response_id"]: n for n, r in enumerate(responses)}
 
@@ -99,10 +99,10 @@ def main() -> None:
         extra["comparisons"] = int(comparisons)
         extra["comparisons_per_prompt"] = round(comparisons / prompts, 4)
         extra["position_bias"] = position_bias(rows)
-        cli.log.info("%d comparisons (%.2f per prompt), position bias %s", comparisons, comparisons / prompts,
+        log.info("%d comparisons (%.2f per prompt), position bias %s", comparisons, comparisons / prompts,
                      extra["position_bias"])  # fmt: skip
     elif total:
-        cli.log.info("%d of %d judgments had no valid score line", failed, total)
+        log.info("%d of %d judgments had no valid score line", failed, total)
     out = layout.generated(t, "scores")
     stage.start_writing()
     write_jsonl(out, rows)
@@ -115,4 +115,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    run(main)

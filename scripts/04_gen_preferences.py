@@ -19,9 +19,9 @@ preferences.min_agreement); every pair then records its `agreement`, and the man
     python scripts/04_gen_preferences.py --run-dir runs/demo --iteration 1
 """
 
-from selfreward import cli
 from selfreward.loop.pairs import build_pairs, judges_agreement
 from selfreward.run.records import SCORE, read_jsonl, read_manifest, write_jsonl
+from selfreward.stage import GateError, StageError, log, parse_stage, run
 
 
 def gate_verdict(check: dict) -> tuple[bool | None, str]:
@@ -39,7 +39,7 @@ def gate_verdict(check: dict) -> tuple[bool | None, str]:
 
 
 def main() -> None:
-    stage = cli.parse_stage("04_gen_preferences", __doc__)
+    stage = parse_stage("04_gen_preferences", __doc__)
     layout, t, config = stage.layout, stage.iteration, stage.config
     scores_path = layout.generated(t, "scores")
     check_path = layout.manifest("03_gen_scores", t)
@@ -49,12 +49,12 @@ def main() -> None:
     good, line = gate_verdict(check)
     if config.judge.gate != "off" and good is False:
         if config.judge.gate == "stop":
-            raise cli.GateError(f"{line} (judge.gate: stop)")
+            raise GateError(f"{line} (judge.gate: stop)")
         print(f"warning: {line}", flush=True)
     margin = config.preferences.min_margin
     if margin == "auto":
         margin = (check.get("noise") or {}).get("max_change") or 0.0
-        cli.log.info("min_margin auto: %.4f, the judge noise stage 03 measured", margin)
+        log.info("min_margin auto: %.4f, the judge noise stage 03 measured", margin)
     tolerance = config.preferences.length_tolerance if config.preferences.length_control else None
     pairs, dropped = build_pairs(scored, margin, tolerance)
     stand_in_scores = False
@@ -64,11 +64,11 @@ def main() -> None:
         scored = [{**r, "score": float(-r["sample_index"])} for r in scored]
         pairs, dropped = build_pairs(scored, margin, tolerance)
         stand_in_scores = True
-        cli.log.info("dry run: the stand-in judged nothing; %d pairs ranked by sample index", len(pairs))
+        log.info("dry run: the stand-in judged nothing; %d pairs ranked by sample index", len(pairs))
     consistency = None
     if config.preferences.consistency != "off" and t >= 2:
         if not any("previous_score" in r for r in scored):
-            raise cli.StageError(
+            raise StageError(
                 f"{scores_path} has no previous_score: rerun stage 03 with --preferences.consistency "
                 f"{config.preferences.consistency}, so that M{t - 2} scores the answers too"
             )
@@ -85,11 +85,11 @@ def main() -> None:
             "mean_agreement_of_pairs": round(sum(p["agreement"] for p in pairs) / len(pairs), 4) if pairs else None,
             "dropped": len(pairs) - len(kept),
         }
-        cli.log.info("judges M%d and M%d agree with mean Kendall tau %s; %d pairs dropped", t - 1, t - 2,
+        log.info("judges M%d and M%d agree with mean Kendall tau %s; %d pairs dropped", t - 1, t - 2,
                      consistency["mean_agreement"], consistency["dropped"])  # fmt: skip
         pairs = kept
     prompts = len({r["prompt_id"] for r in scored})
-    cli.log.info("%d pairs from %d prompts; dropped: %s", len(pairs), prompts, dict(dropped) or "none")
+    log.info("%d pairs from %d prompts; dropped: %s", len(pairs), prompts, dict(dropped) or "none")
     out = layout.generated(t, "preferences")
     stage.start_writing()
     write_jsonl(out, pairs)
@@ -110,4 +110,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    run(main)

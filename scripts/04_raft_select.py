@@ -16,14 +16,14 @@ of both, with the count discarded per reason.
 
 import statistics
 
-from selfreward import cli
 from selfreward.loop.raft import select
 from selfreward.run.metrics import distinct_n
 from selfreward.run.records import SCORE, read_jsonl, write_jsonl
+from selfreward.stage import log, parse_stage, run
 
 
 def main() -> None:
-    stage = cli.parse_stage("04_raft_select", __doc__)
+    stage = parse_stage("04_raft_select", __doc__)
     config, layout, t = stage.config, stage.layout, stage.iteration
     scores_path = layout.generated(t, "scores")
     stage.begin(inputs=[scores_path])
@@ -34,7 +34,7 @@ def main() -> None:
         # dry run still fine-tunes on rows of the configured shape (as stage 04 of srlm does).
         scored = [{**r, "score": float(-r["sample_index"])} for r in scored]
         kept, discarded = select(scored, config.raft)
-        cli.log.info("dry run: the stand-in judged nothing; %d answers kept by sample index", len(kept))
+        log.info("dry run: the stand-in judged nothing; %d answers kept by sample index", len(kept))
 
     def mean(values):
         values = [v for v in values if v is not None]
@@ -50,7 +50,7 @@ def main() -> None:
         "distinct_2_all": diversity([r["response"] for r in scored]),
         "distinct_2_kept": diversity([r["completion"] for r in kept]),
     }
-    cli.log.info("kept %d of %d answers; discarded: %s; %s", len(kept), len(scored), dict(discarded) or "none", figures)
+    log.info("kept %d of %d answers; discarded: %s; %s", len(kept), len(scored), dict(discarded) or "none", figures)
     out = layout.generated(t, "selected")
     stage.start_writing()
     write_jsonl(out, kept)
@@ -63,4 +63,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    run(main)

@@ -14,13 +14,13 @@ the model has caught up with its data, which is where SPIN stops.
 
 from collections import Counter
 
-from selfreward import cli
 from selfreward.loop.prompt_gen import normalize, prompt_id
 from selfreward.run.records import IFT, RESPONSE, read_jsonl, write_jsonl
+from selfreward.stage import StageError, log, parse_stage, run
 
 
 def main() -> None:
-    stage = cli.parse_stage("04_spin_pairs", __doc__)
+    stage = parse_stage("04_spin_pairs", __doc__)
     layout, t = stage.layout, stage.iteration
     responses_path, ift_path = layout.generated(t, "responses"), layout.train_dir(0) / "ift.jsonl"
     stage.begin(inputs=[responses_path, ift_path])
@@ -34,13 +34,13 @@ def main() -> None:
             continue  # one answer per prompt is the rejected side
         chosen = human.get(r["prompt_id"])
         if chosen is None:
-            raise cli.StageError(f"{responses_path}: prompt {r['prompt_id']} is not an SFT prompt of {ift_path}")
+            raise StageError(f"{responses_path}: prompt {r['prompt_id']} is not an SFT prompt of {ift_path}")
         if normalize(chosen) == normalize(r["response"]):
             dropped["same_as_human"] += 1
             continue
         pairs.append({"prompt_id": r["prompt_id"], "prompt": r["prompt"], "chosen": chosen, "rejected": r["response"],
                       "score_chosen": None, "score_rejected": None})  # fmt: skip
-    cli.log.info("%d pairs; dropped: %s", len(pairs), dict(dropped) or "none")
+    log.info("%d pairs; dropped: %s", len(pairs), dict(dropped) or "none")
     out = layout.generated(t, "preferences")
     stage.start_writing()
     write_jsonl(out, pairs)
@@ -53,4 +53,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    run(main)

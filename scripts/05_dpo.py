@@ -16,14 +16,14 @@ and says why, instead of failing inside the trainer.
 import sys
 from functools import partial
 
-from selfreward import cli
 from selfreward.model.chat import ChatFormat
 from selfreward.model.models import load_tokenizer
 from selfreward.run.records import PREFERENCE, read_jsonl, read_manifest, write_jsonl
+from selfreward.stage import EXIT_NO_PAIRS, parse_stage, run
 
 
 def main() -> None:
-    stage = cli.parse_stage("05_dpo", __doc__)
+    stage = parse_stage("05_dpo", __doc__)
     config, layout, t = stage.config, stage.layout, stage.iteration
     pairs_path = layout.generated(t, "preferences")
     # dpo.reference initial: M0 stays the reference at every iteration (at iteration 1 it is the parent)
@@ -44,7 +44,7 @@ def main() -> None:
             "judgments). Generate more prompts or answers, lower preferences.min_margin, or use judge.mode logits.",
             file=sys.stderr,
         )
-        sys.exit(cli.EXIT_NO_PAIRS)
+        sys.exit(EXIT_NO_PAIRS)
     parent = str(layout.model(t - 1))
     chat = ChatFormat.from_tokenizer(load_tokenizer(parent, config.model))
     train_copy = layout.train_dir(t) / "preferences.jsonl"
@@ -66,4 +66,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    run(main)

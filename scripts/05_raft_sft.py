@@ -16,14 +16,14 @@ import sys
 from dataclasses import replace
 from functools import partial
 
-from selfreward import cli
 from selfreward.model.chat import ChatFormat
 from selfreward.model.models import load_tokenizer
 from selfreward.run.records import SELECTED, read_jsonl, read_manifest, write_jsonl
+from selfreward.stage import EXIT_NO_PAIRS, parse_stage, run
 
 
 def main() -> None:
-    stage = cli.parse_stage("05_raft_sft", __doc__)
+    stage = parse_stage("05_raft_sft", __doc__)
     config, layout, t = stage.config, stage.layout, stage.iteration
     selected_path = layout.generated(t, "selected")
     stage.begin(inputs=[selected_path, layout.model(t - 1)])
@@ -41,7 +41,7 @@ def main() -> None:
             "use judge.mode logits, or relax the filter.",
             file=sys.stderr,
         )
-        sys.exit(cli.EXIT_NO_PAIRS)
+        sys.exit(EXIT_NO_PAIRS)
     parent = str(layout.model(t - 1))
     chat = ChatFormat.from_tokenizer(load_tokenizer(parent, config.model))
     train_copy = layout.train_dir(t) / "selected.jsonl"
@@ -56,4 +56,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    run(main)

@@ -22,14 +22,14 @@ Writes: <run>/M<t>/eval/eval.json and eval.{manifest.json,config.yaml}; <run>/re
 
 from pathlib import Path
 
-from selfreward import cli
 from selfreward.judge.judges import judge_budget, load_judge, measure_judge
 from selfreward.judge.rubric import pairwise_template, template_files
 from selfreward.judge.tournament import compare
 from selfreward.loop.evaluation import drift, head_to_head
 from selfreward.model.models import prompt_budget
-from selfreward.report import write_report
 from selfreward.run.records import EFT, PREFERENCE, PROMPT, RESPONSE, SCORE, read_jsonl, read_manifest, write_json
+from selfreward.stage import StageError, parse_stage, run
+from selfreward.tools.report import write_report
 
 
 def option(parser) -> None:
@@ -41,7 +41,7 @@ def picks_in_both_orders(judge, rows: list[tuple[str, str, str]], batch_size: in
     try:
         found = compare(judge, rows, template=template, budget=budget, batch_size=batch_size)
     except ValueError as exc:
-        raise cli.StageError(f"the head-to-head judge: {exc}") from None
+        raise StageError(f"the head-to-head judge: {exc}") from None
     x_first = ["A" if c["p_a_first"] >= 0.5 else "B" for c in found]
     x_second = ["A" if c["p_a_second"] <= 0.5 else "B" for c in found]  # "A" is then Y
     return x_first, x_second
@@ -68,7 +68,7 @@ def measured_by_stage_03(layout, m: int, config) -> dict | None:
 
 
 def main() -> None:
-    stage = cli.parse_stage("06_eval", __doc__, extra_args=option)
+    stage = parse_stage("06_eval", __doc__, extra_args=option)
     config, layout, t = stage.config, stage.layout, stage.iteration
     prompts_path = Path(stage.args.prompts) if stage.args.prompts else layout.heldout("prompts")
     eft_path = layout.heldout("eft")
@@ -87,7 +87,7 @@ def main() -> None:
     questions = [r["prompt"] for r in read_jsonl(prompts_path, {"prompt": (str,)})]
     eft = read_jsonl(eft_path, EFT, id_field="id")
     if not questions:
-        raise cli.StageError(f"{prompts_path} has no prompts to evaluate on")
+        raise StageError(f"{prompts_path} has no prompts to evaluate on")
 
     answers, quality = {}, {}
     # Before the policies: M<t> stays loaded after them to judge, and two 7B models may not share a card.
@@ -159,4 +159,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    run(main)

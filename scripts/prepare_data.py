@@ -36,7 +36,7 @@ from collections import Counter
 from functools import partial
 from pathlib import Path
 
-from selfreward import cli, dryrun
+from selfreward import dryrun
 from selfreward.judge.rubric import fit_judge_prompt, judge_all, mean_score, rubric_of
 from selfreward.loop import oasst
 from selfreward.model import backends
@@ -44,6 +44,7 @@ from selfreward.model.chat import ChatFormat
 from selfreward.model.models import load_tokenizer, prompt_budget, resolve_model_path
 from selfreward.run import versioning
 from selfreward.run.records import RecordError, path_fingerprint, write_json, write_jsonl
+from selfreward.stage import StageError, load_checked_config, log, process_defaults, run
 
 DRY_RUN_PROMPTS = 8  # --dry-run's --max-prompts unless given: the path checked, not the data made
 
@@ -84,7 +85,7 @@ def hub_messages(name: str) -> list[dict]:
         parts = load_dataset(name)
         table = concatenate_datasets([parts[split] for split in parts])
     except Exception as exc:
-        raise cli.StageError(
+        raise StageError(
             f"cannot load {name} from the Hugging Face Hub ({str(exc)[:200]}); on a machine with internet, save it "
             "once (datasets: load_dataset(...).to_json('oasst.jsonl')) and pass --source oasst.jsonl"
         ) from None
@@ -106,7 +107,7 @@ def sft_baseline(config, ift: list[dict], out: Path) -> Path:
     stamp = fingerprint(ift, config.model, config.lora, config.sft, config.seed)
     done = (folder / "fingerprint").is_file() and (folder / "fingerprint").read_text() == stamp
     if done and (folder / "model" / "config.json").is_file():
-        cli.log.info("SFT baseline: %s is complete", folder / "model")
+        log.info("SFT baseline: %s is complete", folder / "model")
         return folder / "model"
     if not done:
         shutil.rmtree(folder, ignore_errors=True)  # checkpoints of other rows or settings
@@ -184,8 +185,8 @@ def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="[prepare_data] %(message)s")
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # a harmless note on CPU
-    cli.process_defaults()
-    config = cli.load_checked_config(args.config)
+    process_defaults()
+    config = load_checked_config(args.config)
     judge_model, dry = args.judge_model, None
     if args.dry_run:
         config, judge_model, dry = dry_run(config, args)
@@ -208,7 +209,7 @@ def main() -> None:
     if not ift:
         raise RecordError(f"{args.source}: no first-turn {args.lang} prompt with a rank-0 reply: no IFT rows")
     write_jsonl(out / "ift.jsonl", ift)
-    cli.log.info("%d messages -> %d first-turn prompts -> %d IFT rows; removed: %s", len(messages),
+    log.info("%d messages -> %d first-turn prompts -> %d IFT rows; removed: %s", len(messages),
                  len(conversations), len(ift), dict(removed + ift_counts))  # fmt: skip
 
     candidates = oasst.eft_candidates(conversations)
@@ -219,7 +220,7 @@ def main() -> None:
     with_a_score = sum(j["score"] is not None for r in judged for js in r for j in js)
     if dry and judged and not with_a_score:
         judged, dry["stand_in_scores"] = stand_in_scores(candidates, judged), "5 - human rank"
-        cli.log.info("dry run: the stand-in wrote no score; each reply scored 5 - its human rank instead")
+        log.info("dry run: the stand-in wrote no score; each reply scored 5 - its human rank instead")
     rubric = rubric_of(config.judge)
     train, held, eft_counts = [], [], Counter()
     for conv, replies in zip(candidates, judged, strict=True):
@@ -267,8 +268,8 @@ def main() -> None:
         cfg = dataclasses.replace(config.oxen, repo=None)  # the repository lives in DIR
         made, _ = versioning.commit(cfg, out, files, f"prepare_data: {len(ift)} IFT, {len(train)} + {len(held)} EFT")
         if made:
-            cli.log.info("oxen commit %s", made[:12])
+            log.info("oxen commit %s", made[:12])
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    run(main)

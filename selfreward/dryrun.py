@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import string
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,7 +157,7 @@ def _local_source(name_or_path: str) -> str | None:
     if Path(path).is_dir():
         return path
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # heavy
 
         folder = snapshot_download(path, local_files_only=True, allow_patterns=["*.json", "*.model", "*.jinja"])
     except Exception:  # not cached (or no hub library): the embedded shapes are the other source
@@ -166,7 +167,7 @@ def _local_source(name_or_path: str) -> str | None:
 
 def real_architecture(name_or_path: str):
     """(the real model's transformers config, where it came from)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy
 
     source = _local_source(name_or_path)
     if source:
@@ -184,8 +185,8 @@ def real_architecture(name_or_path: str):
 
 def meta_model(real_config):
     """The real model's modules with no memory behind them: for counting parameters and module names."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    import torch  # heavy
+    from transformers import AutoModelForCausalLM  # heavy
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(real_config)
@@ -246,10 +247,7 @@ def _sentencepiece_bpe(specials: list[str], unk: str):
     """Mistral-7B-v0.1's and Llama 2's pipeline: the normalizer puts "▁" before the text (after every special
     token too) and for every space, there is no pre-tokenizer, and characters outside the vocabulary fall
     back to byte tokens <0x00>-<0xFF>. So "A" alone is "▁A", but "A" after a newline is "A"."""
-    import json
-    import string
-
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers  # heavy
 
     normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     learner = Tokenizer(models.BPE())
@@ -280,7 +278,7 @@ def _sentencepiece_bpe(specials: list[str], unk: str):
 
 def _byte_level_bpe(split: str, nfc: bool):
     """Llama 3's and Qwen2's pipeline: a regex split, then byte-level BPE; Qwen2 also normalizes to NFC."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers  # heavy
 
     tokenizer = Tokenizer(models.BPE())
     if nfc:
@@ -301,8 +299,8 @@ def stand_in_tokenizer(known: KnownModel):
     """A small tokenizer that splits text the way the real one does (its normalizer, pre-tokenizer, BPE
     model and decoder, its special tokens, BOS added or not), with a vocabulary learnt from the packaged
     templates: the same text gives fewer, shorter pieces than the real one, split at the same places."""
-    from tokenizers import AddedToken, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import AddedToken, processors  # heavy
+    from transformers import PreTrainedTokenizerFast  # heavy
 
     specials = list(known.specials)
     if known.pipeline == "sentencepiece":
@@ -324,7 +322,7 @@ def stand_in_tokenizer(known: KnownModel):
 
 
 def _stand_in_tokenizer(name_or_path: str, source: str | None):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy
 
     if source:  # the real tokenizer: its vocabulary is kept, only the model is small
         return AutoTokenizer.from_pretrained(source)
@@ -337,8 +335,8 @@ def _stand_in_tokenizer(name_or_path: str, source: str | None):
 
 def stand_in(name_or_path: str) -> Path:
     """The folder of the tiny random model that stands in for `name_or_path` (built once, then cached)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import torch  # heavy
+    from transformers import AutoConfig, AutoModelForCausalLM  # heavy
 
     real, where = real_architecture(name_or_path)
     source = where if Path(where).is_dir() else None  # the model's own folder: its tokenizer is used
@@ -457,7 +455,7 @@ class MemoryRow:
 
 def parameter_counts(model, config: Config) -> dict[str, int]:
     """total, in the blocks' linear layers (what bitsandbytes quantizes), and LoRA's (r x (in + out) per target)."""
-    import torch
+    import torch  # heavy
 
     total = sum(p.numel() for p in model.parameters())
     linear = lora = 0

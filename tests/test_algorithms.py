@@ -72,7 +72,7 @@ def test_an_algorithm_runs_two_iterations_resumes_after_a_kill_and_commits_every
             assert lineage["stage"] == "05_raft_sft" and read(layout.train_dir(t) / "selected.jsonl") == kept
         assert (layout.model(t) / "config.json").is_file() and layout.eval_result(t).is_file()
     table = subprocess.run(
-        [sys.executable, "-m", "selfreward.inspect_run", "--run-dir",
+        [sys.executable, "-m", "selfreward.tools.inspect_run", "--run-dir",
          str(run), "--stages"], cwd=REPO, env=env, capture_output=True, text=True,
     ).stdout  # fmt: skip
     assert ITERATION_STAGES[algorithm][0] in table and "(not run)" not in table
@@ -101,8 +101,8 @@ def test_raft_keeps_the_best_answers_after_the_discard_filter():
 
 
 def test_the_comparison_report_puts_runs_side_by_side(tmp_path):
-    from selfreward.report import main
     from selfreward.run.records import write_json
+    from selfreward.tools.report import main
 
     for name, algorithm, wins in (("a", "srlm", 3), ("b", "spin", 5)):
         layout = RunLayout(tmp_path / name)

@@ -1,11 +1,11 @@
-"""python -m selfreward.export on the tiny run: a loadable folder, a model card, the Hub call."""
+"""python -m selfreward.tools.export on the tiny run: a loadable folder, a model card, the Hub call."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from selfreward import export
+from selfreward.tools import export
 
 
 def test_export_writes_a_loadable_model_with_its_card(tiny_run, tmp_path, capsys):

@@ -293,9 +293,9 @@ def test_the_merge_ram_check_finds_a_hub_model_in_the_hugging_face_cache(tmp_pat
 
 def test_the_stage_table_keeps_its_columns_apart_when_a_gpu_peak_is_recorded(tmp_path):
     # On the H200 the table read "peak RAM 1.8 GiB, GPU 0.1 GiBhf": the memory column was sized for RAM alone.
-    from selfreward.inspect_run import stage_table
     from selfreward.run.layout import RunLayout
     from selfreward.run.records import write_json
+    from selfreward.tools.inspect_run import stage_table
 
     layout = RunLayout(tmp_path)
     peak = {"ram": 1843, "gpu": 23_450}
@@ -320,11 +320,11 @@ def test_stages_ask_for_expandable_cuda_segments_unless_the_user_set_the_allocat
     # with the default allocator (bench/RESULTS.md); a 24 GB card has no such room.
     import os
 
-    from selfreward import cli
+    from selfreward.stage import process_defaults
 
     for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
         monkeypatch.delenv(name, raising=False)
     for name, value in set_before.items():
         monkeypatch.setenv(name, value)
-    cli.process_defaults()
+    process_defaults()
     assert os.environ.get("PYTORCH_CUDA_ALLOC_CONF") == expected

@@ -251,8 +251,8 @@ def test_a_custom_template_and_pattern_read_and_write_their_own_score_line(tmp_p
 def test_a_template_or_pattern_that_cannot_work_is_refused_when_the_config_loads(tmp_path, template, pattern, message):
     from pathlib import Path
 
-    from selfreward.cli import load_checked_config
     from selfreward.run.config import ConfigError
+    from selfreward.stage import load_checked_config
 
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
     overrides = {"judge.template": _file(tmp_path, "t.txt", template), "judge.score_pattern": pattern}
@@ -263,8 +263,8 @@ def test_a_template_or_pattern_that_cannot_work_is_refused_when_the_config_loads
 def test_a_missing_template_or_a_pairwise_template_without_its_answers_is_refused(tmp_path):
     from pathlib import Path
 
-    from selfreward.cli import load_checked_config
     from selfreward.run.config import ConfigError
+    from selfreward.stage import load_checked_config
 
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
     with pytest.raises(ConfigError, match="'judge.template': 'nope.txt' is neither one of compact, paper nor a file"):

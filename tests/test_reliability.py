@@ -31,7 +31,7 @@ ITERATION_1_FILES = ["M0/train/ift.jsonl", "M0/train/eft.jsonl", "M0/train/heldo
 def history(run, cache) -> list[str]:
     """Commit messages, oldest first."""
     proc = subprocess.run(
-        [sys.executable, "-m", "selfreward.inspect_run", "--run-dir", str(run)],
+        [sys.executable, "-m", "selfreward.tools.inspect_run", "--run-dir", str(run)],
         cwd=REPO, env=stage_env(cache), capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -106,7 +106,7 @@ def test_kills_in_the_commit_window_and_a_crash_at_exit_lose_nothing(tiny_run, c
     assert [m for m in got if m.endswith("(recovered)")] == [got[2]] and "[02_gen_responses]" in got[2]
     for name in ITERATION_1_FILES:
         assert digest(run / name) == digest(tiny_run / name), name
-    table = subprocess.run([sys.executable, "-m", "selfreward.inspect_run", "--run-dir", str(run), "--stages"],
+    table = subprocess.run([sys.executable, "-m", "selfreward.tools.inspect_run", "--run-dir", str(run), "--stages"],
                            cwd=REPO, env=env, capture_output=True, text=True).stdout  # fmt: skip
     assert [line.split()[0] for line in table.splitlines() if "recovered by a rerun" in line] == ["02_gen_responses"]
 
@@ -210,7 +210,7 @@ def test_driver_overrides_go_into_the_run_config(tmp_path):
     command = [
         sys.executable,
         "-m",
-        "selfreward.cli",
+        "selfreward.stage",
         "config",
         "--config",
         "configs/tiny.yaml",
@@ -366,7 +366,7 @@ def test_a_busy_oxen_repository_waits_then_ends_in_one_line_and_the_rerun_commit
     ],
 )  # fmt: skip
 def test_machine_failures_become_one_line(error, phrase):
-    from selfreward.cli import environment_error
+    from selfreward.stage import environment_error
 
     assert phrase in environment_error(error)
     assert environment_error(ValueError("a bug")) is None

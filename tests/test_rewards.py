@@ -179,8 +179,8 @@ def test_judges_agreement_is_kendall_tau_per_prompt():
 
 
 def test_settings_that_cannot_work_are_refused_when_the_config_loads(tmp_path):
-    from selfreward.cli import load_checked_config
     from selfreward.run.config import ConfigError
+    from selfreward.stage import load_checked_config
 
     with pytest.raises(ConfigError, match="judge.reward_model"):
         load_checked_config("configs/tiny.yaml", {"judge.mode": "reward_model", "judge.reward_model": None})
@@ -194,8 +194,8 @@ def test_settings_that_cannot_work_are_refused_when_the_config_loads(tmp_path):
 
 
 def test_the_report_shows_consistency_and_judges_that_are_not_an_iterate(tmp_path):
-    from selfreward.report import write_report
     from selfreward.run.records import write_json
+    from selfreward.tools.report import write_report
 
     layout = RunLayout(tmp_path / "run")
     for t in (1, 2):

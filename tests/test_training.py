@@ -294,7 +294,7 @@ def test_a_rank_that_finds_the_checkpoint_stamp_matching_leaves_it_alone(tmp_pat
     import argparse
     import os
 
-    from selfreward.cli import Stage
+    from selfreward.stage import Stage
 
     stage = Stage("05_dpo", argparse.Namespace(), Config(), RunLayout(tmp_path), 1, 0.0, fingerprint="inputs")
     folder = stage.checkpoints(1)

@@ -19,7 +19,7 @@ from selfreward.run.layout import RunLayout
 
 def inspect(run, *args, cache):
     return subprocess.run(
-        [sys.executable, "-m", "selfreward.inspect_run", "--run-dir", str(run), *args],
+        [sys.executable, "-m", "selfreward.tools.inspect_run", "--run-dir", str(run), *args],
         cwd=REPO, env=stage_env(cache), capture_output=True, text=True,
     )  # fmt: skip
 

@@ -125,7 +125,7 @@ def load_reward_model(name_or_path: str, model_cfg) -> RewardModel:
     `reward_dtype`), on the device and with the fallback chat template of `model_cfg` (the run's
     ModelConfig). Anything that is not a sequence classifier with one output is refused with a ConfigError
     that names the key."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer  # heavy
 
     try:
         path = resolve_model_path(name_or_path)

@@ -163,7 +163,7 @@ def template_files(cfg) -> list[str]:
 
 def check_judge_settings(cfg) -> None:
     """Raise ConfigError for a judge template or score pattern that cannot work (run where a config is loaded
-    for a stage or a dry run: cli.load_checked_config, dryrun.main)."""
+    for a stage or a dry run: stage.load_checked_config, dryrun.main)."""
     rubric_of(cfg)
     pairwise_template(cfg)
     if cfg.mode == "reward_model" and not cfg.reward_model:
@@ -323,7 +323,7 @@ def judge_all(
     Returns a list of judgments per prompt, each {"score", "text", ...}; `skip` and `on_batch` (called
     with (batch, indices, judgments per index)) work as in `Backend.generate`.
     """
-    from selfreward.model.generation import Sampling
+    from selfreward.model.generation import Sampling  # torch
 
     if cfg.mode not in ("sample", "logits"):
         raise ValueError(f"judge.mode must be 'sample' or 'logits', got '{cfg.mode}'")

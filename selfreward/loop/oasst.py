@@ -61,7 +61,7 @@ def read_messages(path: str | Path) -> list[dict]:
         raise RecordError(f"{path}: file not found")
     if path.suffix == ".parquet":
         try:
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # heavy
 
             rows = pq.read_table(path).to_pylist()
         except Exception as exc:  # pyarrow's own errors name no row

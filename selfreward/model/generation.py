@@ -74,7 +74,7 @@ def without_model_defaults(model):
     """`generate` fills every option it is not given from the model's generation_config.json
     (Qwen2.5-Instruct's sets repetition_penalty 1.05, top_k 20; every merged M<t> inherits the file),
     which vLLM, given explicit sampling parameters, never applies: during the call the model has none."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig  # heavy
 
     own = model.generation_config
     model.generation_config = GenerationConfig()
@@ -302,7 +302,7 @@ class HFBackend(HalvesOnOutOfMemory):
     def _extend(self, prefix, rows: list[list[int]], upto: int):
         """Run the rows' own tokens (left-padded, after the shared prefix) through the model, except the
         last `upto` columns; returns (full input ids, full attention mask, cache, output of that pass)."""
-        from transformers import DynamicCache
+        from transformers import DynamicCache  # heavy
 
         length, cache = prefix
         own, own_mask = left_pad([r[length:] for r in rows], self.chat.tokenizer.pad_token_id)

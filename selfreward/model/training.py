@@ -13,11 +13,13 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 from transformers import TrainerCallback
 
 from selfreward.model.chat import ChatFormat
@@ -31,6 +33,7 @@ from selfreward.model.models import (
 )
 from selfreward.run import failpoints
 from selfreward.run.config import Config, ConfigError, TrainConfig, per_process_batch
+from selfreward.run.records import path_fingerprint, write_json
 from selfreward.run.runlock import is_rank_zero
 
 if TYPE_CHECKING:
@@ -97,7 +100,7 @@ def _trainer_args(train: TrainConfig, config: Config, output_dir: Path, rows: in
 
 
 def _peft_config(config: Config, model):
-    from peft import LoraConfig
+    from peft import LoraConfig  # heavy
 
     problem = lora_target_problem(model, list(config.lora.target_modules))
     if problem:  # peft's own error comes from deep inside the trainer's set-up
@@ -120,7 +123,7 @@ def _peft_config(config: Config, model):
 def _load_for_training(parent: str, config: Config, train: TrainConfig):
     model = load_model(parent, config.model, quantize=config.model.load_in_4bit)
     if config.model.load_in_4bit:
-        from peft import prepare_model_for_kbit_training
+        from peft import prepare_model_for_kbit_training  # heavy
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train.gradient_checkpointing)
     return model
@@ -162,8 +165,8 @@ def _tensorboard_into(logs: Path | None, train: TrainConfig) -> None:
 
 def build_sft_trainer(parent: str, rows: list[dict], config: Config, checkpoints: Path, logs: Path | None = None):
     """An SFTTrainer on prompt/completion rows whose loss covers the completion tokens only."""
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+    from datasets import Dataset  # heavy
+    from trl import SFTConfig, SFTTrainer  # heavy
 
     _tensorboard_into(logs, config.sft)
 
@@ -194,8 +197,8 @@ def build_dpo_trainer(
 ):
     """A DPOTrainer with LoRA on `parent`. The reference is `parent` with the adapter switched off, or the
     model in `reference` (dpo.reference initial: M0), loaded frozen and quantized like the policy."""
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+    from datasets import Dataset  # heavy
+    from trl import DPOConfig, DPOTrainer  # heavy
 
     _tensorboard_into(logs, config.dpo)
 
@@ -270,8 +273,6 @@ def _leave_process_group() -> None:
     without an active exception", SIGABRT) while rank 0 was still merging, and torchrun then killed
     rank 0 too: the stage failed after its work was done (2 of 51 DDP runs here, and once on CI).
     """
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -297,8 +298,6 @@ def write_lineage(
     reference: str | None = None,
 ) -> None:
     """Where a model came from: enough to retrace it without reading logs."""
-    from selfreward.run.records import path_fingerprint, write_json
-
     write_json(
         path,
         {
@@ -326,8 +325,6 @@ def train_child(
     `make_trainer` builds (see train_and_merge), merge it, write its lineage,
     drop the checkpoints and finish the stage (manifest, summary, Oxen). On a torchrun rank other than 0
     it only trains: rank 0 saves and reports."""
-    import shutil
-
     layout, t, config = stage.layout, stage.iteration, stage.config
     history = train_and_merge(
         make_trainer,

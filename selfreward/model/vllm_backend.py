@@ -47,7 +47,7 @@ class VLLMBackend:
         # touched the driver without that mark (torch.cuda.is_available() does) leaves a child that dies
         # with "Cannot re-initialize CUDA in forked subprocess". A spawned engine starts clean.
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-        from vllm import LLM
+        from vllm import LLM  # heavy
 
         path = resolve_model_path(str(model_dir))
         self.chat = ChatFormat.from_tokenizer(load_tokenizer(path, model_cfg))
@@ -101,8 +101,8 @@ class VLLMBackend:
         return calls + [current] if current else calls
 
     def generate(self, prompts, sampling, *, seed, desc="generating", skip=(), on_batch=None):
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
+        from vllm import SamplingParams  # heavy
+        from vllm.inputs import TokensPrompt  # heavy
 
         chat, n = self.chat, sampling.num_samples
         encoded = encode_prompts(chat, prompts, self.context_length)
@@ -147,8 +147,8 @@ class VLLMBackend:
         )
 
     def next_token_probs(self, prompts, token_ids, batch_size, *, desc="scoring", skip=(), on_batch=None):
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
+        from vllm import SamplingParams  # heavy
+        from vllm.inputs import TokensPrompt  # heavy
 
         encoded = encode_prompts(self.chat, prompts, self.context_length)
         # Raw log-probabilities (vLLM's default logprobs_mode) of exactly these tokens: one forward pass.

@@ -432,7 +432,7 @@ def from_dict(data: dict, where: str = "config") -> Config:
 
 def load_config(path: str | Path, overrides: dict[str, object] | None = None) -> Config:
     """The config of a YAML file with `overrides` applied, every key and value checked. The judge's
-    templates are checked a floor up, by whoever runs the judge (cli.load_checked_config): reading
+    templates are checked a floor up, by whoever runs the judge (stage.load_checked_config): reading
     them needs the judge."""
     path = Path(path)
     if not path.is_file():

@@ -21,7 +21,7 @@ CRASH_ENV = "SELFREWARD_CRASH_AT"
 ONCE_ENV = "SELFREWARD_CRASH_ONCE"
 POINTS = ("after_checkpoint", "after_summary", "after_commit", "at_exit")
 
-_stage = ""  # "stage:iteration" of the stage this process runs, set by cli.parse_stage
+_stage = ""  # "stage:iteration" of the stage this process runs, set by stage.parse_stage
 
 
 def set_stage(name: str, iteration: int) -> None:

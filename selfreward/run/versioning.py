@@ -44,6 +44,7 @@ from pathlib import Path
 
 from selfreward.run.config import ConfigError, OxenConfig, load_config
 from selfreward.run.layout import RunLayout
+from selfreward.run.records import write_json
 
 log = logging.getLogger("selfreward")
 
@@ -254,8 +255,6 @@ def _read_ledger(layout: RunLayout) -> dict:
 
 
 def _write_ledger(layout: RunLayout, ledger: dict) -> None:
-    from selfreward.run.records import write_json
-
     write_json(layout.oxen_ledger, ledger)  # atomic: a kill leaves the old ledger or the new one
 
 
@@ -489,7 +488,7 @@ def _configure_user(user: dict) -> None:
 
     An identity the user already configured for Oxen is kept unless one is given.
     """
-    import oxen
+    import oxen  # in the child process only (see above)
 
     user_file = Path.home() / ".config" / "oxen" / "user_config.toml"
     if user.get("name") or user.get("email") or not user_file.is_file():
@@ -497,7 +496,7 @@ def _configure_user(user: dict) -> None:
 
 
 def _open_repo(root: str):
-    import oxen
+    import oxen  # in the child process only (see above)
 
     Path(root).mkdir(parents=True, exist_ok=True)
     repo = oxen.Repo(root)
@@ -525,7 +524,7 @@ def _do_commit(request: dict) -> dict:
 def _do_log(request: dict) -> dict:
     if not (Path(request["root"]) / ".oxen").is_dir():
         return {"commits": []}
-    import oxen
+    import oxen  # in the child process only (see above)
 
     commits = oxen.Repo(request["root"]).log()
     return {"commits": [{"id": c.id, "timestamp": str(c.timestamp), "message": c.message} for c in commits]}
@@ -534,7 +533,7 @@ def _do_log(request: dict) -> dict:
 def _do_push(request: dict) -> dict:
     """Push from a copy of the repository (see _copy_repository): Oxen holds a repository's locks for the
     whole of a push, and the stages' commits must not wait on the network."""
-    import oxen
+    import oxen  # in the child process only (see above)
 
     root, mirror = Path(request["root"]), Path(request["mirror"])
     shutil.rmtree(mirror, ignore_errors=True)  # left by a pusher that was killed
@@ -594,7 +593,7 @@ def _copy_repository(root: Path, scratch: Path) -> None:
 def _do_read(request: dict) -> dict:
     """Restore one file of a commit into a scratch folder, from a copy of the repository, so the run's own
     files are never touched."""
-    import oxen
+    import oxen  # in the child process only (see above)
 
     root, scratch = Path(request["root"]), Path(request["scratch"])
     _copy_repository(root, scratch)

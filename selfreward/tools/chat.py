@@ -120,7 +120,7 @@ def _answer_in_turn(folders: dict, questions: list[str], config, sampling) -> di
 def _fit_together(folders: dict, config) -> bool:
     """Whether the models can all stay loaded: one model always can; vLLM engines never share a GPU here;
     otherwise their weights, with a fifth to spare, must fit in the free memory of the device."""
-    import torch
+    import torch  # heavy
 
     from selfreward.model.backends import choose_backend  # torch
 

@@ -2,7 +2,7 @@
 
 The driver's config step runs here too, so that the run's config.yaml is checked as a stage checks it:
 
-    python -m selfreward.cli config --config configs/tiny.yaml --out runs/default/config.yaml -- --seed 3
+    python -m selfreward.stage config --config configs/tiny.yaml --out runs/default/config.yaml -- --seed 3
 """
 
 from __future__ import annotations
@@ -14,15 +14,19 @@ import hashlib
 import json
 import logging
 import os
+import resource
 import shutil
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 import yaml
+from tqdm import tqdm
 
+from selfreward import dryrun
 from selfreward.judge.rubric import check_judge_settings
 from selfreward.model.models import HostMemoryError, ModelNotFoundError
 from selfreward.run import failpoints, versioning
@@ -106,8 +110,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def library_versions() -> dict[str, str]:
-    from importlib import metadata
-
     versions = {}
     for name in ("selfreward", "torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "oxenai"):
         try:
@@ -120,9 +122,7 @@ def library_versions() -> dict[str, str]:
 def peak_memory_mb() -> dict[str, int]:
     """Peak resident memory of this process and of its largest finished child (a vLLM engine, a
     torchrun worker), and the peak GPU memory PyTorch allocated, in MiB."""
-    import resource
-
-    import torch
+    import torch  # heavy: a stage that finds its work complete exits without it
 
     peak = {"ram": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}  # Linux reports KiB
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024
@@ -369,9 +369,7 @@ def parse_stage(
     if args.dry_run:
         config, dry_run = _dry_run(name, config, layout)
     elif (layout.root / ".selfreward" / "dry-run").is_file():
-        from selfreward.dryrun import guard_run_folder
-
-        guard_run_folder(layout.root, dry=False)  # refuses: a real stage in a dry run's folder
+        dryrun.guard_run_folder(layout.root, dry=False)  # refuses: a real stage in a dry run's folder
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s")
     # bitsandbytes says at every start on CPU that an optional kernels package is missing; it is harmless.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -403,8 +401,6 @@ def process_defaults() -> None:
 
 def _dry_run(name: str, config: Config, layout: RunLayout) -> tuple[Config, dict]:
     """--dry-run: check the settings, print this stage's memory estimate, swap in the stand-in model."""
-    from selfreward import dryrun
-
     dryrun.guard_run_folder(layout.root, dry=True)
     if dryrun.is_stand_in(config.model.name_or_path):  # a config written by a dry run: already swapped
         return config, {"stands_in_for": config.model.name_or_path}
@@ -468,8 +464,6 @@ def environment_error(exc: BaseException) -> str | None:
 def _fail(line: str, code: int) -> None:
     """Print the one error line on a line of its own (after closing any progress bar it interrupted) and exit."""
     try:
-        from tqdm import tqdm
-
         for bar in list(getattr(tqdm, "_instances", ())):
             bar.close()
     except Exception:  # the message matters more than the bars
@@ -544,7 +538,7 @@ def write_run_config(source: str | Path, target: str | Path, args: list[str]) ->
 
 def main(argv: list[str] | None = None) -> int:
     """self-reward.sh's config step: write the run's config.yaml, list its stages, or check its processes."""
-    parser = argparse.ArgumentParser(prog="python -m selfreward.cli", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m selfreward.stage", description=main.__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     command = commands.add_parser("config", description="Write a run's config.yaml from a config file and overrides.")
     command.add_argument("--config", required=True, help="the config file")

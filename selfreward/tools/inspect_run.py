@@ -1,9 +1,9 @@
 """Look at a run the way Oxen.ai shows a repository: its commits, and any JSONL file at any commit.
 
-python -m selfreward.inspect_run --run-dir runs/default                  # the commits, newest first
-python -m selfreward.inspect_run --run-dir runs/default --stages         # time and peak memory per stage
-python -m selfreward.inspect_run --run-dir runs/default --file M0/generated/scores.jsonl
-python -m selfreward.inspect_run --run-dir runs/default --file M0/generated/scores.jsonl --commit 1a2b3c
+python -m selfreward.tools.inspect_run --run-dir runs/default                  # the commits, newest first
+python -m selfreward.tools.inspect_run --run-dir runs/default --stages         # time and peak memory per stage
+python -m selfreward.tools.inspect_run --run-dir runs/default --file M0/generated/scores.jsonl
+python -m selfreward.tools.inspect_run --run-dir runs/default --file M0/generated/scores.jsonl --commit 1a2b3c
 """
 
 from __future__ import annotations
@@ -15,7 +15,11 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from selfreward.run.config import OxenConfig, load_config
+from selfreward.run import versioning
+from selfreward.run.config import OxenConfig, load_config, run_algorithm
+from selfreward.run.layout import RunLayout
+from selfreward.run.records import memory_text, read_manifest
+from selfreward.run.stages import ITERATION_STAGES
 
 
 def summarize_jsonl(text: str, name: str, show_rows: int = 3) -> str:
@@ -50,20 +54,13 @@ def score_histogram(scores: list, key: str, width: int = 40) -> str:
 
 def iteration_stages(layout) -> tuple[str, ...]:
     """The stages of one iteration of the run's algorithm (its config.yaml; srlm if it cannot be read)."""
-    from selfreward.run.config import run_algorithm
-    from selfreward.run.stages import ITERATION_STAGES
-
     return ITERATION_STAGES[run_algorithm(layout.config) or "srlm"]
 
 
 def stage_table(run_dir: Path) -> str:
     """Every stage's manifest in run order: seconds, peak memory, backend, rows; and the total time."""
-    from selfreward.run.layout import RunLayout
-    from selfreward.run.records import memory_text, read_manifest
-    from selfreward.run.versioning import recovered_stages, stage_key
-
     layout = RunLayout(run_dir)
-    recovered = recovered_stages(layout)
+    recovered = versioning.recovered_stages(layout)
     found = [("00_sft", 0, read_manifest(layout.manifest("00_sft", 0)))]
     stages = iteration_stages(layout)
     t = 1
@@ -81,7 +78,7 @@ def stage_table(run_dir: Path) -> str:
             continue
         total += manifest.get("seconds", 0)
         state = "" if manifest.get("complete") else "  (incomplete)"
-        if stage_key(stage, t) in recovered:
+        if versioning.stage_key(stage, t) in recovered:
             state += "  (Oxen commit recovered by a rerun)"
         lines.append(
             f"{stage:<20}{t:>5}{manifest.get('seconds', 0):>10.1f}  "
@@ -103,8 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.stages:
         print(stage_table(Path(args.run_dir)))
         return 0
-
-    from selfreward.run import versioning
 
     run_dir = Path(args.run_dir)
     config_file = run_dir / "config.yaml"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 from pathlib import Path
 
+from selfreward.run.config import run_algorithm
 from selfreward.run.layout import RunLayout
 from selfreward.run.records import write_text
 
@@ -27,13 +30,11 @@ def _train_log(layout: RunLayout, t: int) -> list[dict]:
 
 
 def _figure(title: str, ncols: int = 1):
-    import logging
-
-    import matplotlib
+    import matplotlib  # heavy
 
     matplotlib.use("Agg")  # files only: no display on a training box
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its INFO lines are about fonts and units
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy
 
     fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 3.8), squeeze=False)
     fig.suptitle(title, fontsize=12)
@@ -239,8 +240,6 @@ def write_comparison(runs: list[Path], out: Path) -> Path:
     """One Markdown report of several runs side by side (say srlm, spin and raft on the same data):
     per iteration, each run's head-to-head against M<t-1> and M0, its judge's quality where it has
     one, and its drift figures, each table with a run column."""
-    from selfreward.run.config import run_algorithm
-
     algorithms = [run_algorithm(RunLayout(Path(r)).config) or "?" for r in runs]
     named = [(f"{Path(r).name} ({a})", load_evals(RunLayout(Path(r)))) for r, a in zip(runs, algorithms, strict=True)]
     lines = ["# Runs compared", "", "| run | algorithm | iterations evaluated |", "|---|---|---|"]
@@ -281,8 +280,6 @@ def write_comparison(runs: list[Path], out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(description="Rewrite a run's report.md, or compare several runs in one.")
     parser.add_argument("--runs", nargs="+", required=True, help="run folders; one: rewrite its report.md")
     parser.add_argument("--out", help="where the comparison goes (default: report-compare.md here)")

@@ -1,7 +1,7 @@
 """Export one model of a run as a folder any transformers user can load, with a model card.
 
-python -m selfreward.export --run-dir runs/default --model M2 --out exports/m2
-python -m selfreward.export --run-dir runs/default --model M2 --out exports/m2 --push-to-hub me/my-model
+python -m selfreward.tools.export --run-dir runs/default --model M2 --out exports/m2
+python -m selfreward.tools.export --run-dir runs/default --model M2 --out exports/m2 --push-to-hub me/my-model
 
 The folder holds the merged safetensors, the tokenizer with the chat template every stage used,
 lineage.json (where the model came from, with the data files' hashes), config.yaml (the run's
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from selfreward.report import head_to_head_table, judge_quality_table
 from selfreward.run.layout import RunLayout
+from selfreward.tools.report import head_to_head_table, judge_quality_table
 
 
 class ExportError(Exception):
@@ -108,7 +108,7 @@ def export(run_dir: Path, name: str, out: Path, *, force: bool = False) -> Path:
 
 
 def push_to_hub(folder: Path, repo_id: str, *, private: bool) -> str:
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi  # heavy
 
     api = HfApi()
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)

@@ -1,17 +1,22 @@
 """The docs cannot drift from the code: docs/configuration.md lists every config key with the dataclass's
-default."""
+default, every docs page is reachable from the README, and every relative link points to a file."""
 
 import functools
 import importlib.util
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from selfreward.config import Config, all_keys
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
+PAGES = [REPO / "README.md", *sorted(DOCS.glob("*.md"))]
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+FENCED = re.compile(r"```.*?```", re.DOTALL)
+CODE = re.compile(r"```.*?```|`[^`\n]*`", re.DOTALL)  # code is shown, not followed
 
 
 def _generator():
@@ -19,6 +24,20 @@ def _generator():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _links(page: Path) -> list[str]:
+    return LINK.findall(CODE.sub("", page.read_text(encoding="utf-8")))
+
+
+def _anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives the page's headings: lower case, punctuation dropped, spaces as dashes."""
+    headings = re.findall(r"^#+ (.+)$", FENCED.sub("", page.read_text(encoding="utf-8")), re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+def _relative(target: str) -> bool:
+    return not re.match(r"[a-z][a-z0-9+.-]*:", target) and not target.startswith("#")
 
 
 def test_configuration_page_lists_every_key_with_its_default():
@@ -42,3 +61,19 @@ def test_configuration_page_is_what_its_generator_writes():
     generator = _generator()
     text = (DOCS / "configuration.md").read_text(encoding="utf-8")
     assert generator.page_with(text, generator.reference()) == text, "run: python docs/make_configuration.py"
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    linked = {(REPO / target.split("#")[0]).resolve() for target in _links(REPO / "README.md") if _relative(target)}
+    assert [p.name for p in DOCS.glob("*.md") if p.resolve() not in linked] == []
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_relative_link_points_to_a_file(page):
+    broken = []
+    for target in filter(_relative, _links(page)):
+        path, _, anchor = target.partition("#")
+        file = page.parent / path
+        if not file.exists() or (anchor and anchor not in _anchors(file)):
+            broken.append(target)
+    assert broken == []

@@ -1,6 +1,6 @@
 """Bad input gets one clear line naming file, line and field, a non-zero exit, and no half-written output.
 
-Each test here is a row of the README's "Bad input" table.
+Each test here is a row of the table in docs/bad-input.md.
 """
 
 import json

@@ -49,7 +49,7 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16: weights of every saved model
     device: str = "auto"  # auto | cpu | cuda
     load_in_4bit: bool = False  # QLoRA: train on an NF4-quantised copy, merge into full precision
-    bnb_4bit_compute_dtype: str = "bfloat16"
+    bnb_4bit_compute_dtype: str = "bfloat16"  # load_in_4bit: what the 4-bit layers compute in; the trainer's precision
     # Prompts longer than this many tokens are cut (and flagged in their row); null = the model's
     # context length minus the tokens the stage generates.
     max_prompt_tokens: int | None = None
@@ -59,9 +59,10 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
+    r: int = 16  # the adapter's rank
+    alpha: int = 32  # the update is scaled by alpha / r
+    dropout: float = 0.05  # dropout on the adapter's input
+    # the modules LoRA wraps, by name; a name the architecture lacks is refused before training
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     # LoRA in the last N transformer layers only (null = all): backward then stops at those layers,
     # which makes a CPU step about twice as fast.
@@ -70,17 +71,21 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    learning_rate: float = 2e-4
-    epochs: float = 1.0
+    learning_rate: float = 2e-4  # the peak learning rate
+    epochs: float = 1.0  # passes over the training rows
     max_steps: int = -1  # > 0 overrides epochs
+    # Rows per forward pass with one process; an optimizer step takes batch_size x grad_accum rows (the global
+    # batch), however many processes share it.
     batch_size: int = 4
-    grad_accum: int = 1
+    grad_accum: int = 1  # steps whose gradients are summed into one optimizer step
+    # Optimizer steps of learning-rate warmup; a run with no more steps than this warms up over all but its
+    # last step (with a warning), so that the rate reaches its value.
     warmup_steps: int = 0
-    lr_scheduler: str = "linear"
-    max_length: int = 1024
-    logging_steps: int = 1
+    lr_scheduler: str = "linear"  # the learning rate's schedule, by its transformers name
+    max_length: int = 1024  # tokens per training row, prompt and answer together
+    logging_steps: int = 1  # optimizer steps between lines of train_log.jsonl
     save_steps: int = 50  # checkpoint interval, for resuming a killed run
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
     # Trainer metrics: none, tensorboard (event files in M<t>/tensorboard/, versioned with the model)
     # or wandb (its own settings: WANDB_PROJECT, WANDB_MODE, ...). train_log.jsonl is always written.
     report_to: str = "none"
@@ -89,7 +94,7 @@ class TrainConfig:
 @dataclass
 class DPOConfig(TrainConfig):
     learning_rate: float = 5e-5
-    beta: float = 0.1
+    beta: float = 0.1  # DPO's beta: how strongly M<t> is held to its reference (SPIN's lambda)
     # The model DPO keeps M<t> close to: "previous" is M<t-1>, the paper's (its adapter switched off,
     # no second copy); "initial" is M0 at every iteration, RLHFlow's iterative DPO (from iteration 2 a
     # second model is held in memory, quantized like the first).
@@ -140,12 +145,12 @@ class PromptGenConfig:
     num_prompts: int = 16  # target count of new prompts
     num_shots: int = 8  # example IFT prompts shown per request
     max_attempts: int = 64  # candidate generations before giving up short of the target
-    batch_size: int = 8
-    temperature: float = 0.6
-    top_p: float = 0.9
-    max_new_tokens: int = 64
-    min_chars: int = 10
-    max_chars: int = 500
+    batch_size: int = 8  # requests per generate call
+    temperature: float = 0.6  # sampling temperature
+    top_p: float = 0.9  # nucleus sampling: the probability mass sampled from
+    max_new_tokens: int = 64  # tokens written per request
+    min_chars: int = 10  # a shorter prompt is dropped (empty_or_short)
+    max_chars: int = 500  # a longer prompt is dropped (too_long)
     near_duplicate_threshold: float = 0.85  # similarity (0-1) at or above which a prompt is a near copy
     # A candidate cut off by max_new_tokens (no end of turn, no next "Task N:") is dropped as cut_off;
     # true keeps it (the tiny random model never ends a turn).
@@ -156,9 +161,9 @@ class PromptGenConfig:
 class ResponseGenConfig:
     num_samples: int = 4  # candidate answers per prompt
     batch_size: int = 16  # sequences per generate call (prompts x samples)
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_new_tokens: int = 128
+    temperature: float = 0.7  # sampling temperature
+    top_p: float = 0.9  # nucleus sampling: the probability mass sampled from
+    max_new_tokens: int = 128  # tokens per answer
 
 
 @dataclass
@@ -195,9 +200,10 @@ class JudgeConfig:
     pairwise_template: str = "default"
     noise_samples: int = 16  # responses judged a second time, alone, to measure the judge's noise
     num_samples: int = 3  # sampled judgments per response; the score is the mean of valid ones
-    batch_size: int = 16
-    temperature: float = 0.7
-    top_p: float = 0.9
+    batch_size: int = 16  # sequences per batch (judgments, answers or comparisons)
+    temperature: float = 0.7  # mode sample: sampling temperature of the judgments
+    top_p: float = 0.9  # mode sample: nucleus sampling of the judgments
+    # Tokens per judgment (mode sample), or of the greedy justification before the score (mode logits, score_last)
     max_new_tokens: int = 128
 
 
@@ -209,7 +215,7 @@ class PreferenceConfig:
     # Meta-Rewarding's rule against answers that grow longer every iteration: among the answers scored
     # within length_tolerance of the best, the shortest is chosen (the rejected one is still the worst).
     length_control: bool = False
-    length_tolerance: float = 0.25
+    length_tolerance: float = 0.25  # length_control: how far below the best score an answer may be chosen
     # CREAM's check that the judge is not drifting: from iteration 2, stage 03 also scores the answers with
     # the judge before it (M<t-2>), and stage 04 measures per prompt how alike the two rank the answers
     # (Kendall tau-b; a judge that ties them all counts as 0). "filter" drops the pairs of prompts whose
@@ -217,7 +223,7 @@ class PreferenceConfig:
     # TRL's sigmoid DPO loss takes no per-pair weight and ignores label_smoothing.) Not with judge.mode
     # reward_model, whose judge does not change.
     consistency: str = "off"
-    min_agreement: float = 0.0
+    min_agreement: float = 0.0  # consistency filter: the lowest Kendall tau-b whose prompt keeps its pair
 
 
 @dataclass
@@ -234,14 +240,14 @@ class RaftConfig:
     # prompts, the judge (judge.mode, any) scores them, the best `keep` share is kept and M<t> is M<t-1>
     # fine-tuned on the kept answers (sft.* settings).
     num_prompts: int | None = None  # SFT prompts per iteration, drawn by hash of seed and iteration; null = all
-    samples_per_prompt: int = 4
+    samples_per_prompt: int = 4  # answers stage 02 samples per prompt
     keep: float = 0.25  # share of the answers kept
     # "local": the top share of each prompt's answers (at least one); "global": the top share of all answers
     ranking: str = "local"
     # LMFlow's discard filter: answers that are empty, cut off at max_new_tokens, or repetitive (fewer
     # distinct word pairs than min_distinct_2 of all their word pairs) are never kept.
     keep_cut_off: bool = False
-    min_distinct_2: float = 0.5
+    min_distinct_2: float = 0.5  # distinct word pairs below this share of all of them: repetitive
     # 05_raft_sft trains this many epochs over the kept answers, with sft's other settings (sft.max_steps,
     # sized for M0's data, does not apply: a few kept rows would be seen dozens of times).
     epochs: float = 1.0
@@ -251,7 +257,7 @@ class RaftConfig:
 class EvalConfig:
     judge_model: str | None = None  # the head-to-head judge: a model folder or hub id; null = the newest M<t>
     max_new_tokens: int = 128  # answers to the held-out prompts are greedy, at most this long
-    batch_size: int = 16
+    batch_size: int = 16  # sequences per generate call, and comparisons per judge batch
     bootstrap_samples: int = 1000  # resamples of the held-out questions for each 95% interval; 0 = none
 
 
@@ -260,8 +266,8 @@ class OxenConfig:
     enabled: bool = True  # commit every stage's outputs to an Oxen repository (--no-oxen turns it off)
     repo: str | None = None  # the repository's folder; null = the run folder
     remote: str | None = None  # e.g. https://hub.oxen.ai/<user>/<repo>; the OXEN_REMOTE variable wins
-    remote_name: str = "origin"
-    branch: str = "main"
+    remote_name: str = "origin"  # the name the remote is given in the repository
+    branch: str = "main"  # the branch that is pushed
     # Pushes run in the background, one process per run, so no stage waits on the network.
     push_retries: int = 3
     push_backoff_seconds: float = 2.0  # doubled after every failed try
@@ -276,7 +282,7 @@ class OxenConfig:
     strict: bool = False
     include_merged_weights: bool = False  # adapters are always committed; merged models only if asked
     user_name: str | None = None  # Oxen's commit author; default OXEN_USER_NAME, else "self-reward"
-    user_email: str | None = None
+    user_email: str | None = None  # its email; default OXEN_USER_EMAIL
 
 
 @dataclass
@@ -284,7 +290,7 @@ class Config:
     # What the iterations do after SFT: "srlm" (self-rewarding: the model writes prompts, judges its answers,
     # DPO on best vs worst), "spin" (DPO on human vs own answers) or "raft" (SFT on the best-judged answers).
     algorithm: str = "srlm"
-    seed: int = 42
+    seed: int = 42  # sampling, training and every draw (held-out rows, shots, SFT prompts) derive from it
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)

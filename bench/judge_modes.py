@@ -6,7 +6,7 @@ data.heldout_prompts, data.heldout_eft_questions and seed; 30 questions x 4 huma
 the CPU demo's config). Each question with its answers is one "prompt" as stage 03 sees it.
 
 - logits: judge.mode logits with the config's judge.format (score_first in the CPU demo), judged as
-  stage 03's score_rows judges (fit_judge_prompt, then judge_all);
+  stage 03's score_rows judges (fit_judge_prompt, then logit_judgments);
 - knockout and round_robin: judge.mode pairwise through tournament.pairwise_scores, as stage 03 calls
   it (judge.batch_size // 2 prompts per chunk); score = 5 x win share;
 - reward_model: a STAND-IN for timing only. There is no trained reward model offline, so the --model's
@@ -50,10 +50,10 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from selfreward.judge.judges import judge_budget, judge_quality, measure_pairwise_judge  # noqa: E402
+from selfreward.judge.judges import judge_for, judge_quality, measure_pairwise_judge  # noqa: E402
 from selfreward.judge.rubric import (  # noqa: E402
     fit_judge_prompt,
-    judge_all,
+    logit_judgments,
     mean_score,
     pairwise_template,
     rubric_of,
@@ -148,7 +148,7 @@ def judge_logits(backend, rows, config, budget, seed):
     """Stage 03's score_rows for modes sample and logits."""
     rubric = rubric_of(config.judge)
     fitted = [fit_judge_prompt(backend.chat, r["prompt"], r["response"], budget, rubric) for r in rows]
-    judged = judge_all(backend, [text for text, _ in fitted], config.judge, seed=seed)
+    judged = logit_judgments(backend, [text for text, _ in fitted], config.judge, seed=seed)
     return [{**r, "score": mean_score([j["score"] for j in js]), "judgments": js}
             for r, js in zip(rows, judged, strict=True)]  # fmt: skip
 
@@ -214,8 +214,8 @@ def main() -> int:
     loaded_at = time.perf_counter()
     backend = load_backend(model, config.model, config.generation)
     print(f"judge loaded in {time.perf_counter() - loaded_at:.1f} s")
-    logit_budget = judge_budget(backend, config)
-    pair_budget = judge_budget(backend, load_config(REPO / args.config, {"judge.mode": "pairwise"}))
+    logit_budget = judge_for(config, model=backend).budget
+    pair_budget = judge_for(load_config(REPO / args.config, {"judge.mode": "pairwise"}), model=backend).budget
     # one small untimed call of each kind first, so no mode pays for the first call's set-up
     judge_logits(backend, rows[:2], config, logit_budget, seed)
     judge_pairwise(backend, rows[:2], config, pair_budget, "knockout")
@@ -225,7 +225,7 @@ def main() -> int:
     if "reward_model" in args.modes:
         rm = stand_in_reward_model(model, config, folder.name, seed)
         rm_config = load_config(REPO / args.config, {"judge.mode": "reward_model", "judge.reward_model": folder.name})
-        rm_budget = judge_budget(rm, rm_config)
+        rm_budget = judge_for(rm_config, model=rm).budget
         judge_reward(rm, rows[:2], config, rm_budget)  # untimed warm-up
         judges["reward_model"] = lambda: judge_reward(rm, rows, config, rm_budget)
     judges["logits"] = lambda: judge_logits(backend, rows, config, logit_budget, seed)

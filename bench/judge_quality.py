@@ -4,7 +4,7 @@
     python bench/judge_quality.py --variants base new-first-25
 
 Every variant is measured on the same held-out EFT questions (the default config's split of
-data/seed/eft.jsonl: 30 questions, 120 answers), read as the loop reads them (stage 03's judge_all),
+data/seed/eft.jsonl: 30 questions, 120 answers), read as the loop reads them (stage 03's Judge),
 with 95% bootstrap intervals over questions. Variants (name: what stage 00 trains on, the EFT target
 format, SFT steps, how the score is read):
   base            no SFT at all; the digit after an opening "Score:"
@@ -44,7 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from selfreward.judge.judges import measure_judge  # noqa: E402
+from selfreward.judge.judges import judge_for  # noqa: E402
 from selfreward.loop.evaluation import split_heldout  # noqa: E402
 from selfreward.run.config import load_config  # noqa: E402
 from selfreward.run.records import EFT, IFT, read_jsonl, write_jsonl  # noqa: E402
@@ -121,7 +121,6 @@ def run_variant(name: str, args, files: dict[str, Path], work: Path) -> dict:
     from selfreward.model.models import prompt_budget
 
     backend = load_backend(model, config.model, config.generation)
-    budget = prompt_budget(backend.context_length, config.model, config.judge.max_new_tokens + 2)
     held = read_jsonl(files["heldout"], EFT, id_field="id")
     judged_at = time.time()
     if pairwise:
@@ -131,7 +130,7 @@ def run_variant(name: str, args, files: dict[str, Path], work: Path) -> dict:
                                          budget=prompt_budget(backend.context_length, config.model, 1),
                                          samples=1000, seed=config.seed)  # fmt: skip
     else:
-        quality = measure_judge(backend, held, config.judge, budget=budget, samples=1000, seed=config.seed)
+        quality = judge_for(config, model=backend).measure(held, samples=1000, seed=config.seed)
     backend.close()
     result.update(judge_seconds=round(time.time() - judged_at, 1), seconds=round(time.time() - started, 1), **quality)
     return result

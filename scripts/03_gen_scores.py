@@ -32,10 +32,9 @@ alone).
 
 from pathlib import Path
 
-from selfreward.judge.judges import judge_budget, load_judge, measure_judge, measure_noise, score_rows
+from selfreward.judge.judges import Judge, judge_for
 from selfreward.judge.rubric import template_files
-from selfreward.judge.tournament import position_bias
-from selfreward.run.records import EFT, RESPONSE, read_jsonl, write_jsonl
+from selfreward.run.records import EFT, RESPONSE, ChunkLog, read_jsonl, write_jsonl
 from selfreward.stage import StageError, log, parse_stage, run
 
 # The previous judge's chunks share the chunk log, numbered from here on.
@@ -45,73 +44,92 @@ PREVIOUS_JUDGE_CHUNKS = 1_000_000
 def main() -> None:
     stage = parse_stage("03_gen_scores", __doc__)
     config, layout, t = stage.config, stage.layout, stage.iteration
-    cfg = config.judge
-    responses_path = layout.generated(t, "responses")
-    heldout_path = layout.heldout("eft")
-    judge_path = cfg.reward_model if cfg.mode == "reward_model" else layout.model(t - 1)
-    previous = layout.model(t - 2) if config.preferences.consistency != "off" and t >= 2 else None
-    inputs = [responses_path, heldout_path, *template_files(cfg)]
-    inputs += [p for p in (judge_path, previous) if p is not None and Path(p).exists()]
-    stage.begin(inputs=inputs)
+    judge = judge_for(config, layout.model(t - 1), f"M{t - 1}")
+    previous = previous_judge(config, layout, t)
+    stage.begin(inputs=inputs_of(stage, judge, previous))
+    responses, heldout = read_answers(stage)
+    chunks = stage.chunk_log()  # each finished batch is saved at once; a rerun after a kill skips it
+
+    rows = judged_by(judge, responses, chunks, seed=config.seed + t, first_chunk=0)
+    check = judge_check(judge, responses, rows, heldout, config, t)
+    judge.close()
+    extra = {"backend": judge.backend}
+    if previous is not None:  # CREAM: the judge before it scores the same answers the same way
+        rows = with_previous_scores(previous, responses, rows, chunks, seed=config.seed + t)
+        extra["previous_judge"] = previous.name
+    extra.update(judge.report(rows))
+    extra.update(judgment_counts(rows), judge_check=check)
+
+    out = layout.generated(t, "scores")
+    stage.start_writing()
+    write_jsonl(out, rows)
+    stage.finish(rows_in=len(responses), rows_out=len(rows), outputs=[str(out)], extra=extra)
+
+
+def previous_judge(config, layout, t: int) -> Judge | None:
+    """M<t-2>, with preferences.consistency from iteration 2 (config validation keeps it off for a judge
+    that does not change between iterations)."""
+    if config.preferences.consistency == "off" or t < 2:
+        return None
+    return judge_for(config, layout.model(t - 2), f"M{t - 2}")
+
+
+def inputs_of(stage, judge: Judge, previous: Judge | None) -> list:
+    """What the stage reads: the responses, the held-out EFT rows, the judge's template files and models."""
+    layout, t = stage.layout, stage.iteration
+    inputs = [layout.generated(t, "responses"), layout.heldout("eft"), *template_files(stage.config.judge)]
+    models = [judge.path] + ([previous.path] if previous is not None else [])
+    return inputs + [p for p in models if p is not None and Path(p).exists()]
+
+
+def read_answers(stage) -> tuple[list[dict], list[dict]]:
+    """The responses to judge and the held-out EFT rows (none when that file is missing)."""
+    responses_path, heldout_path = stage.layout.generated(stage.iteration, "responses"), stage.layout.heldout("eft")
     responses = read_jsonl(responses_path, RESPONSE, id_field="response_id")
     heldout = read_jsonl(heldout_path, EFT, id_field="id") if heldout_path.is_file() else []
     if not responses:
         raise StageError(f"{responses_path} has no responses: nothing to judge")
-    chunks = stage.chunk_log()  # each finished batch is saved at once; a rerun after a kill skips it
+    return responses, heldout
+
+
+def judged_by(judge: Judge, responses: list[dict], chunks: ChunkLog, *, seed: int, first_chunk: int) -> list[dict]:
+    """Every response scored by `judge`, in the responses' order. Its chunks are numbered from first_chunk in
+    the chunk log, and those a killed run saved are not judged again."""
+    span = range(first_chunk, first_chunk + PREVIOUS_JUDGE_CHUNKS)
+    done = {k - first_chunk for k in chunks.done if k in span}
+    judge.score_rows(responses, seed=seed, skip=done, save=lambda k, rows: chunks.append(first_chunk + k, rows))
+    rows = [row for k in sorted(chunks.done) if k in span for row in chunks.done[k]["rows"]]
     order = {r["response_id"]: n for n, r in enumerate(responses)}
+    return sorted(rows, key=lambda r: order[r["response_id"]])
 
-    def judged_by(judge, seed: int, first_chunk: int) -> list[dict]:
-        span = range(first_chunk, first_chunk + PREVIOUS_JUDGE_CHUNKS)
-        done = {k - first_chunk for k in chunks.done if k in span}
-        score_rows(judge, responses, config, budget=judge_budget(judge, config), seed=seed, skip=done,
-                   save=lambda k, rows: chunks.append(first_chunk + k, rows))  # fmt: skip
-        rows = [row for k in sorted(chunks.done) if k in span for row in chunks.done[k]["rows"]]
-        return sorted(rows, key=lambda r: order[r["response_id"]])
 
-    judge = load_judge(judge_path, config)
-    rows = judged_by(judge, config.seed + t, 0)
-    # What stage 04 checks before it trusts these scores: the judge on held-out human-scored answers,
-    # and how far its score of one answer moves when judged again.
-    budget = judge_budget(judge, config)
-    check = {"judge": "reward model" if cfg.mode == "reward_model" else f"M{t - 1}"}
+def judge_check(judge: Judge, responses: list[dict], rows: list[dict], heldout: list[dict], config, t: int) -> dict:
+    """What stage 04 checks before it trusts these scores: the judge on held-out human-scored answers, and
+    how far its score of one answer moves when judged again."""
+    check = {"judge": judge.name}
     if heldout:
-        check["heldout"] = measure_judge(
-            judge, heldout, cfg, budget=budget, samples=config.eval.bootstrap_samples, seed=config.seed
-        )
-    check["noise"] = measure_noise(judge, responses, rows, config, budget=budget, seed=config.seed + t)
-    judge.close()
-    extra = {"backend": judge.name}
-    if cfg.mode == "reward_model":  # NaN or inf (see RewardModel.score), given as no score
-        extra["non_finite_rewards"] = judge.non_finite
-    if previous is not None:  # CREAM: the judge before it scores the same answers the same way
-        before = load_judge(previous, config)
-        previous_scores = {
-            r["response_id"]: r["score"] for r in judged_by(before, config.seed + t, PREVIOUS_JUDGE_CHUNKS)
-        }
-        before.close()
-        rows = [{**r, "previous_score": previous_scores[r["response_id"]]} for r in rows]
-        extra["previous_judge"] = f"M{t - 2}"
+        check["heldout"] = judge.measure(heldout, samples=config.eval.bootstrap_samples, seed=config.seed)
+    check["noise"] = judge.noise(responses, rows, seed=config.seed + t)
+    return check
+
+
+def with_previous_scores(previous: Judge, responses, rows, chunks: ChunkLog, *, seed: int) -> list[dict]:
+    """`rows` with "previous_score": the same answers scored by the judge before this one, for stage 04's
+    agreement check."""
+    before = judged_by(previous, responses, chunks, seed=seed, first_chunk=PREVIOUS_JUDGE_CHUNKS)
+    previous.close()
+    score = {r["response_id"]: r["score"] for r in before}
+    return [{**r, "previous_score": score[r["response_id"]]} for r in rows]
+
+
+def judgment_counts(rows: list[dict]) -> dict:
+    """How many judgments the rows hold and how many gave no valid score (none for pairwise and the reward
+    model, whose rows hold no judgments)."""
     total = sum(len(r["judgments"]) for r in rows)
     failed = sum(j["score"] is None for r in rows for j in r["judgments"])
-    if cfg.mode == "pairwise":
-        comparisons = sum(len(r["comparisons"]) for r in rows) / 2  # each one is in both answers' rows
-        prompts = len({r["prompt_id"] for r in rows})
-        extra["comparisons"] = int(comparisons)
-        extra["comparisons_per_prompt"] = round(comparisons / prompts, 4)
-        extra["position_bias"] = position_bias(rows)
-        log.info("%d comparisons (%.2f per prompt), position bias %s", comparisons, comparisons / prompts,
-                     extra["position_bias"])  # fmt: skip
-    elif total:
+    if total:
         log.info("%d of %d judgments had no valid score line", failed, total)
-    out = layout.generated(t, "scores")
-    stage.start_writing()
-    write_jsonl(out, rows)
-    stage.finish(
-        rows_in=len(responses),
-        rows_out=len(rows),
-        outputs=[str(out)],
-        extra={**extra, "judgments": total, "unparsed_judgments": failed, "judge_check": check},
-    )
+    return {"judgments": total, "unparsed_judgments": failed}
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ Writes: <run>/M<t>/eval/eval.json and eval.{manifest.json,config.yaml}; <run>/re
 
 from pathlib import Path
 
-from selfreward.judge.judges import judge_budget, load_judge, measure_judge
+from selfreward.judge.judges import judge_for
 from selfreward.judge.rubric import pairwise_template, template_files
 from selfreward.judge.tournament import compare
 from selfreward.loop.evaluation import drift, head_to_head
@@ -90,16 +90,13 @@ def main() -> None:
         raise StageError(f"{prompts_path} has no prompts to evaluate on")
 
     answers, quality = {}, {}
+    loop_judge = judge_for(config, layout.model(t), f"M{t}")
     # Before the policies: M<t> stays loaded after them to judge, and two 7B models may not share a card.
-    if eft and config.judge.mode == "reward_model":  # the judge is the reward model, whatever M<t> learnt
-        quality["reward model"] = measured_by_stage_03(layout, t - 1, config)
-        if not quality["reward model"]:
-            rm = load_judge(None, config)
-            budget = judge_budget(rm, config)
-            quality["reward model"] = measure_judge(
-                rm, eft, config.judge, budget=budget, samples=config.eval.bootstrap_samples, seed=config.seed
-            )
-            rm.close()
+    if eft and loop_judge.fixed:  # the reward model judges, whatever M<t> learnt
+        quality[loop_judge.name] = measured_by_stage_03(layout, t - 1, config) or loop_judge.measure(
+            eft, samples=config.eval.bootstrap_samples, seed=config.seed
+        )
+        loop_judge.close()
     greedy = Sampling(1, 0.0, 1.0, config.eval.max_new_tokens, config.eval.batch_size)
     judge = None
     for m in names:  # ascending: M<t> comes last and, by default, stays loaded as the judge
@@ -108,11 +105,10 @@ def main() -> None:
         budget = prompt_budget(backend.context_length, config.model, config.eval.max_new_tokens)
         gens = backend.generate([chat.fit(q, budget)[0] for q in questions], greedy, seed=config.seed, desc=f"M{m}")
         answers[m] = [g[0].text for g in gens]
-        if eft and config.judge.mode != "reward_model":  # the judge the loop uses: stage 03's settings
-            quality[f"M{m}"] = measured_by_stage_03(layout, m, config) or measure_judge(
-                backend, eft, config.judge, budget=judge_budget(backend, config), samples=config.eval.bootstrap_samples,
-                seed=config.seed,
-            )  # fmt: skip
+        if eft and not loop_judge.fixed:  # the judge the loop uses: stage 03's settings
+            quality[f"M{m}"] = measured_by_stage_03(layout, m, config) or judge_for(
+                config, layout.model(m), f"M{m}", model=backend
+            ).measure(eft, samples=config.eval.bootstrap_samples, seed=config.seed)
         if m == t and not config.eval.judge_model:
             judge = backend
         else:

@@ -37,7 +37,7 @@ from functools import partial
 from pathlib import Path
 
 from selfreward import dryrun
-from selfreward.judge.rubric import fit_judge_prompt, judge_all, mean_score, rubric_of
+from selfreward.judge.rubric import fit_judge_prompt, mean_score, rubric_of, sample_judgments
 from selfreward.loop import oasst
 from selfreward.model import backends
 from selfreward.model.chat import ChatFormat
@@ -171,7 +171,7 @@ def judge_candidates(config, judge_path, candidates: list[dict], out: Path, stam
     def save(batch: int, idx: list[int], judged: list[list[dict]]) -> None:
         chunks.append(batch, [{"index": i, "judgments": j} for i, j in zip(idx, judged, strict=True)])
 
-    judge_all(backend, prompts, cfg, seed=config.seed, skip=chunks.done, on_batch=save)
+    sample_judgments(backend, prompts, cfg, seed=config.seed, skip=chunks.done, on_batch=save)
     backend.close()
     by_index = {row["index"]: row["judgments"] for row in chunks.rows()}
     result = [[None] * len(conv["replies"]) for conv in candidates]

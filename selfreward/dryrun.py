@@ -35,6 +35,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from selfreward.judge.judges import judge_for
 from selfreward.judge.rubric import check_judge_settings
 from selfreward.model.chat import packaged_template
 from selfreward.model.models import (
@@ -579,6 +580,7 @@ def memory_rows(config: Config, real_config, counts: dict) -> list[MemoryRow]:
     model.dtype on the host, plus a tenth (the same figure the merge checks before training).
     """
     gen = config.generation
+    judge = judge_for(config)  # nothing is loaded: it says what it writes per answer
     rows = [
         _training_row("00_sft", config, real_config, counts, dpo=False),
         MemoryRow(
@@ -591,9 +593,7 @@ def memory_rows(config: Config, real_config, counts: dict) -> list[MemoryRow]:
         _generation_row("02_gen_responses", config, real_config, counts, config.responses.batch_size,
                         config.responses.max_new_tokens, "responses", config.responses.num_samples),
         _generation_row("03_gen_scores", config, real_config, counts, config.judge.batch_size,
-                        config.judge.max_new_tokens if config.judge.mode == "sample" else 1,
-                        f"judge ({config.judge.mode})",
-                        config.judge.num_samples if config.judge.mode == "sample" else 1),
+                        judge.tokens_written, judge.label, judge.judgments_per_answer),
         _training_row("05_dpo", config, real_config, counts, dpo=True),
         _generation_row("06_eval", config, real_config, counts, config.eval.batch_size,
                         config.eval.max_new_tokens, "answers"),

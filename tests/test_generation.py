@@ -95,14 +95,15 @@ def test_logit_judge_prompts_fit_the_context_with_their_score_prefix(tiny_model,
     the maximum model length")."""
     from pathlib import Path
 
-    from selfreward.judge.judges import judge_budget
-    from selfreward.judge.rubric import fit_judge_prompt, judge_all, rubric_of
+    from selfreward.judge.judges import judge_for
+    from selfreward.judge.rubric import fit_judge_prompt, rubric_of
     from selfreward.run.config import load_config
 
     model, chat, _ = tiny_model
     backend = HFBackend(model, chat, max_model_len=600)
     config = load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml", {"judge.format": judge_format})
-    budget = judge_budget(backend, config)
+    judge = judge_for(config, model=backend)
+    budget = judge.budget
     prompt, cut = fit_judge_prompt(chat, "Why?", "A long answer. " * 500, budget, rubric_of(config.judge))
     assert cut
     sent = []
@@ -120,7 +121,7 @@ def test_logit_judge_prompts_fit_the_context_with_their_score_prefix(tiny_model,
         return gens
 
     backend.next_token_probs, backend.generate = recorded, full_length_justification
-    judge_all(backend, [prompt], config.judge, seed=0)
+    judge.judgments([prompt], seed=0)
     assert sent and max(len(chat.encode(p)) for p in sent) < backend.context_length
 
 

@@ -112,11 +112,11 @@ def test_long_judge_input_is_cut_to_fit_and_flagged(tiny_model):
 def test_the_logit_judge_reads_within_the_context_after_a_prompt_cut_to_its_budget(tiny_model, fmt):
     """vLLM fails a whole call when one prompt leaves no position for the token it reads (prompt length >=
     max_model_len). The logit judge reads the digit after the prompt and "Score: " (with score_last, after
-    its justification too): judge_budget must leave room for all of it."""
+    its justification too): the judge's budget must leave room for all of it."""
     from pathlib import Path
 
-    from selfreward.judge.judges import judge_budget
-    from selfreward.judge.rubric import judge_all, rubric_of
+    from selfreward.judge.judges import judge_for
+    from selfreward.judge.rubric import rubric_of
     from selfreward.model.generation import Generation
     from selfreward.run.config import load_config
 
@@ -147,10 +147,10 @@ def test_the_logit_judge_reads_within_the_context_after_a_prompt_cut_to_its_budg
 
     judge = VLLMLikeJudge()
     judge.chat = chat
-    budget = judge_budget(judge, config)
+    budget = judge_for(config, model=judge).budget
     prompt, cut = fit_judge_prompt(chat, "Summarise this.", "word " * 800, budget, rubric_of(config.judge))
     assert cut and len(chat.encode(prompt)) >= budget - 2  # cut to the budget, not far below it
-    (judgments,) = judge_all(judge, [prompt], config.judge, seed=0)
+    (judgments,) = judge_for(config, model=judge).judgments([prompt], seed=0)
     assert judgments[0]["score"] == pytest.approx(2.5)
 
 
@@ -169,21 +169,16 @@ def test_judge_target_puts_the_score_where_the_format_says():
 @pytest.mark.parametrize(
     ("mode", "fmt"), [("sample", "score_last"), ("logits", "score_first"), ("logits", "score_last")]
 )
-def test_judge_all_reads_each_mode_and_format(tiny_model, mode, fmt):
-    from selfreward.judge.rubric import judge_all
-    from selfreward.run.config import JudgeConfig
+def test_the_judge_reads_each_mode_and_format(tiny_model, mode, fmt):
+    from selfreward.judge.judges import judge_for
+    from selfreward.run.config import Config, JudgeConfig
 
     model, chat, _ = tiny_model
     prompts = [chat.prompt(judge_prompt(q, a)) for q, a in (("What is 2+2?", "4"), ("Name a colour.", "Blue."))]
     cfg = JudgeConfig(mode=mode, format=fmt, num_samples=2, max_new_tokens=6, batch_size=4)
     saved = {}
-    judged = judge_all(
-        HFBackend(model, chat),
-        prompts,
-        cfg,
-        seed=1,
-        on_batch=lambda b, idx, js: saved.update(zip(idx, js, strict=True)),
-    )
+    judge = judge_for(Config(judge=cfg), model=HFBackend(model, chat))
+    judged = judge.judgments(prompts, seed=1, on_batch=lambda b, idx, js: saved.update(zip(idx, js, strict=True)))
     assert [saved[i] for i in range(2)] == judged
     for judgments in judged:
         assert len(judgments) == (2 if mode == "sample" else 1)

@@ -132,7 +132,7 @@ def test_a_non_finite_reward_is_no_score_and_makes_no_pair(reward, monkeypatch, 
     import re
     from pathlib import Path
 
-    from selfreward.judge.judges import score_rows
+    from selfreward.judge.judges import judge_for
     from selfreward.loop.pairs import build_pairs
     from selfreward.run.config import load_config
 
@@ -154,7 +154,7 @@ def test_a_non_finite_reward_is_no_score_and_makes_no_pair(reward, monkeypatch, 
     ]  # fmt: skip
     config = load_config(repo / "configs" / "tiny.yaml", {"judge.mode": "reward_model"})
     with caplog.at_level("WARNING", logger="selfreward"):
-        rows = score_rows(reward, responses, config, budget=reward.context_length, seed=0)
+        rows = judge_for(config, model=reward).score_rows(responses, seed=0)
     assert {r["response"]: r["score"] for r in rows} == {
         "reward 1.0": 1.0, "reward inf": None, "reward 0.5": 0.5, "reward nan": None, "reward 2.0": 2.0,
         "reward -1.0": -1.0,

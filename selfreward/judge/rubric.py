@@ -309,28 +309,9 @@ def score_by_logits(
     return judged
 
 
-def judge_all(
-    backend, judge_prompts: list[str], cfg, *, seed: int, skip: Collection[int] = (), on_batch=None
-) -> list[list[dict] | None]:
-    """Every judgment of every rendered judge prompt, as `cfg` (a JudgeConfig) says: stage 03 and stage
-    06 both judge through here, so stage 06 measures the judge the loop uses.
-
-    - mode sample: cfg.num_samples sampled judgments, each scored by its last "Score: N" line.
-    - mode logits, format score_first: one forward pass; the score is the expected digit after "Score:".
-    - mode logits, format score_last: a greedy justification of up to cfg.max_new_tokens tokens (cut
-      at any score line the judge wrote itself), then the expected digit after "Score:" on the next
-      line, where SFT taught the model to put it.
-    Returns a list of judgments per prompt, each {"score", "text", ...}; `skip` and `on_batch` (called
-    with (batch, indices, judgments per index)) work as in `Backend.generate`.
-    """
-    from selfreward.model.generation import Sampling  # torch
-
-    if cfg.mode not in ("sample", "logits"):
-        raise ValueError(f"judge.mode must be 'sample' or 'logits', got '{cfg.mode}'")
-    if cfg.format not in JUDGE_FORMATS:
-        raise ValueError(f"judge.format must be one of {', '.join(JUDGE_FORMATS)}, got '{cfg.format}'")
-    rubric = rubric_of(cfg)
-    results: list[list[dict] | None] = [None] * len(judge_prompts)
+def _collected(n: int, on_batch):
+    """A list of `n` judgment lists to fill, and the callback that fills it by index and passes each batch on."""
+    results: list[list[dict] | None] = [None] * n
 
     def keep(batch: int, idx: list[int], judged: list[list[dict]]) -> None:
         for i, j in zip(idx, judged, strict=True):
@@ -338,32 +319,60 @@ def judge_all(
         if on_batch:
             on_batch(batch, idx, judged)
 
-    if cfg.mode == "sample":
-        sampling = Sampling(cfg.num_samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size)
+    return results, keep
 
-        def parsed(batch, idx, gens):
-            keep(batch, idx, [[{"score": rubric.parse(g.text), "text": g.text} for g in row] for row in gens])
 
-        backend.generate(judge_prompts, sampling, seed=seed, desc="judging", skip=skip, on_batch=parsed)
-    elif cfg.format == "score_first":
-        score_by_logits(
-            backend,
-            judge_prompts,
-            cfg.batch_size,
-            skip=skip,
-            on_batch=lambda b, idx, js: keep(b, idx, [[j] for j in js]),
-            rubric=rubric,
-        )
-    else:
-        greedy = Sampling(1, 0.0, 1.0, cfg.max_new_tokens, cfg.batch_size)
+def sample_judgments(
+    backend, judge_prompts: list[str], cfg, *, seed: int, skip: Collection[int] = (), on_batch=None
+) -> list[list[dict] | None]:
+    """cfg.num_samples sampled judgments of every rendered judge prompt (the paper's way), each scored by its
+    last "Score: N" line. Returns a list of judgments per prompt, each {"score", "text"}; `skip` and
+    `on_batch` (called with (batch, indices, judgments per index)) work as in `Backend.generate`."""
+    from selfreward.model.generation import Sampling  # torch
 
-        def then_read(batch, idx, gens):
-            reasons = [text_before_score_line(row[0].text, rubric) for row in gens]
-            judged = score_by_logits(backend, [judge_prompts[i] + r + "\n" for i, r in zip(idx, reasons, strict=True)],
-                                     cfg.batch_size, rubric=rubric)  # fmt: skip
-            keep(batch, idx, [[{**j, "text": r + "\n" + j["text"]}] for j, r in zip(judged, reasons, strict=True)])
+    rubric = rubric_of(cfg)
+    results, keep = _collected(len(judge_prompts), on_batch)
+    sampling = Sampling(cfg.num_samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size)
 
-        backend.generate(judge_prompts, greedy, seed=seed, desc="justifying", skip=skip, on_batch=then_read)
+    def parsed(batch, idx, gens):
+        keep(batch, idx, [[{"score": rubric.parse(g.text), "text": g.text} for g in row] for row in gens])
+
+    backend.generate(judge_prompts, sampling, seed=seed, desc="judging", skip=skip, on_batch=parsed)
+    return results
+
+
+def logit_judgments(
+    backend, judge_prompts: list[str], cfg, *, seed: int, skip: Collection[int] = (), on_batch=None
+) -> list[list[dict] | None]:
+    """One judgment of every rendered judge prompt, read from the next-token distribution where cfg.format
+    says SFT taught the model to put the score:
+    - score_first: one forward pass; the score is the expected digit after "Score:".
+    - score_last: a greedy justification of up to cfg.max_new_tokens tokens (cut at any score line the judge
+      wrote itself), then the expected digit after "Score:" on the next line.
+    Returns a list of one judgment per prompt, {"score", "text", "distribution", "mass"}; `skip` and
+    `on_batch` work as in `sample_judgments`."""
+    from selfreward.model.generation import Sampling  # torch
+
+    if cfg.format not in JUDGE_FORMATS:
+        raise ValueError(f"judge.format must be one of {', '.join(JUDGE_FORMATS)}, got '{cfg.format}'")
+    rubric = rubric_of(cfg)
+    results, keep = _collected(len(judge_prompts), on_batch)
+    if cfg.format == "score_first":
+
+        def one_each(batch, idx, judged):
+            keep(batch, idx, [[j] for j in judged])
+
+        score_by_logits(backend, judge_prompts, cfg.batch_size, skip=skip, on_batch=one_each, rubric=rubric)
+        return results
+    greedy = Sampling(1, 0.0, 1.0, cfg.max_new_tokens, cfg.batch_size)
+
+    def then_read(batch, idx, gens):
+        reasons = [text_before_score_line(row[0].text, rubric) for row in gens]
+        judged = score_by_logits(backend, [judge_prompts[i] + r + "\n" for i, r in zip(idx, reasons, strict=True)],
+                                 cfg.batch_size, rubric=rubric)  # fmt: skip
+        keep(batch, idx, [[{**j, "text": r + "\n" + j["text"]}] for j, r in zip(judged, reasons, strict=True)])
+
+    backend.generate(judge_prompts, greedy, seed=seed, desc="justifying", skip=skip, on_batch=then_read)
     return results
 
 

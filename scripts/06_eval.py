@@ -22,7 +22,7 @@ Writes: <run>/M<t>/eval/eval.json and eval.{manifest.json,config.yaml}; <run>/re
 
 from pathlib import Path
 
-from selfreward.judge.judges import judge_for
+from selfreward.judge.judges import Judge, judge_for
 from selfreward.judge.rubric import pairwise_template, template_files
 from selfreward.judge.tournament import compare
 from selfreward.loop.evaluation import drift, head_to_head
@@ -30,6 +30,9 @@ from selfreward.model.models import prompt_budget
 from selfreward.run.records import EFT, PREFERENCE, PROMPT, RESPONSE, SCORE, read_jsonl, read_manifest, write_json
 from selfreward.stage import StageError, parse_stage, run
 from selfreward.tools.report import write_report
+
+# Iteration t's records whose drift this stage measures.
+ITERATION_FILES = ("prompts", "responses", "scores", "preferences")
 
 
 def option(parser) -> None:
@@ -71,77 +74,22 @@ def main() -> None:
     stage = parse_stage("06_eval", __doc__, extra_args=option)
     config, layout, t = stage.config, stage.layout, stage.iteration
     prompts_path = Path(stage.args.prompts) if stage.args.prompts else layout.heldout("prompts")
-    eft_path = layout.heldout("eft")
-    names = sorted({0, t - 1, t})
-    files = {n: layout.generated(t, n) for n in ("prompts", "responses", "scores", "preferences")}
-    judge_path = config.eval.judge_model or layout.model(t)
-    inputs = [prompts_path, eft_path, *[layout.model(m) for m in names], *files.values()]
-    inputs += [layout.manifest("03_gen_scores", m + 1) for m in names if m < t]  # their measurements are reused
-    if config.eval.judge_model and Path(config.eval.judge_model).exists():
-        inputs.append(config.eval.judge_model)
-    stage.begin(inputs=inputs + template_files(config.judge))
-    # Imported once the stage runs: a complete stage (--skip-if-complete) exits without loading PyTorch.
-    from selfreward.model.backends import load_backend
-    from selfreward.model.generation import Sampling
+    stage.begin(inputs=inputs_of(stage, prompts_path))
+    questions, eft = read_heldout(prompts_path, layout.heldout("eft"))
 
-    questions = [r["prompt"] for r in read_jsonl(prompts_path, {"prompt": (str,)})]
-    eft = read_jsonl(eft_path, EFT, id_field="id")
-    if not questions:
-        raise StageError(f"{prompts_path} has no prompts to evaluate on")
-
-    answers, quality = {}, {}
-    loop_judge = judge_for(config, layout.model(t), f"M{t}")
-    # Before the policies: M<t> stays loaded after them to judge, and two 7B models may not share a card.
-    if eft and loop_judge.fixed:  # the reward model judges, whatever M<t> learnt
-        quality[loop_judge.name] = measured_by_stage_03(layout, t - 1, config) or loop_judge.measure(
-            eft, samples=config.eval.bootstrap_samples, seed=config.seed
-        )
-        loop_judge.close()
-    greedy = Sampling(1, 0.0, 1.0, config.eval.max_new_tokens, config.eval.batch_size)
-    judge = None
-    for m in names:  # ascending: M<t> comes last and, by default, stays loaded as the judge
-        backend = load_backend(layout.model(m), config.model, config.generation)
-        chat = backend.chat
-        budget = prompt_budget(backend.context_length, config.model, config.eval.max_new_tokens)
-        gens = backend.generate([chat.fit(q, budget)[0] for q in questions], greedy, seed=config.seed, desc=f"M{m}")
-        answers[m] = [g[0].text for g in gens]
-        if eft and not loop_judge.fixed:  # the judge the loop uses: stage 03's settings
-            quality[f"M{m}"] = measured_by_stage_03(layout, m, config) or judge_for(
-                config, layout.model(m), f"M{m}", model=backend
-            ).measure(eft, samples=config.eval.bootstrap_samples, seed=config.seed)
-        if m == t and not config.eval.judge_model:
-            judge = backend
-        else:
-            backend.close()
-
-    judge = judge or load_backend(judge_path, config.model, config.generation)
-    budget = prompt_budget(judge.context_length, config.model, 1)
-    comparisons, template = {}, pairwise_template(config.judge)
-    for other in sorted({t - 1, 0}, reverse=True):
-        triples = list(zip(questions, answers[t], answers[other], strict=True))
-        x_as_a, x_as_b = picks_in_both_orders(judge, triples, config.eval.batch_size, budget, template)
-        comparisons[f"M{t} vs M{other}"] = head_to_head(x_as_a, x_as_b)
-    judge.close()
-
-    def rows(name: str, schema: dict) -> list[dict]:
-        return read_jsonl(files[name], schema) if files[name].is_file() else []
-
-    responses, scores = rows("responses", RESPONSE), rows("scores", SCORE)
-    pairs, prompts = rows("preferences", PREFERENCE), rows("prompts", PROMPT)
-    made_pairs = read_manifest(layout.manifest("04_gen_preferences", t)) or {}
+    answers, quality, judge = answers_and_judge_quality(config, layout, t, questions, eft)
+    comparisons = head_to_heads(judge, questions, answers, config, t)
     result = {
         "iteration": t,
         "model": f"M{t}",
         "prompts_file": str(prompts_path),
-        "judge_model": str(judge_path),
+        "judge_model": str(config.eval.judge_model or layout.model(t)),
         "head_to_head": comparisons,
         "judge_quality": quality,
-        # RAFT makes no pairs: its pair figures are unknown, not zero
-        "drift": drift(responses, scores, pairs if files["preferences"].is_file() else None, len(prompts)),
-        "gate": made_pairs.get("gate"),
-        "consistency": made_pairs.get("consistency"),  # preferences.consistency: how alike two judges rank
-        "answers": {f"M{m}": answers[m] for m in names},
+        **iteration_figures(layout, t),
+        "answers": {f"M{m}": answers[m] for m in sorted(answers)},
     }
+
     out = layout.eval_result(t)
     stage.start_writing()
     write_json(out, result)
@@ -152,6 +100,101 @@ def main() -> None:
         outputs=[str(out)],
         also_version=[layout.report, layout.report_dir],
     )
+
+
+def inputs_of(stage, prompts_path: Path) -> list:
+    """What the stage reads: the prompts, the held-out EFT rows, the models, iteration t's records, stage 03's
+    manifests (their measurements are reused), eval.judge_model when it is a folder, the judge's templates."""
+    config, layout, t = stage.config, stage.layout, stage.iteration
+    names = sorted({0, t - 1, t})
+    inputs = [prompts_path, layout.heldout("eft"), *[layout.model(m) for m in names]]
+    inputs += [layout.generated(t, n) for n in ITERATION_FILES]
+    inputs += [layout.manifest("03_gen_scores", m + 1) for m in names if m < t]
+    if config.eval.judge_model and Path(config.eval.judge_model).exists():
+        inputs.append(config.eval.judge_model)
+    return inputs + template_files(config.judge)
+
+
+def read_heldout(prompts_path: Path, eft_path: Path) -> tuple[list[str], list[dict]]:
+    """The questions the models answer and the EFT rows the judge is measured on."""
+    questions = [r["prompt"] for r in read_jsonl(prompts_path, {"prompt": (str,)})]
+    eft = read_jsonl(eft_path, EFT, id_field="id")
+    if not questions:
+        raise StageError(f"{prompts_path} has no prompts to evaluate on")
+    return questions, eft
+
+
+def answers_and_judge_quality(config, layout, t: int, questions: list[str], eft: list[dict]):
+    """Each of M0, M<t-1> and M<t> answers the questions greedily, loaded one at a time; the judge the loop
+    uses is measured on the EFT rows (see measured). Returns the answers by model, the judge quality by
+    judge, and the head-to-head judge, loaded: M<t>, which stays loaded after answering, or eval.judge_model."""
+    from selfreward.model.backends import load_backend  # torch: a complete stage exits without loading it
+
+    quality = {}
+    loop_judge = judge_for(config, layout.model(t), f"M{t}")
+    if eft and loop_judge.fixed:  # before the policies: two 7B models may not share a card
+        quality[loop_judge.name] = measured(loop_judge, eft, layout, t - 1, config)
+        loop_judge.close()
+    answers, kept = {}, None
+    for m in sorted({0, t - 1, t}):  # ascending: M<t> comes last and, by default, stays loaded as the judge
+        backend = load_backend(layout.model(m), config.model, config.generation)
+        answers[m] = greedy_answers(backend, questions, config, f"M{m}")
+        if eft and not loop_judge.fixed:  # the model judges as it judges in stage 03
+            quality[f"M{m}"] = measured(
+                judge_for(config, layout.model(m), f"M{m}", model=backend), eft, layout, m, config
+            )
+        if m == t and not config.eval.judge_model:
+            kept = backend
+        else:
+            backend.close()
+    return answers, quality, kept or load_backend(config.eval.judge_model, config.model, config.generation)
+
+
+def greedy_answers(backend, questions: list[str], config, name: str) -> list[str]:
+    """The model's greedy answer to each question, cut to fit its context with eval.max_new_tokens to spare."""
+    from selfreward.model.generation import Sampling  # torch
+
+    greedy = Sampling(1, 0.0, 1.0, config.eval.max_new_tokens, config.eval.batch_size)
+    budget = prompt_budget(backend.context_length, config.model, config.eval.max_new_tokens)
+    gens = backend.generate([backend.chat.fit(q, budget)[0] for q in questions], greedy, seed=config.seed, desc=name)
+    return [g[0].text for g in gens]
+
+
+def measured(judge: Judge, eft: list[dict], layout, m: int, config) -> dict:
+    """The judge's quality on the EFT rows: stage 03's figures when it measured M<m> (or the fixed judge in
+    iteration m+1) with the same settings, else measured here."""
+    reused = measured_by_stage_03(layout, m, config)
+    return reused or judge.measure(eft, samples=config.eval.bootstrap_samples, seed=config.seed)
+
+
+def head_to_heads(judge, questions: list[str], answers: dict[int, list[str]], config, t: int) -> dict:
+    """M<t> against M<t-1> and M0, the judge asked in both orders; the judge is let go after."""
+    budget = prompt_budget(judge.context_length, config.model, 1)
+    comparisons, template = {}, pairwise_template(config.judge)
+    for other in sorted({t - 1, 0}, reverse=True):
+        triples = list(zip(questions, answers[t], answers[other], strict=True))
+        x_as_a, x_as_b = picks_in_both_orders(judge, triples, config.eval.batch_size, budget, template)
+        comparisons[f"M{t} vs M{other}"] = head_to_head(x_as_a, x_as_b)
+    judge.close()
+    return comparisons
+
+
+def iteration_figures(layout, t: int) -> dict:
+    """Drift of iteration t, and what stage 04 found when it made pairs."""
+    files = {n: layout.generated(t, n) for n in ITERATION_FILES}
+
+    def rows(name: str, schema: dict) -> list[dict]:
+        return read_jsonl(files[name], schema) if files[name].is_file() else []
+
+    responses, scores = rows("responses", RESPONSE), rows("scores", SCORE)
+    pairs, prompts = rows("preferences", PREFERENCE), rows("prompts", PROMPT)
+    made_pairs = read_manifest(layout.manifest("04_gen_preferences", t)) or {}
+    return {
+        # RAFT makes no pairs: its pair figures are unknown, not zero
+        "drift": drift(responses, scores, pairs if files["preferences"].is_file() else None, len(prompts)),
+        "gate": made_pairs.get("gate"),
+        "consistency": made_pairs.get("consistency"),  # preferences.consistency: how alike two judges rank
+    }
 
 
 if __name__ == "__main__":

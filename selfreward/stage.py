@@ -59,6 +59,7 @@ EXIT_NO_PAIRS = 3  # stage 05 was given zero preference pairs: nothing to train 
 EXIT_GATE = 4  # judge.gate stop: the judge is not better than chance on held-out EFT rows
 # EXIT_BUSY = 5: another process is writing the run folder (selfreward.run.runlock)
 EXIT_SKIPPED = 10  # --skip-if-complete found the output complete and did nothing
+CHECKPOINT_STAMP_WAIT = 600  # seconds a torchrun rank waits for rank 0 to prepare the checkpoint folder
 EXIT_FILE_ENV = "SELFREWARD_EXIT_FILE"  # set by self-reward.sh --num-processes: see _report_exit
 
 log = logging.getLogger("selfreward")
@@ -196,12 +197,24 @@ class Stage:
         """The trainer's checkpoint folder, emptied first if its checkpoints came from other inputs or config."""
         folder = self.layout.checkpoints(t)
         stamp = folder / "fingerprint"
-        if folder.exists() and (not stamp.is_file() or stamp.read_text() != self.fingerprint):
+
+        def stamped() -> bool:
+            return stamp.is_file() and stamp.read_text() == self.fingerprint
+
+        if not is_rank_zero():
+            # Under torchrun only rank 0 empties and stamps the folder: another rank that found it between
+            # rank 0's mkdir and its stamp would delete it under rank 0's feet. The others wait for the stamp.
+            waited = time.monotonic()
+            while not stamped():
+                if time.monotonic() - waited > CHECKPOINT_STAMP_WAIT:
+                    raise StageError(f"{stamp}: rank 0 has not stamped it in {CHECKPOINT_STAMP_WAIT} s")
+                time.sleep(0.1)
+            return folder
+        if folder.exists() and not stamped():
             shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
-        # Every torchrun rank comes here: a stamp rewritten in place reads "" to another rank meanwhile,
-        # which would delete the checkpoints. Left alone when it matches, else replaced whole.
-        if not stamp.is_file() or stamp.read_text() != self.fingerprint:
+        # A stamp rewritten in place reads "" to another rank meanwhile: left alone when it matches.
+        if not stamped():
             write_text(stamp, self.fingerprint)
         return folder
 

@@ -116,7 +116,7 @@ def test_the_driver_trains_as_two_processes_and_resumes_after_a_kill(tiny_run, c
     killed = subprocess.run(command, cwd=REPO, env={**env, **crash}, capture_output=True, text=True)
     assert killed.returncode == 1, killed.stderr[-3000:]
     assert "self-reward.sh: 05_dpo --iteration 1 failed" in killed.stderr
-    assert [p.name for p in layout.checkpoints(1).glob("checkpoint-*")] == ["checkpoint-1"]
+    assert [p.name for p in layout.checkpoints(1).glob("checkpoint-*")] == ["checkpoint-1"], killed.stderr[-3000:]
     assert not (layout.model(1) / "config.json").exists()
 
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
@@ -304,3 +304,38 @@ def test_a_rank_that_finds_the_checkpoint_stamp_matching_leaves_it_alone(tmp_pat
     assert stage.checkpoints(1) == folder
     assert stamp.stat().st_mtime_ns == 0 and stamp.read_text() == "inputs"
     assert (folder / "checkpoint-1").is_dir()
+
+
+def test_a_rank_other_than_0_never_empties_the_checkpoint_folder_rank_0_is_stamping(tmp_path, monkeypatch):
+    """Rank 0 makes the folder, then writes its stamp through a temporary file. A rank 1 that came in
+    between found the folder without a stamp and deleted it, temporary file and all, so rank 0's rename
+    failed and DPO stopped before its first checkpoint (CI, the 2-process driver test, under load).
+    Now only rank 0 empties and stamps the folder; the others wait for its stamp."""
+    import argparse
+    import threading
+
+    from selfreward.stage import Stage
+
+    stage = Stage("05_dpo", argparse.Namespace(), Config(), RunLayout(tmp_path), 1, 0.0, fingerprint="inputs")
+    folder = RunLayout(tmp_path).checkpoints(1)
+    folder.mkdir(parents=True)
+    rank_0_writing = folder / f".fingerprint.{12345}.tmp"  # rank 0 is between its mkdir and its rename
+    rank_0_writing.write_text("inputs")
+    monkeypatch.setenv("RANK", "1")
+    renamed = []
+
+    def rank_0_renames():
+        try:
+            rank_0_writing.replace(folder / "fingerprint")
+            renamed.append("done")
+        except OSError as error:
+            renamed.append(error)
+
+    stamped = threading.Timer(0.5, rank_0_renames)
+    stamped.start()
+    try:
+        assert stage.checkpoints(1) == folder
+    finally:
+        stamped.join()
+    assert renamed == ["done"]
+    assert (folder / "fingerprint").read_text() == "inputs"

@@ -87,7 +87,8 @@ export SELFREWARD_RUN_LOCK
 
 "$python" -m selfreward.stage config --config "$config" --out "$run_dir/config.yaml" -- \
   ${overrides[@]+"${overrides[@]}"} ${algorithm_flag[@]+"${algorithm_flag[@]}"}
-stages=$("$python" -m selfreward.stage config --config "$run_dir/config.yaml" --stages)
+stages=$("$python" -m selfreward.run.stages --config "$run_dir/config.yaml")  # one iteration's, in order
+training_stages=$("$python" -m selfreward.run.stages --training)
 if [ "$num_processes" -gt 1 ]; then
   # The processes share the config's global batch (batch_size x grad_accum): refused now if they cannot,
   # not in stage 05 after an iteration's generation.
@@ -103,7 +104,7 @@ fi
 # no pairs, bad input...) to a file (SELFREWARD_EXIT_FILE, selfreward/stage.py) and that code counts.
 start_stage() {
   local stage=$1; shift
-  if [ "$num_processes" -gt 1 ] && { [ "$stage" = 00_sft ] || [ "$stage" = 05_dpo ] || [ "$stage" = 05_raft_sft ]; }; then
+  if [ "$num_processes" -gt 1 ] && [[ " $training_stages " == *" $stage "* ]]; then
     local exit_file="$run_dir/.selfreward/exit-code" rc=0
     rm -f "$exit_file"
     SELFREWARD_EXIT_FILE="$exit_file" "$python" -m torch.distributed.run --standalone \

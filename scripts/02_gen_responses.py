@@ -14,6 +14,7 @@ Answers are kept exactly as generated: nothing is trimmed.
 
 from selfreward.model.models import prompt_budget
 from selfreward.run.records import PROMPT, read_jsonl, write_jsonl
+from selfreward.run.stages import responses_per_prompt
 from selfreward.stage import StageError, log, parse_stage, run
 
 
@@ -52,9 +53,7 @@ def main() -> None:
     fitted = [backend.chat.fit(p["prompt"], budget) for p in prompts]
     if any(cut for _, cut in fitted):
         log.warning("%d prompts were longer than %d tokens and were cut", sum(c for _, c in fitted), budget)
-    # SPIN's rejected side is one answer of the model's own; RAFT picks the best of raft.samples_per_prompt
-    samples = {"spin": 1, "raft": config.raft.samples_per_prompt}.get(config.algorithm, cfg.num_samples)
-    sampling = Sampling(samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size)
+    sampling = Sampling(responses_per_prompt(config), cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size)
     chunks = stage.chunk_log()  # each finished batch is saved at once; a rerun after a kill skips it
     backend.generate(
         [rendered for rendered, _ in fitted],

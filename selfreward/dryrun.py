@@ -47,6 +47,7 @@ from selfreward.model.models import (
     resolve_model_path,
 )
 from selfreward.run.config import Config, ConfigError, load_config
+from selfreward.run.stages import responses_per_prompt, run_stages, spec
 
 GIB = 1024**3
 # CUDA context, cuBLAS workspaces and the allocator's slack: added to every GPU figure.
@@ -570,6 +571,19 @@ def _generation_row(
     )
 
 
+def _generation_of(what: str, config: Config) -> tuple:
+    """A generating stage's batch, new tokens per sequence, label and sequences per prompt, by what it writes."""
+    if what == "prompts":
+        return config.prompts.batch_size, config.prompts.max_new_tokens, "prompts"
+    if what == "responses":
+        return (config.responses.batch_size, config.responses.max_new_tokens, "responses",
+                responses_per_prompt(config))  # fmt: skip
+    if what == "judge":
+        judge = judge_for(config)  # nothing is loaded: it says what it writes per answer
+        return config.judge.batch_size, judge.tokens_written, judge.label, judge.judgments_per_answer
+    return config.eval.batch_size, config.eval.max_new_tokens, "answers"
+
+
 def memory_rows(config: Config, real_config, counts: dict) -> list[MemoryRow]:
     """Estimated peak memory of the real model per stage.
 
@@ -580,24 +594,20 @@ def memory_rows(config: Config, real_config, counts: dict) -> list[MemoryRow]:
     model.dtype on the host, plus a tenth (the same figure the merge checks before training).
     """
     gen = config.generation
-    judge = judge_for(config)  # nothing is loaded: it says what it writes per answer
-    rows = [
-        _training_row("00_sft", config, real_config, counts, dpo=False),
-        MemoryRow(
-            "merge",
-            f"adapter into the {config.model.dtype} parent, on the host (end of 00 and 05)",
-            host=int(counts["total"] * _BYTES[config.model.dtype] * 1.1),
-        ),
-        _generation_row("01_gen_prompts", config, real_config, counts, config.prompts.batch_size,
-                        config.prompts.max_new_tokens, "prompts"),
-        _generation_row("02_gen_responses", config, real_config, counts, config.responses.batch_size,
-                        config.responses.max_new_tokens, "responses", config.responses.num_samples),
-        _generation_row("03_gen_scores", config, real_config, counts, config.judge.batch_size,
-                        judge.tokens_written, judge.label, judge.judgments_per_answer),
-        _training_row("05_dpo", config, real_config, counts, dpo=True),
-        _generation_row("06_eval", config, real_config, counts, config.eval.batch_size,
-                        config.eval.max_new_tokens, "answers"),
-    ]  # fmt: skip
+    rows = []
+    for name in run_stages(config.algorithm):
+        stage = spec(name)
+        if stage.trains:
+            rows.append(_training_row(name, config, real_config, counts, dpo=stage.trains == "dpo"))
+        elif stage.generates:
+            rows.append(_generation_row(name, config, real_config, counts, *_generation_of(stage.generates, config)))
+    trainers = [name for name in run_stages(config.algorithm) if spec(name).trains]
+    merge = MemoryRow(
+        "merge",
+        f"adapter into the {config.model.dtype} parent, on the host (end of {' and '.join(trainers)})",
+        host=int(counts["total"] * _BYTES[config.model.dtype] * 1.1),
+    )
+    rows.insert(1, merge)  # after 00_sft's row, where the merge first happens
     if gen.backend in ("vllm", "auto"):
         share = gen.gpu_memory_utilization or 0.9
         length = gen.max_model_len or context_length(real_config)

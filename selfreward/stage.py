@@ -51,7 +51,7 @@ from selfreward.run.records import (
     write_text,
 )
 from selfreward.run.runlock import EXIT_BUSY, RunBusyError, is_rank_zero, lock_for_stage
-from selfreward.run.stages import BASE_MODEL_KEYS, CONFIG_SECTIONS, ITERATION_STAGES, NOT_FINGERPRINTED
+from selfreward.run.stages import BASE_MODEL_KEYS, CONFIG_SECTIONS, NOT_FINGERPRINTED, run_stages, spec
 from selfreward.run.versioning import OxenError
 
 EXIT_BAD_INPUT = 2  # bad arguments, config, data file or model path; a disk or permission error; Oxen failed
@@ -418,7 +418,7 @@ def _dry_run(name: str, config: Config, layout: RunLayout) -> tuple[Config, dict
     if dryrun.is_stand_in(config.model.name_or_path):  # a config written by a dry run: already swapped
         return config, {"stands_in_for": config.model.name_or_path}
     plan = dryrun.plan(config)
-    rows = [r for r in plan.rows if r.stage == name or (r.stage == "merge" and name in ("00_sft", "05_dpo"))]
+    rows = [r for r in plan.rows if r.stage == name or (r.stage == "merge" and spec(name).trains)]
     dry = dryrun.dry_config(config)
     if rows and is_rank_zero():
         print(f"[{name}] dry run: {config.model.name_or_path} replaced by a tiny random model of its "
@@ -550,15 +550,12 @@ def write_run_config(source: str | Path, target: str | Path, args: list[str]) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    """self-reward.sh's config step: write the run's config.yaml, list its stages, or check its processes."""
+    """self-reward.sh's config step: write the run's config.yaml, or check its processes."""
     parser = argparse.ArgumentParser(prog="python -m selfreward.stage", description=main.__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     command = commands.add_parser("config", description="Write a run's config.yaml from a config file and overrides.")
     command.add_argument("--config", required=True, help="the config file")
     command.add_argument("--out", help="the run's config.yaml")
-    command.add_argument(
-        "--stages", action="store_true", help="print the stages of one iteration of the config's algorithm instead"
-    )
     command.add_argument(
         "--processes",
         type=int,
@@ -567,17 +564,14 @@ def main(argv: list[str] | None = None) -> int:
     command.add_argument("overrides", nargs=argparse.REMAINDER, help="-- --key value ...")
     args = parser.parse_args(argv)
     overrides = args.overrides[1:] if args.overrides[:1] == ["--"] else args.overrides
-    if not args.stages and not args.processes and not args.out:
+    if not args.processes and not args.out:
         command.error("--out is required")
     try:
         if args.processes:
             config = load_config(args.config)
-            per_process_batch(config.sft, args.processes)  # stage 00, and RAFT's stage 05
-            if "05_dpo" in ITERATION_STAGES[config.algorithm]:
-                per_process_batch(config.dpo, args.processes)
-            return 0
-        if args.stages:
-            print(" ".join(ITERATION_STAGES[load_config(args.config).algorithm]))
+            for name in run_stages(config.algorithm):
+                if spec(name).trains:
+                    per_process_batch(getattr(config, spec(name).trains), args.processes)
             return 0
         write_run_config(args.config, args.out, overrides)
     except ConfigError as exc:

@@ -321,3 +321,23 @@ def test_the_memory_estimate_is_within_reach_of_what_a_gpu_measured(layers, stag
     row = {r.stage: r for r in dryrun.memory_rows(config, real, counts)}[stage]
     estimate = (row.gpu - dryrun.GPU_OVERHEAD) / dryrun.GIB  # the CUDA context is not in torch's counters
     assert 0.95 <= estimate / H200_PEAKS_GIB[layers, stage] <= 1.10  # never well under; not far over
+
+
+@pytest.mark.parametrize("algorithm", ["srlm", "spin", "raft"])
+def test_every_stage_that_loads_the_model_prints_its_memory_row_in_a_dry_run(algorithm, tmp_path, capsys):
+    """The memory rows come from the table of stages: RAFT's training stage, 05_raft_sft, printed none
+    when the dry run listed its rows by hand (00, 01, 02, 03, 05_dpo, 06)."""
+    from selfreward.run.config import apply_overrides
+    from selfreward.run.layout import RunLayout
+    from selfreward.run.stages import run_stages, spec
+    from selfreward.stage import _dry_run
+
+    config = apply_overrides(load_config(MISTRAL), {"algorithm": algorithm}, "test")
+    for name in run_stages(algorithm):
+        _, info = _dry_run(name, config, RunLayout(tmp_path / "run"))
+        printed = capsys.readouterr().out
+        loads_the_model = bool(spec(name).trains or spec(name).generates)
+        assert (name in info["estimate"]) == loads_the_model, name
+        assert (f"[{name}]   {name} " in printed) == loads_the_model, printed
+        assert ("merge" in info["estimate"]) == bool(spec(name).trains), name
+    assert ("05_raft_sft" in run_stages(algorithm)) == (algorithm == "raft")

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfreward.run.stages import GENERATED
+from selfreward.run.stages import spec
 
 
 @dataclass(frozen=True)
@@ -124,14 +124,13 @@ class RunLayout:
         return self.root / "report"
 
     def stage_output(self, stage: str, iteration: int) -> Path:
-        """The main output of a stage: a JSONL file, or a model folder for 00 and 05."""
-        if stage == "06_eval":
+        """The main output of a stage: a JSONL file, eval.json, or a model folder for the stages that train."""
+        writes = spec(stage).writes
+        if writes == "eval":
             return self.eval_result(iteration)
-        if stage == "00_sft":
-            return self.model(0)
-        if stage in ("05_dpo", "05_raft_sft"):
-            return self.model(iteration)
-        return self.generated(iteration, GENERATED[stage])
+        if writes == "model":
+            return self.model(iteration)  # 00_sft runs as iteration 0: M0
+        return self.generated(iteration, writes)
 
     def manifest(self, stage: str, iteration: int) -> Path:
         out = self.stage_output(stage, iteration)

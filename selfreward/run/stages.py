@@ -1,44 +1,127 @@
-"""What a stage is: the stages of each algorithm's iteration, the file each writes, the config each reads.
+"""The one table of stages: which algorithms run each, what it reads and writes, the config it depends on,
+whether it trains, and what the dry run estimates for it. The run layout, the stage runner, the dry run's
+memory rows and the driver all read it.
 
 A stage's name is its script's in scripts/ (00_sft.py ...); 00_sft runs once, before the iterations.
+
+    python -m selfreward.run.stages --algorithm raft        # one iteration's stages, in order
+    python -m selfreward.run.stages --config runs/x/config.yaml   # ... of that config's algorithm
+    python -m selfreward.run.stages --training              # the stages that train (torchrun takes them)
 """
 
-# The stages of one iteration, per `algorithm`; every algorithm starts from 00_sft's M0.
-ITERATION_STAGES = {
-    "srlm": ("01_gen_prompts", "02_gen_responses", "03_gen_scores", "04_gen_preferences", "05_dpo", "06_eval"),
-    "spin": ("01_sft_prompts", "02_gen_responses", "04_spin_pairs", "05_dpo", "06_eval"),
-    "raft": ("01_sft_prompts", "02_gen_responses", "03_gen_scores", "04_raft_select", "05_raft_sft", "06_eval"),
-}
+from __future__ import annotations
 
-# The JSONL file each generating stage writes (M<t-1>/generated/<name>.jsonl: see layout.RunLayout.generated).
-GENERATED = {
-    "01_gen_prompts": "prompts",
-    "01_sft_prompts": "prompts",
-    "02_gen_responses": "responses",
-    "03_gen_scores": "scores",
-    "04_gen_preferences": "preferences",
-    "04_spin_pairs": "preferences",
-    "04_raft_select": "selected",
-}
+import argparse
+import sys
+from dataclasses import dataclass
 
-# The config sections (or single keys, "section.key") each stage's output depends on: changing
-# anything else does not redo it.
-CONFIG_SECTIONS = {
-    "00_sft": ("seed", "data", "model", "lora", "sft", "judge.format", "judge.template", "judge.score_pattern"),
-    "01_gen_prompts": ("seed", "model", "generation", "prompts"),
-    "01_sft_prompts": ("seed", "algorithm", "spin.num_prompts", "raft.num_prompts"),
-    "02_gen_responses": ("seed", "model", "generation", "responses", "algorithm", "raft.samples_per_prompt"),
-    "03_gen_scores": ("seed", "model", "generation", "judge", "eval.bootstrap_samples", "preferences.consistency"),
-    "04_gen_preferences": ("preferences", "judge.gate"),
-    "04_spin_pairs": (),
-    "04_raft_select": ("raft",),
-    "05_dpo": ("seed", "model", "lora", "dpo"),
-    "05_raft_sft": ("seed", "model", "lora", "sft", "raft.epochs"),
-    "06_eval": ("seed", "model", "generation", "judge", "eval"),
-}
+from selfreward.run.config import CHOICES, Config, ConfigError, load_config
 
-# Keys of those sections that do not change a stage's output (the gate only decides whether to go on).
-NOT_FINGERPRINTED = {"03_gen_scores": ("judge.gate",), "06_eval": ("judge.gate",)}
+ALGORITHMS = CHOICES["algorithm"]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    algorithms: tuple[str, ...]  # the algorithms whose iteration runs it (00_sft: before every one)
+    reads: str  # what it reads, in words (the script's docstring has the detail)
+    writes: str  # "model" (M<t>/), "eval" (M<t>/eval.json), or the name of M<t-1>/generated/<name>.jsonl
+    # The config sections (or single keys, "section.key") its output depends on: changing anything else
+    # does not redo it. `not_fingerprinted` takes keys of those sections back out (the gate only decides
+    # whether to go on).
+    fingerprints: tuple[str, ...]
+    not_fingerprinted: tuple[str, ...] = ()
+    # "sft" or "dpo": it trains with that config section, merges the adapter at its end, and runs as
+    # N processes under `self-reward.sh --num-processes N`.
+    trains: str | None = None
+    # The generation the dry run estimates memory for: "prompts", "responses", "judge" or "eval".
+    generates: str | None = None
+
+
+STAGES = (
+    StageSpec("00_sft", ALGORITHMS, "the IFT and EFT seed data (data.*)", "model",
+              ("seed", "data", "model", "lora", "sft", "judge.format", "judge.template", "judge.score_pattern"),
+              trains="sft"),
+    StageSpec("01_gen_prompts", ("srlm",), "M<t-1>, the IFT prompts as few-shot examples", "prompts",
+              ("seed", "model", "generation", "prompts"), generates="prompts"),
+    StageSpec("01_sft_prompts", ("spin", "raft"), "the IFT seed data", "prompts",
+              ("seed", "algorithm", "spin.num_prompts", "raft.num_prompts")),
+    StageSpec("02_gen_responses", ALGORITHMS, "M<t-1>, prompts.jsonl", "responses",
+              ("seed", "model", "generation", "responses", "algorithm", "raft.samples_per_prompt"),
+              generates="responses"),
+    StageSpec("03_gen_scores", ("srlm", "raft"), "M<t-1> (or judge.model), responses.jsonl", "scores",
+              ("seed", "model", "generation", "judge", "eval.bootstrap_samples", "preferences.consistency"),
+              not_fingerprinted=("judge.gate",), generates="judge"),
+    StageSpec("04_gen_preferences", ("srlm",), "scores.jsonl", "preferences", ("preferences", "judge.gate")),
+    StageSpec("04_spin_pairs", ("spin",), "responses.jsonl (the SFT answer against the model's own)",
+              "preferences", ()),
+    StageSpec("04_raft_select", ("raft",), "scores.jsonl", "selected", ("raft",)),
+    StageSpec("05_dpo", ("srlm", "spin"), "M<t-1>, preferences.jsonl", "model", ("seed", "model", "lora", "dpo"),
+              trains="dpo"),
+    StageSpec("05_raft_sft", ("raft",), "M<t-1>, selected.jsonl", "model",
+              ("seed", "model", "lora", "sft", "raft.epochs"), trains="sft"),
+    StageSpec("06_eval", ALGORITHMS, "M<t-1>, M<t>, the held-out rows", "eval",
+              ("seed", "model", "generation", "judge", "eval"), not_fingerprinted=("judge.gate",),
+              generates="eval"),
+)  # fmt: skip
+
+SPECS = {s.name: s for s in STAGES}
 
 # Keys that only stage 00 reads: every later stage loads M<t-1> from the run folder instead.
 BASE_MODEL_KEYS = ("model.name_or_path", "model.fallback_chat_template")
+
+
+def spec(name: str) -> StageSpec:
+    return SPECS[name]
+
+
+def iteration_stages(algorithm: str) -> tuple[str, ...]:
+    """The stages of one iteration of `algorithm`, in order; every algorithm starts from 00_sft's M0."""
+    return tuple(s.name for s in STAGES[1:] if algorithm in s.algorithms)
+
+
+def run_stages(algorithm: str) -> tuple[str, ...]:
+    """Every stage a run of `algorithm` has: 00_sft, then one iteration's."""
+    return (STAGES[0].name, *iteration_stages(algorithm))
+
+
+def training_stages() -> tuple[str, ...]:
+    return tuple(s.name for s in STAGES if s.trains)
+
+
+def responses_per_prompt(config: Config) -> int:
+    """The answers stage 02 samples per prompt: SPIN's rejected side is one answer of the model's own; RAFT
+    keeps the best of raft.samples_per_prompt; self-rewarding judges responses.num_samples."""
+    return {"spin": 1, "raft": config.raft.samples_per_prompt}.get(config.algorithm, config.responses.num_samples)
+
+
+# Views of the table by what their readers look up.
+ITERATION_STAGES = {a: iteration_stages(a) for a in ALGORITHMS}
+GENERATED = {s.name: s.writes for s in STAGES if s.writes not in ("model", "eval")}
+CONFIG_SECTIONS = {s.name: s.fingerprints for s in STAGES}
+NOT_FINGERPRINTED = {s.name: s.not_fingerprinted for s in STAGES if s.not_fingerprinted}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m selfreward.run.stages", description=__doc__.split("\n\n")[0])
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--algorithm", choices=ALGORITHMS, help="print the stages of one iteration of it")
+    which.add_argument("--config", help="print the stages of one iteration of this config's algorithm")
+    which.add_argument("--training", action="store_true", help="print the stages that train")
+    args = parser.parse_args(argv)
+    if args.training:
+        print(" ".join(training_stages()))
+        return 0
+    algorithm = args.algorithm
+    if args.config:
+        try:
+            algorithm = load_config(args.config).algorithm
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    print(" ".join(iteration_stages(algorithm)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -326,7 +326,39 @@ def parse_stage(
     argv: list[str] | None = None,
     extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> Stage:
-    """Parse a stage's command line and load the config (the run's, or --config, plus overrides)."""
+    """Parse a stage's command line, load the config (the run's, or --config, plus overrides), swap in the
+    dry run's stand-in if asked, set up logging and take the run's lock."""
+    parser = _stage_parser(name, doc, iteration, extra_args)
+    args = parser.parse_args(argv)
+    t = getattr(args, "iteration", 0)
+    if iteration and t < 1:
+        parser.error(f"--iteration must be 1 or more, got {t}")
+    layout = RunLayout(args.run_dir)
+    overrides = _overrides(name, args, parser)
+    config_path = args.config or layout.config
+    if not os.path.exists(config_path):
+        raise ConfigError(f"no config: {config_path} does not exist; pass --config FILE")
+    config = load_checked_config(config_path, overrides)
+    dry_run = None
+    if args.dry_run:
+        config, dry_run = _dry_run(name, config, layout)
+    elif (layout.root / ".selfreward" / "dry-run").is_file():
+        dryrun.guard_run_folder(layout.root, dry=False)  # refuses: a real stage in a dry run's folder
+    logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s")
+    # bitsandbytes says at every start on CPU that an optional kernels package is missing; it is harmless.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    process_defaults()
+    lock_for_stage(layout.root, name)  # one writer per run folder: the driver that started us, or this stage
+    stage = Stage(name, args, config, layout, t, time.time(), dry_run=dry_run)
+    _running.append(stage)
+    failpoints.set_stage(name, t)
+    return stage
+
+
+def _stage_parser(
+    name: str, doc: str, iteration: bool, extra_args: Callable[[argparse.ArgumentParser], None] | None
+) -> argparse.ArgumentParser:
+    """The options every stage takes, the stage's own (`extra_args`), and one --section.key per config key."""
     parser = _Parser(
         prog=f"{name}.py",
         description=doc,
@@ -359,11 +391,11 @@ def parse_stage(
         keys.add_argument(
             f"--{key}", dest=f"override:{key}", metavar="VALUE", default=argparse.SUPPRESS, help=f"default: {default}"
         )
-    args = parser.parse_args(argv)
-    t = getattr(args, "iteration", 0)
-    if iteration and t < 1:
-        parser.error(f"--iteration must be 1 or more, got {t}")
-    layout = RunLayout(args.run_dir)
+    return parser
+
+
+def _overrides(name: str, args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """The --section.key options given, as config overrides; one the stage does not read is refused."""
     overrides = {}
     for dest, raw in vars(args).items():
         if dest.startswith("override:"):
@@ -374,24 +406,7 @@ def parse_stage(
             overrides[key] = override_value(key, raw)
     if args.no_oxen:
         overrides["oxen.enabled"] = False
-    config_path = args.config or layout.config
-    if not os.path.exists(config_path):
-        raise ConfigError(f"no config: {config_path} does not exist; pass --config FILE")
-    config = load_checked_config(config_path, overrides)
-    dry_run = None
-    if args.dry_run:
-        config, dry_run = _dry_run(name, config, layout)
-    elif (layout.root / ".selfreward" / "dry-run").is_file():
-        dryrun.guard_run_folder(layout.root, dry=False)  # refuses: a real stage in a dry run's folder
-    logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s")
-    # bitsandbytes says at every start on CPU that an optional kernels package is missing; it is harmless.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    process_defaults()
-    lock_for_stage(layout.root, name)  # one writer per run folder: the driver that started us, or this stage
-    stage = Stage(name, args, config, layout, t, time.time(), dry_run=dry_run)
-    _running.append(stage)
-    failpoints.set_stage(name, t)
-    return stage
+    return overrides
 
 
 _running: list[Stage] = []  # the stage this process runs, for the error handler

@@ -52,13 +52,44 @@ def main() -> None:
     if not stage.dry_run:
         dryrun.refuse_dry_data(data_files)
     # Imported once the stage runs: a complete stage (--skip-if-complete) exits without loading PyTorch and TRL.
-    from selfreward.model.training import build_sft_trainer, train_and_merge, training_processes, write_lineage
+    from selfreward.model.training import build_sft_trainer, train_and_merge
 
+    ift, eft, heldout_prompts, heldout_eft = training_and_heldout_rows(config)
+    constructed = off_topic_rows(eft, config.data.off_topic_eft_rows, config.seed)
+    stage.start_writing()
+    data = write_rows(layout, ift, eft, constructed, heldout_prompts, heldout_eft)
+
+    base = resolve_model_path(config.model.name_or_path)
+    rows = sft_rows(config, base, ift, eft + constructed)
+    # Built inside train_and_merge, which alone holds the trainer: its memory goes once the model is trained.
+    make_trainer = partial(build_sft_trainer, base, rows, config, stage.checkpoints(0), logs=layout.tensorboard(0))
+    history = train_and_merge(
+        make_trainer,
+        base,
+        config,
+        adapter_dir=layout.adapter(0),
+        model_dir=layout.model(0),
+        log_path=layout.train_log(0),
+    )
+    if history is None:  # a torchrun rank other than 0: rank 0 saves and reports
+        return
+    counts = {
+        "heldout_prompts": len(heldout_prompts),
+        "heldout_eft_rows": len(heldout_eft),
+        "constructed_eft_rows": len(constructed),
+    }
+    record_m0(stage, base, data, rows_in=len(rows), counts=counts)
+
+
+def training_and_heldout_rows(config) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
+    """(IFT rows to train on, EFT rows to train on, held-out IFT rows, held-out EFT rows): the held-out rows are
+    drawn from the data, or with data.heldout_eft are that file, which must share no question with training."""
     ift = read_jsonl(config.data.ift, IFT, id_field="id")
     eft = read_jsonl(config.data.eft, EFT, id_field="id")
     check_eft_scores(eft, config.data.eft)
     if not ift and not eft:
         raise StageError(f"no training rows in {config.data.ift} or {config.data.eft}")
+    heldout_file = config.data.heldout_eft
     questions = 0 if heldout_file else config.data.heldout_eft_questions
     ift, eft, heldout_prompts, heldout_eft = split_heldout(
         ift, eft, config.data.heldout_prompts, questions, config.seed
@@ -72,16 +103,22 @@ def main() -> None:
                 f"{heldout_file}: {len(shared)} question(s) also in {config.data.eft}, e.g. "
                 f"{sorted(shared)[0][:80]!r}: the judge would be measured on questions it was trained on"
             )
-    constructed = off_topic_rows(eft, config.data.off_topic_eft_rows, config.seed)
-    stage.start_writing()
+    return ift, eft, heldout_prompts, heldout_eft
+
+
+def write_rows(layout, ift, eft, constructed, heldout_prompts, heldout_eft) -> list:
+    """The rows trained on (returned: M0's lineage names them) and the rows set aside for stage 06."""
     train_dir = layout.train_dir(0)
     write_jsonl(train_dir / "ift.jsonl", ift)
     write_jsonl(train_dir / "eft.jsonl", eft)
     write_jsonl(train_dir / "eft_constructed.jsonl", constructed)
     write_jsonl(layout.heldout("prompts"), heldout_prompts)
     write_jsonl(layout.heldout("eft"), heldout_eft)
+    return [train_dir / "ift.jsonl", train_dir / "eft.jsonl", train_dir / "eft_constructed.jsonl"]
 
-    base = resolve_model_path(config.model.name_or_path)
+
+def sft_rows(config, base: str, ift: list[dict], eft: list[dict]) -> list[dict]:
+    """Prompt and completion in the base model's chat format: the IFT answers, then the EFT judgments."""
     chat = ChatFormat.from_tokenizer(load_tokenizer(base, config.model))
     rows = [{"prompt": chat.prompt(r["prompt"]), "completion": chat.completion(r["completion"])} for r in ift]
     rubric = rubric_of(config.judge)  # the judge learns the prompt stage 03 asks it, and to answer as it shows
@@ -90,21 +127,17 @@ def main() -> None:
             "prompt": chat.prompt(rubric.prompt(r["prompt"], r["response"])),
             "completion": chat.completion(judge_target(r["justification"], r["score"], config.judge.format, rubric)),
         }
-        for r in eft + constructed
+        for r in eft
     ]
-    # Built inside train_and_merge, which alone holds the trainer: its memory goes once the model is trained.
-    make_trainer = partial(build_sft_trainer, base, rows, config, stage.checkpoints(0), logs=layout.tensorboard(0))
-    history = train_and_merge(
-        make_trainer,
-        base,
-        config,
-        adapter_dir=layout.adapter(0),
-        model_dir=layout.model(0),
-        log_path=layout.train_log(0),
-    )
-    if history is None:  # a torchrun rank other than 0: rank 0 saves and reports
-        return
-    data = [train_dir / "ift.jsonl", train_dir / "eft.jsonl", train_dir / "eft_constructed.jsonl"]
+    return rows
+
+
+def record_m0(stage, base: str, data: list, *, rows_in: int, counts: dict) -> None:
+    """M0's lineage and the stage's manifest, once the merged model is saved and its checkpoints are no longer
+    needed."""
+    from selfreward.model.training import training_processes, write_lineage  # main has loaded it already
+
+    config, layout = stage.config, stage.layout
     write_lineage(
         layout.lineage(0),
         model="M0",
@@ -116,16 +149,10 @@ def main() -> None:
     )
     shutil.rmtree(layout.checkpoints(0), ignore_errors=True)
     stage.finish(
-        rows_in=len(rows),
+        rows_in=rows_in,
         rows_out=0,
         outputs=[str(layout.model(0)), str(layout.adapter(0))],
-        extra={
-            "model": "M0",
-            "processes": training_processes(),
-            "heldout_prompts": len(heldout_prompts),
-            "heldout_eft_rows": len(heldout_eft),
-            "constructed_eft_rows": len(constructed),
-        },
+        extra={"model": "M0", "processes": training_processes(), **counts},
         also_version=[layout.lineage(0), layout.train_log(0), layout.train_dir(0)]
         + [p for p in [layout.tensorboard(0)] if p.is_dir()],
     )

@@ -27,7 +27,7 @@ from selfreward.loop.prompt_gen import (
     prompt_id,
 )
 from selfreward.model.models import prompt_budget
-from selfreward.run.records import IFT, read_jsonl, write_jsonl
+from selfreward.run.records import IFT, ChunkLog, read_jsonl, write_jsonl
 from selfreward.stage import StageError, log, parse_stage, run
 
 
@@ -42,74 +42,18 @@ def main() -> None:
     from selfreward.model.backends import load_backend
     from selfreward.model.generation import Sampling
 
-    pool = [row["prompt"] for row in read_jsonl(ift_path, IFT, id_field="id")]
-    if not pool:
-        raise StageError(f"{ift_path}: no IFT prompts to use as shots")
+    pool = read_shots(ift_path)
     backend = load_backend(model_dir, config.model, config.generation)
-    chat = backend.chat
-    budget = prompt_budget(backend.context_length, config.model, cfg.max_new_tokens)
-    if fit_fewshot_request(chat, [""], budget)[0] is None:
-        raise StageError(
-            f"the prompt-generation request alone is longer than the {budget} prompt tokens the context leaves "
-            f"after prompts.max_new_tokens ({cfg.max_new_tokens}); lower it or raise generation.max_model_len"
-        )
-
-    rng = random.Random(f"{config.seed}-prompts-{t}")
+    budget = request_budget(backend, cfg.max_new_tokens, config.model)
     # Held-out prompts are never shown as shots, and a copy of one is rejected like a copy of a shot.
-    heldout_path = layout.heldout("prompts")
-    heldout = [r["prompt"] for r in read_jsonl(heldout_path, IFT)] if heldout_path.is_file() else []
-    keep = PromptFilter(pool + heldout, cfg.min_chars, cfg.max_chars, cfg.near_duplicate_threshold)
+    keep = PromptFilter(pool + heldout_prompts(layout), cfg.min_chars, cfg.max_chars, cfg.near_duplicate_threshold)
     sampling = Sampling(1, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size)
-    chunks = stage.chunk_log()
-    rows, rejected, attempts, batch, shots_dropped = [], Counter(), 0, 0, 0
-    while len(rows) < cfg.num_prompts and attempts < cfg.max_attempts:
-        count = min(cfg.batch_size, cfg.max_attempts - attempts)
-        shots = [pick_shots(pool, cfg.num_shots, rng) for _ in range(count)]  # drawn even when resuming
-        if batch in chunks.done:  # finished before a kill: replay its outcome instead of generating
-            done = chunks.done[batch]
-            new_rows, new_rejected = done["rows"], Counter(done["state"]["rejected"])
-            new_dropped = done["state"].get("shots_dropped", 0)
-            for row in new_rows:
-                keep.add(row["prompt"])
-        else:
-            # Each request is fitted to the context: its longest shots dropped, or skipped when one shot
-            # alone is too long. The answer opens with "Task N+1:".
-            fitted = [fit_fewshot_request(chat, example, budget) for example in shots]
-            requests = [request for request, _ in fitted if request is not None]
-            new_dropped = sum(dropped for request, dropped in fitted if request is not None)
-            new_rows, new_rejected = [], Counter()
-            if len(requests) < len(fitted):
-                new_rejected["shot_longer_than_context"] = len(fitted) - len(requests)
-            outputs = backend.generate(requests, sampling, seed=config.seed + t, desc=f"prompts (try {attempts})")
-            for (gen,) in outputs:
-                candidate = extract_new_task(gen.text)
-                cut_off = not cfg.keep_cut_off and is_cut_off(gen.text, gen.finish_reason)
-                reason = "cut_off" if cut_off else keep.add(candidate)
-                if reason:
-                    new_rejected[reason] += 1
-                    continue
-                new_rows.append(
-                    {"prompt_id": prompt_id(candidate), "prompt": candidate, "source": f"M{t - 1}", "iteration": t}
-                )
-                if len(rows) + len(new_rows) == cfg.num_prompts:
-                    break
-            chunks.append(batch, new_rows, {"rejected": dict(new_rejected), "shots_dropped": new_dropped})
-        rows += new_rows
-        rejected += new_rejected
-        shots_dropped += new_dropped
-        attempts += count
-        batch += 1
-    backend.close()
-    log.info(
-        "%d new prompts of %d wanted after %d attempts (limit %d); rejected: %s",
-        len(rows),
-        cfg.num_prompts,
-        attempts,
-        cfg.max_attempts,
-        dict(rejected) or "none",
+    rows, rejected, attempts, shots_dropped = new_prompts(
+        backend, pool, keep, stage.chunk_log(), sampling, budget, config, t
     )
-    if shots_dropped:
-        log.info("%d shots were dropped from requests longer than %d prompt tokens", shots_dropped, budget)
+    backend.close()
+    log_outcome(cfg, len(rows), rejected, attempts, shots_dropped, budget)
+
     out = layout.generated(t, "prompts")
     stage.start_writing()
     write_jsonl(out, rows)
@@ -127,6 +71,104 @@ def main() -> None:
             "backend": backend.name,
         },
     )
+
+
+def read_shots(ift_path) -> list[str]:
+    """The IFT prompts the shots are drawn from."""
+    pool = [row["prompt"] for row in read_jsonl(ift_path, IFT, id_field="id")]
+    if not pool:
+        raise StageError(f"{ift_path}: no IFT prompts to use as shots")
+    return pool
+
+
+def request_budget(backend, max_new_tokens: int, model_config) -> int:
+    """The prompt tokens a request may take; an error when the request without shots is already longer."""
+    budget = prompt_budget(backend.context_length, model_config, max_new_tokens)
+    if fit_fewshot_request(backend.chat, [""], budget)[0] is None:
+        raise StageError(
+            f"the prompt-generation request alone is longer than the {budget} prompt tokens the context leaves "
+            f"after prompts.max_new_tokens ({max_new_tokens}); lower it or raise generation.max_model_len"
+        )
+    return budget
+
+
+def heldout_prompts(layout) -> list[str]:
+    """Stage 06's held-out prompts (none when that file is missing)."""
+    heldout_path = layout.heldout("prompts")
+    return [r["prompt"] for r in read_jsonl(heldout_path, IFT)] if heldout_path.is_file() else []
+
+
+def new_prompts(backend, pool: list[str], keep: PromptFilter, chunks: ChunkLog, sampling, budget: int, config, t: int):
+    """(the new prompt rows, rejections by reason, attempts, shots dropped), batch by batch until
+    prompts.num_prompts are kept or prompts.max_attempts are spent. Each finished batch is saved at once, and
+    a rerun after a kill replays it instead of generating it again."""
+    cfg = config.prompts
+    rng = random.Random(f"{config.seed}-prompts-{t}")
+    rows, rejected, attempts, batch, shots_dropped = [], Counter(), 0, 0, 0
+    while len(rows) < cfg.num_prompts and attempts < cfg.max_attempts:
+        count = min(cfg.batch_size, cfg.max_attempts - attempts)
+        shots = [pick_shots(pool, cfg.num_shots, rng) for _ in range(count)]  # drawn even when resuming
+        if batch in chunks.done:
+            new_rows, new_rejected, new_dropped = replayed(chunks.done[batch], keep)
+        else:
+            new_rows, new_rejected, new_dropped = generated(
+                backend, shots, keep, sampling, budget, config, t, wanted=cfg.num_prompts - len(rows), attempt=attempts
+            )
+            chunks.append(batch, new_rows, {"rejected": dict(new_rejected), "shots_dropped": new_dropped})
+        rows += new_rows
+        rejected += new_rejected
+        shots_dropped += new_dropped
+        attempts += count
+        batch += 1
+    return rows, rejected, attempts, shots_dropped
+
+
+def replayed(done: dict, keep: PromptFilter) -> tuple[list[dict], Counter, int]:
+    """A batch finished before a kill: its outcome as saved, its prompts known to the filter again."""
+    new_rows, new_rejected = done["rows"], Counter(done["state"]["rejected"])
+    for row in new_rows:
+        keep.add(row["prompt"])
+    return new_rows, new_rejected, done["state"].get("shots_dropped", 0)
+
+
+def generated(backend, shots, keep: PromptFilter, sampling, budget: int, config, t: int, *, wanted: int, attempt: int):
+    """One batch: a request per set of shots, and the new prompts the filter keeps from the answers, at most
+    `wanted`. Returns (rows, rejections by reason, shots dropped)."""
+    cfg = config.prompts
+    # Each request is fitted to the context: its longest shots dropped, or skipped when one shot
+    # alone is too long. The answer opens with "Task N+1:".
+    fitted = [fit_fewshot_request(backend.chat, example, budget) for example in shots]
+    requests = [request for request, _ in fitted if request is not None]
+    new_dropped = sum(dropped for request, dropped in fitted if request is not None)
+    new_rows, new_rejected = [], Counter()
+    if len(requests) < len(fitted):
+        new_rejected["shot_longer_than_context"] = len(fitted) - len(requests)
+    outputs = backend.generate(requests, sampling, seed=config.seed + t, desc=f"prompts (try {attempt})")
+    for (gen,) in outputs:
+        candidate = extract_new_task(gen.text)
+        cut_off = not cfg.keep_cut_off and is_cut_off(gen.text, gen.finish_reason)
+        reason = "cut_off" if cut_off else keep.add(candidate)
+        if reason:
+            new_rejected[reason] += 1
+            continue
+        new_rows.append({"prompt_id": prompt_id(candidate), "prompt": candidate, "source": f"M{t - 1}", "iteration": t})
+        if len(new_rows) == wanted:
+            break
+    return new_rows, new_rejected, new_dropped
+
+
+def log_outcome(cfg, kept: int, rejected: Counter, attempts: int, shots_dropped: int, budget: int) -> None:
+    """How many prompts were kept and why the others were not."""
+    log.info(
+        "%d new prompts of %d wanted after %d attempts (limit %d); rejected: %s",
+        kept,
+        cfg.num_prompts,
+        attempts,
+        cfg.max_attempts,
+        dict(rejected) or "none",
+    )
+    if shots_dropped:
+        log.info("%d shots were dropped from requests longer than %d prompt tokens", shots_dropped, budget)
 
 
 if __name__ == "__main__":

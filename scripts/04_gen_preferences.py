@@ -46,50 +46,17 @@ def main() -> None:
     stage.begin(inputs=[scores_path, check_path])
     scored = read_jsonl(scores_path, SCORE, id_field="response_id")
     check = (read_manifest(check_path) or {}).get("judge_check", {})
-    good, line = gate_verdict(check)
-    if config.judge.gate != "off" and good is False:
-        if config.judge.gate == "stop":
-            raise GateError(f"{line} (judge.gate: stop)")
-        print(f"warning: {line}", flush=True)
-    margin = config.preferences.min_margin
-    if margin == "auto":
-        margin = (check.get("noise") or {}).get("max_change") or 0.0
-        log.info("min_margin auto: %.4f, the judge noise stage 03 measured", margin)
-    tolerance = config.preferences.length_tolerance if config.preferences.length_control else None
-    pairs, dropped = build_pairs(scored, margin, tolerance)
-    stand_in_scores = False
-    if not pairs and stage.dry_run:
-        # A random model writes no "Score: N": rank the answers by their sample index instead, so the
-        # dry run still trains DPO on pairs of the configured shape.
-        scored = [{**r, "score": float(-r["sample_index"])} for r in scored]
-        pairs, dropped = build_pairs(scored, margin, tolerance)
-        stand_in_scores = True
-        log.info("dry run: the stand-in judged nothing; %d pairs ranked by sample index", len(pairs))
+    good, line = apply_gate(check, config.judge.gate)
+    margin = min_margin(config.preferences.min_margin, check)
+    scored, pairs, dropped, stand_in_scores = best_against_worst(scored, margin, config.preferences, stage.dry_run)
     consistency = None
     if config.preferences.consistency != "off" and t >= 2:
-        if not any("previous_score" in r for r in scored):
-            raise StageError(
-                f"{scores_path} has no previous_score: rerun stage 03 with --preferences.consistency "
-                f"{config.preferences.consistency}, so that M{t - 2} scores the answers too"
-            )
-        tau = judges_agreement(scored)
-        pairs = [{**p, "agreement": tau[p["prompt_id"]]} for p in pairs]
-        kept = [p for p in pairs if p["agreement"] >= config.preferences.min_agreement]
-        if len(kept) < len(pairs):
-            dropped["judges_disagree"] = len(pairs) - len(kept)
-        consistency = {
-            "setting": config.preferences.consistency,
-            "min_agreement": config.preferences.min_agreement,
-            # over all prompts, and over the prompts that made a pair before the filter
-            "mean_agreement": round(sum(tau.values()) / len(tau), 4) if tau else None,
-            "mean_agreement_of_pairs": round(sum(p["agreement"] for p in pairs) / len(pairs), 4) if pairs else None,
-            "dropped": len(pairs) - len(kept),
-        }
-        log.info("judges M%d and M%d agree with mean Kendall tau %s; %d pairs dropped", t - 1, t - 2,
-                     consistency["mean_agreement"], consistency["dropped"])  # fmt: skip
-        pairs = kept
+        pairs, consistency = pairs_judges_agree_on(scored, pairs, config.preferences, t, scores_path)
+        if consistency["dropped"]:
+            dropped["judges_disagree"] = consistency["dropped"]
     prompts = len({r["prompt_id"] for r in scored})
     log.info("%d pairs from %d prompts; dropped: %s", len(pairs), prompts, dict(dropped) or "none")
+
     out = layout.generated(t, "preferences")
     stage.start_writing()
     write_jsonl(out, pairs)
@@ -107,6 +74,69 @@ def main() -> None:
             "gate": {"setting": config.judge.gate, "better_than_chance": good, "verdict": line},
         },
     )
+
+
+def apply_gate(check: dict, gate: str) -> tuple[bool | None, str]:
+    """The gate's verdict on stage 03's check of the judge; "stop" ends the stage on a judge no better than
+    chance, "warn" says so and goes on."""
+    good, line = gate_verdict(check)
+    if gate != "off" and good is False:
+        if gate == "stop":
+            raise GateError(f"{line} (judge.gate: stop)")
+        print(f"warning: {line}", flush=True)
+    return good, line
+
+
+def min_margin(setting, check: dict) -> float:
+    """The least score gap of a pair: preferences.min_margin, or with "auto" the judge noise stage 03 measured."""
+    if setting != "auto":
+        return setting
+    margin = (check.get("noise") or {}).get("max_change") or 0.0
+    log.info("min_margin auto: %.4f, the judge noise stage 03 measured", margin)
+    return margin
+
+
+def best_against_worst(scored: list[dict], margin, cfg, dry_run: bool):
+    """(the scored rows, the pairs, the prompts without a pair by reason, whether the scores are stand-ins)."""
+    tolerance = cfg.length_tolerance if cfg.length_control else None
+    pairs, dropped = build_pairs(scored, margin, tolerance)
+    if pairs or not dry_run:
+        return scored, pairs, dropped, False
+    # A random model writes no "Score: N": rank the answers by their sample index instead, so the
+    # dry run still trains DPO on pairs of the configured shape.
+    scored = [{**r, "score": float(-r["sample_index"])} for r in scored]
+    pairs, dropped = build_pairs(scored, margin, tolerance)
+    log.info("dry run: the stand-in judged nothing; %d pairs ranked by sample index", len(pairs))
+    return scored, pairs, dropped, True
+
+
+def pairs_judges_agree_on(scored: list[dict], pairs: list[dict], cfg, t: int, scores_path) -> tuple[list, dict]:
+    """preferences.consistency (CREAM): the pairs of prompts whose answers M<t-1> and M<t-2> rank alike, each
+    with its `agreement`, and the manifest's account of the filter."""
+    if not any("previous_score" in r for r in scored):
+        raise StageError(
+            f"{scores_path} has no previous_score: rerun stage 03 with --preferences.consistency "
+            f"{cfg.consistency}, so that M{t - 2} scores the answers too"
+        )
+    tau = judges_agreement(scored)
+    pairs = [{**p, "agreement": tau[p["prompt_id"]]} for p in pairs]
+    kept = [p for p in pairs if p["agreement"] >= cfg.min_agreement]
+    consistency = {
+        "setting": cfg.consistency,
+        "min_agreement": cfg.min_agreement,
+        # over all prompts, and over the prompts that made a pair before the filter
+        "mean_agreement": round(sum(tau.values()) / len(tau), 4) if tau else None,
+        "mean_agreement_of_pairs": round(sum(p["agreement"] for p in pairs) / len(pairs), 4) if pairs else None,
+        "dropped": len(pairs) - len(kept),
+    }
+    log.info(
+        "judges M%d and M%d agree with mean Kendall tau %s; %d pairs dropped",
+        t - 1,
+        t - 2,
+        consistency["mean_agreement"],
+        consistency["dropped"],
+    )
+    return kept, consistency
 
 
 if __name__ == "__main__":

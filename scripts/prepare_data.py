@@ -194,13 +194,44 @@ def main() -> None:
     seed = config.seed if args.seed is None else args.seed
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+
+    messages, source = read_messages(args)
+    conversations, ift, ift_figures = write_ift(messages, args, seed)
+    candidates = oasst.eft_candidates(conversations)
+    judge_path = judge_model or sft_baseline(config, ift, out)
+    eft_figures = write_eft(config, judge_path, candidates, args, seed, dry)
+    manifest = {
+        "source": source,
+        "lang": args.lang,
+        "seed": seed,
+        **ift_figures,
+        **eft_figures,
+        "eval_fraction": args.eval_fraction,
+        "judge": {"model": str(judge_path), "template": config.judge.template, "num_samples": config.judge.num_samples},
+        "config": args.config,
+        **({"dry_run": dry} if dry else {}),
+    }
+    write_json(out / "manifest.json", manifest)
+    if not dry:  # every file rewritten: a dry run's folder now holds real data
+        (out / dryrun.DRY_DATA_MARKER).unlink(missing_ok=True)
+    print(summary(manifest, out, dry), flush=True)
+    if config.oxen.enabled and not args.no_oxen:
+        commit_to_oxen(config, out, manifest)
+
+
+def read_messages(args) -> tuple[list[dict], dict]:
+    """The Open Assistant messages and where they came from (for the manifest)."""
     if args.source is None:  # --dry-run
-        messages, source = oasst.sample_messages(), {"built_in": "oasst.sample_messages (--dry-run)"}
-    elif args.source == "hub":
-        messages, source = hub_messages(args.hub_dataset), {"hub": args.hub_dataset}
-    else:
-        messages = oasst.read_messages(args.source)
-        source = {"file": args.source, "fingerprint": path_fingerprint(args.source)}
+        return oasst.sample_messages(), {"built_in": "oasst.sample_messages (--dry-run)"}
+    if args.source == "hub":
+        return hub_messages(args.hub_dataset), {"hub": args.hub_dataset}
+    messages = oasst.read_messages(args.source)
+    return messages, {"file": args.source, "fingerprint": path_fingerprint(args.source)}
+
+
+def write_ift(messages: list[dict], args, seed: int) -> tuple[list[dict], list[dict], dict]:
+    """DIR/ift.jsonl from the first turns' replies humans ranked first. Returns the first-turn conversations
+    (at most --max-prompts, drawn by seed), the IFT rows and the manifest's figures for them."""
     conversations, removed = oasst.first_turns(messages, args.lang)
     if args.max_prompts is not None:
         conversations = sorted(conversations, key=lambda c: fingerprint(seed, c["prompt_id"]))[: args.max_prompts]
@@ -208,15 +239,32 @@ def main() -> None:
     ift, ift_counts = oasst.ift_rows(conversations)
     if not ift:
         raise RecordError(f"{args.source}: no first-turn {args.lang} prompt with a rank-0 reply: no IFT rows")
-    write_jsonl(out / "ift.jsonl", ift)
-    log.info("%d messages -> %d first-turn prompts -> %d IFT rows; removed: %s", len(messages),
-                 len(conversations), len(ift), dict(removed + ift_counts))  # fmt: skip
+    write_jsonl(args.out / "ift.jsonl", ift)
+    log.info(
+        "%d messages -> %d first-turn prompts -> %d IFT rows; removed: %s",
+        len(messages),
+        len(conversations),
+        len(ift),
+        dict(removed + ift_counts),
+    )
+    figures = {
+        "messages": len(messages),
+        "removed_messages": dict(removed),
+        "first_turn_prompts": len(conversations),
+        "ift_rows": len(ift),
+        "ift_skipped": dict(ift_counts),
+    }
+    return conversations, ift, figures
 
-    candidates = oasst.eft_candidates(conversations)
-    judge_path = judge_model or sft_baseline(config, ift, out)
-    stamp = fingerprint(candidates, str(judge_path), path_fingerprint(judge_path), config.judge, config.model,
-                        config.generation, seed)  # fmt: skip
-    judged = judge_candidates(config, judge_path, candidates, out, stamp) if candidates else []
+
+def write_eft(config, judge_path, candidates: list[dict], args, seed: int, dry: dict | None) -> dict:
+    """DIR/eft.jsonl and eft_eval.jsonl: the rows of the candidates whose replies the judge ranks as humans did,
+    split by question. Returns the manifest's figures for them; a dry run's stand-in judge, which writes no
+    score, scores by human rank instead (noted in `dry`)."""
+    stamp = fingerprint(
+        candidates, str(judge_path), path_fingerprint(judge_path), config.judge, config.model, config.generation, seed
+    )
+    judged = judge_candidates(config, judge_path, candidates, args.out, stamp) if candidates else []
     with_a_score = sum(j["score"] is not None for r in judged for js in r for j in js)
     if dry and judged and not with_a_score:
         judged, dry["stand_in_scores"] = stand_in_scores(candidates, judged), "5 - human rank"
@@ -230,17 +278,9 @@ def main() -> None:
             continue
         rows = oasst.eft_rows(conv, replies, rubric)
         (held if oasst.is_eval_question(conv["prompt"], args.eval_fraction, seed) else train).extend(rows)
-    write_jsonl(out / "eft.jsonl", train)
-    write_jsonl(out / "eft_eval.jsonl", held)
-    manifest = {
-        "source": source,
-        "lang": args.lang,
-        "seed": seed,
-        "messages": len(messages),
-        "removed_messages": dict(removed),
-        "first_turn_prompts": len(conversations),
-        "ift_rows": len(ift),
-        "ift_skipped": dict(ift_counts),
+    write_jsonl(args.out / "eft.jsonl", train)
+    write_jsonl(args.out / "eft_eval.jsonl", held)
+    return {
         "eft_candidate_prompts": len(candidates),
         "eft_dropped_prompts": dict(eft_counts),
         # a small judge often writes no score line at all: then no ranking can agree
@@ -248,27 +288,28 @@ def main() -> None:
         "judgments": sum(len(js) for r in judged for js in r),
         "eft_rows": len(train),
         "eft_eval_rows": len(held),
-        "eval_fraction": args.eval_fraction,
-        "judge": {"model": str(judge_path), "template": config.judge.template, "num_samples": config.judge.num_samples},
-        "config": args.config,
-        **({"dry_run": dry} if dry else {}),
     }
-    write_json(out / "manifest.json", manifest)
-    if not dry:  # every file rewritten: a dry run's folder now holds real data
-        (out / dryrun.DRY_DATA_MARKER).unlink(missing_ok=True)
-    print(
-        f"[prepare_data] {len(ift)} IFT rows, {len(train)} EFT train rows and {len(held)} eval rows from "
-        f"{len(candidates)} ranked prompts ({eft_counts['judge_disagrees_with_humans']} dropped: the judge ranked "
-        f"them otherwise) in {out}"
-        + (f" (a dry run's: marked {dryrun.DRY_DATA_MARKER}, no real stage 00 trains on them)" if dry else ""),
-        flush=True,
+
+
+def summary(manifest: dict, out: Path, dry: dict | None) -> str:
+    """The line printed at the end: what was made, and where."""
+    disagree = manifest["eft_dropped_prompts"].get("judge_disagrees_with_humans", 0)
+    return (
+        f"[prepare_data] {manifest['ift_rows']} IFT rows, {manifest['eft_rows']} EFT train rows and "
+        f"{manifest['eft_eval_rows']} eval rows from {manifest['eft_candidate_prompts']} ranked prompts ({disagree} "
+        f"dropped: the judge ranked them otherwise) in {out}"
+        + (f" (a dry run's: marked {dryrun.DRY_DATA_MARKER}, no real stage 00 trains on them)" if dry else "")
     )
-    if config.oxen.enabled and not args.no_oxen:
-        files = [out / n for n in ("ift.jsonl", "eft.jsonl", "eft_eval.jsonl", "manifest.json")]
-        cfg = dataclasses.replace(config.oxen, repo=None)  # the repository lives in DIR
-        made, _ = versioning.commit(cfg, out, files, f"prepare_data: {len(ift)} IFT, {len(train)} + {len(held)} EFT")
-        if made:
-            log.info("oxen commit %s", made[:12])
+
+
+def commit_to_oxen(config, out: Path, manifest: dict) -> None:
+    """DIR's files committed to the Oxen repository in DIR."""
+    files = [out / n for n in ("ift.jsonl", "eft.jsonl", "eft_eval.jsonl", "manifest.json")]
+    cfg = dataclasses.replace(config.oxen, repo=None)  # the repository lives in DIR
+    message = f"prepare_data: {manifest['ift_rows']} IFT, {manifest['eft_rows']} + {manifest['eft_eval_rows']} EFT"
+    made, _ = versioning.commit(cfg, out, files, message)
+    if made:
+        log.info("oxen commit %s", made[:12])
 
 
 if __name__ == "__main__":

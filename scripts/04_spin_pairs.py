@@ -38,8 +38,16 @@ def main() -> None:
         if normalize(chosen) == normalize(r["response"]):
             dropped["same_as_human"] += 1
             continue
-        pairs.append({"prompt_id": r["prompt_id"], "prompt": r["prompt"], "chosen": chosen, "rejected": r["response"],
-                      "score_chosen": None, "score_rejected": None})  # fmt: skip
+        pairs.append(
+            {
+                "prompt_id": r["prompt_id"],
+                "prompt": r["prompt"],
+                "chosen": chosen,
+                "rejected": r["response"],
+                "score_chosen": None,
+                "score_rejected": None,
+            }
+        )
     log.info("%d pairs; dropped: %s", len(pairs), dict(dropped) or "none")
     out = layout.generated(t, "preferences")
     stage.start_writing()

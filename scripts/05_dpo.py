@@ -59,9 +59,14 @@ def main() -> None:
         for p in pairs
     ]
     make_trainer = partial(
-        build_dpo_trainer, parent, rows, config, stage.checkpoints(t), logs=layout.tensorboard(t),
+        build_dpo_trainer,
+        parent,
+        rows,
+        config,
+        stage.checkpoints(t),
+        logs=layout.tensorboard(t),
         reference=reference and str(reference),
-    )  # fmt: skip
+    )
     train_child(stage, make_trainer, parent, [train_copy], rows_in=len(pairs), reference=str(reference or parent))
 
 

@@ -119,9 +119,13 @@ def sft_baseline(config, ift: list[dict], out: Path) -> Path:
     # train_and_merge builds the trainer and alone holds it: its GPU memory is free before the judge's vLLM starts
     make_trainer = partial(build_sft_trainer, base, rows, config, folder / "checkpoints")
     train_and_merge(
-        make_trainer, base, config, adapter_dir=folder / "adapter", model_dir=folder / "model",
+        make_trainer,
+        base,
+        config,
+        adapter_dir=folder / "adapter",
+        model_dir=folder / "model",
         log_path=folder / "train_log.jsonl",
-    )  # fmt: skip
+    )
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     return folder / "model"
 
@@ -134,9 +138,11 @@ def dry_run(config, args) -> tuple:
     name = config.model.name_or_path
     judging = dataclasses.replace(config, judge=dataclasses.replace(config.judge, mode="sample"))  # as judged here
     rows = [r for r in dryrun.plan(judging).rows if r.stage in ("00_sft", "merge", "03_gen_scores")]
-    print(f"[prepare_data] dry run: {name} replaced by a tiny random model of its architecture; the real "
-          "model's estimated memory (GiB) for the SFT baseline (as stage 00) and the judging (as stage 03):",
-          flush=True)  # fmt: skip
+    print(
+        f"[prepare_data] dry run: {name} replaced by a tiny random model of its architecture; the real "
+        "model's estimated memory (GiB) for the SFT baseline (as stage 00) and the judging (as stage 03):",
+        flush=True,
+    )
     print("\n".join(f"[prepare_data]   {line}" for line in dryrun.memory_table(rows).splitlines()), flush=True)
     judge_model = str(dryrun.stand_in(args.judge_model)) if args.judge_model else None
     return dryrun.dry_config(config), judge_model, {"stands_in_for": name}
@@ -146,10 +152,12 @@ def stand_in_scores(candidates: list[dict], judged: list[list[list[dict]]]) -> l
     """A random stand-in writes no "Score: N": score each reply 5 - its human rank instead, so the dry run
     still builds and writes EFT rows of the real shape (as stage 04's dry run ranks by sample index)."""
     return [
-        [[{**j, "score": float(max(0, 5 - reply["rank"]))} for j in judgments]
-         for reply, judgments in zip(conv["replies"], replies, strict=True)]
+        [
+            [{**j, "score": float(max(0, 5 - reply["rank"]))} for j in judgments]
+            for reply, judgments in zip(conv["replies"], replies, strict=True)
+        ]
         for conv, replies in zip(candidates, judged, strict=True)
-    ]  # fmt: skip
+    ]
 
 
 def judge_candidates(config, judge_path, candidates: list[dict], out: Path, stamp: str) -> list[list[list[dict]]]:

@@ -576,8 +576,7 @@ def _generation_of(what: str, config: Config) -> tuple:
     if what == "prompts":
         return config.prompts.batch_size, config.prompts.max_new_tokens, "prompts"
     if what == "responses":
-        return (config.responses.batch_size, config.responses.max_new_tokens, "responses",
-                responses_per_prompt(config))  # fmt: skip
+        return (config.responses.batch_size, config.responses.max_new_tokens, "responses", responses_per_prompt(config))
     if what == "judge":
         judge = judge_for(config)  # nothing is loaded: it says what it writes per answer
         return config.judge.batch_size, judge.tokens_written, judge.label, judge.judgments_per_answer
@@ -653,8 +652,11 @@ class Plan:
 
     def describe(self) -> str:
         name = self.config.model.name_or_path
-        per_gpu = f" (GPU columns per GPU of {self.config.generation.tensor_parallel_size})" if (
-            self.config.generation.tensor_parallel_size > 1) else ""  # fmt: skip
+        per_gpu = (
+            f" (GPU columns per GPU of {self.config.generation.tensor_parallel_size})"
+            if (self.config.generation.tensor_parallel_size > 1)
+            else ""
+        )
         return (
             f"dry run of {name} ({self.counts['total'] / 1e9:.2f} B parameters, {self.counts['lora'] / 1e6:.1f} M in "
             f"LoRA; architecture from {self.source})\nestimated memory of the real model{per_gpu}, GiB "
@@ -714,7 +716,7 @@ def dry_config(config: Config) -> Config:
             gate="warn" if config.judge.gate == "stop" else config.judge.gate,
             # judge.mode reward_model: a tiny random reward model stands in, as the policy's stand-in does
             reward_model=TINY_REWARD if config.judge.reward_model else None,
-        ),  # fmt: skip
+        ),
         # --algorithm spin / raft: two SFT prompts an iteration, like the two new prompts above
         spin=dry(config.spin, num_prompts=min(config.spin.num_prompts or 2, 2)),
         raft=dry(config.raft, num_prompts=min(config.raft.num_prompts or 2, 2), keep_cut_off=True),

@@ -436,26 +436,44 @@ def _dry_run(name: str, config: Config, layout: RunLayout) -> tuple[Config, dict
     rows = [r for r in plan.rows if r.stage == name or (r.stage == "merge" and spec(name).trains)]
     dry = dryrun.dry_config(config)
     if rows and is_rank_zero():
-        print(f"[{name}] dry run: {config.model.name_or_path} replaced by a tiny random model of its "
-              f"architecture on {dry.model.device}; the real model's estimated memory (GiB):", flush=True)  # fmt: skip
+        print(
+            f"[{name}] dry run: {config.model.name_or_path} replaced by a tiny random model of its "
+            f"architecture on {dry.model.device}; the real model's estimated memory (GiB):",
+            flush=True,
+        )
         print("\n".join(f"[{name}]   {line}" for line in dryrun.memory_table(rows).splitlines()), flush=True)
-    estimate = {r.stage: {"gpu_gib": round(r.gpu / dryrun.GIB, 2), "host_gib": round(r.host / dryrun.GIB, 2),
-                          "what": r.what} for r in rows}  # fmt: skip
-    info = {"stands_in_for": config.model.name_or_path, "architecture_from": plan.source, "estimate": estimate,
-            "device": dry.model.device}  # fmt: skip
+    estimate = {
+        r.stage: {"gpu_gib": round(r.gpu / dryrun.GIB, 2), "host_gib": round(r.host / dryrun.GIB, 2), "what": r.what}
+        for r in rows
+    }
+    info = {
+        "stands_in_for": config.model.name_or_path,
+        "architecture_from": plan.source,
+        "estimate": estimate,
+        "device": dry.model.device,
+    }
     config, data_stands_in = dryrun.stand_in_data(dry)
     if data_stands_in and "data" in CONFIG_SECTIONS[name]:  # said by the stage that reads the data
         info["data_stands_in"] = data_stands_in
         if is_rank_zero():
-            print(f"[{name}] dry run: {', '.join(data_stands_in)} not found, standing in: "
-                  f"{', '.join(data_stands_in.values())} (a real run needs them; scripts/prepare_data.py writes "
-                  "the OASST profile's)", flush=True)  # fmt: skip
+            print(
+                f"[{name}] dry run: {', '.join(data_stands_in)} not found, standing in: "
+                f"{', '.join(data_stands_in.values())} (a real run needs them; scripts/prepare_data.py writes "
+                "the OASST profile's)",
+                flush=True,
+            )
     return config, info
 
 
 # Messages of libraries that failed to write because the disk is full (torch.save says basic_ios::clear).
-DISK_FULL_SIGNS = ("No space left on device", "basic_ios::clear", "PytorchStreamWriter failed", "StorageFull",
-                   "file write failed", "Disk quota exceeded")  # fmt: skip
+DISK_FULL_SIGNS = (
+    "No space left on device",
+    "basic_ios::clear",
+    "PytorchStreamWriter failed",
+    "StorageFull",
+    "file write failed",
+    "Disk quota exceeded",
+)
 
 
 def _free_space(path: Path) -> str:

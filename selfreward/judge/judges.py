@@ -158,8 +158,15 @@ class RubricJudge(Judge):
         rows: list[dict] = []
 
         def judged(k: int, idx: list[int], judgments: list[list[dict]]) -> None:
-            new = [{**responses[i], "score": mean_score([j["score"] for j in js]), "judgments": js,
-                    "judge_input_truncated": fitted[i][1]} for i, js in zip(idx, judgments, strict=True)]  # fmt: skip
+            new = [
+                {
+                    **responses[i],
+                    "score": mean_score([j["score"] for j in js]),
+                    "judgments": js,
+                    "judge_input_truncated": fitted[i][1],
+                }
+                for i, js in zip(idx, judgments, strict=True)
+            ]
             rows.extend(new)
             if save:
                 save(k, new)
@@ -234,16 +241,27 @@ class PairwiseJudge(Judge):
 
     def _rows(self, responses, cfg, *, seed, skip=(), save=None) -> list[dict]:
         return pairwise_scores(
-            self.model, responses, cfg, template=pairwise_template(cfg), budget=self.budget,
-            prompts_per_chunk=max(1, cfg.batch_size // 2), skip=skip, on_chunk=save,
-        )  # fmt: skip
+            self.model,
+            responses,
+            cfg,
+            template=pairwise_template(cfg),
+            budget=self.budget,
+            prompts_per_chunk=max(1, cfg.batch_size // 2),
+            skip=skip,
+            on_chunk=save,
+        )
 
     def measure(self, eft: list[dict], *, samples: int, seed: int) -> dict:
         """measure_pairwise_judge's figures: pairwise accuracy and position bias."""
         return measure_pairwise_judge(
-            self.model, eft, template=pairwise_template(self.cfg), batch_size=self.cfg.batch_size,
-            budget=self.budget, samples=samples, seed=seed,
-        )  # fmt: skip
+            self.model,
+            eft,
+            template=pairwise_template(self.cfg),
+            batch_size=self.cfg.batch_size,
+            budget=self.budget,
+            samples=samples,
+            seed=seed,
+        )
 
     def noise(self, responses: list[dict], rows: list[dict], *, seed: int) -> dict:
         # whole prompts are judged again: an answer's score is its place among its prompt's answers
@@ -289,8 +307,10 @@ class RewardModelJudge(Judge):
 
         def rewarded(k: int, idx: list[int], rewards: list[float | None]) -> None:
             scores = [None if reward is None else round(reward, 4) for reward in rewards]  # None: it was not finite
-            new = [{**responses[i], "score": score, "judgments": [], "judge_input_truncated": fitted[i][1]}
-                   for i, score in zip(idx, scores, strict=True)]  # fmt: skip
+            new = [
+                {**responses[i], "score": score, "judgments": [], "judge_input_truncated": fitted[i][1]}
+                for i, score in zip(idx, scores, strict=True)
+            ]
             rows.extend(new)
             if save:
                 save(k, new)
@@ -300,8 +320,9 @@ class RewardModelJudge(Judge):
 
     def measure(self, eft: list[dict], *, samples: int, seed: int) -> dict:
         budget = self.budget
-        rewards = self.model.score([self.model.render(r["prompt"], r["response"], budget)[0] for r in eft],
-                                   self.cfg.batch_size)  # fmt: skip
+        rewards = self.model.score(
+            [self.model.render(r["prompt"], r["response"], budget)[0] for r in eft], self.cfg.batch_size
+        )
         # its rewards are on no 0-5 scale: only the figures that compare ranks mean anything
         return {**judge_quality(eft, rewards, samples=samples, seed=seed), "exact_match": None}
 

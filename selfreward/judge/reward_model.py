@@ -55,9 +55,14 @@ class RewardModel(HalvesOnOutOfMemory):
         """The conversation (the question, then the response) in the reward model's chat template, within
         `max_tokens`, cutting the end of the response first, then of the question; and whether it was cut."""
         return cut_to_fit(
-            self._render, self.encode, self.tokenizer.decode, question, response, max_tokens,
+            self._render,
+            self.encode,
+            self.tokenizer.decode,
+            question,
+            response,
+            max_tokens,
             what="the reward model's chat template",
-        )  # fmt: skip
+        )
 
     @torch.inference_mode()
     def score(
@@ -96,8 +101,11 @@ class RewardModel(HalvesOnOutOfMemory):
                 self.non_finite += bad
                 log.warning(
                     "the reward model gave %d non-finite reward(s) (NaN or inf: an overflow in %s?); they count as "
-                    "no score (%d so far)", bad, self.model.dtype, self.non_finite,
-                )  # fmt: skip
+                    "no score (%d so far)",
+                    bad,
+                    self.model.dtype,
+                    self.non_finite,
+                )
             return [r if math.isfinite(r) else None for r in rewards]
 
         return run_batches(batches, lambda idx: self._halving(idx, run), desc=desc, skip=skip, on_batch=on_batch)

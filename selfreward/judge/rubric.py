@@ -182,9 +182,14 @@ def fit_judge_prompt(chat, question: str, response: str, max_tokens: int, rubric
     """The rendered judge prompt within `max_tokens`, cutting the response first, then the question."""
     rubric = rubric or load_rubric()
     return cut_to_fit(
-        lambda q, r: chat.prompt(rubric.prompt(q, r)), chat.encode, chat.tokenizer.decode, question, response,
-        max_tokens, what="the judge rubric",
-    )  # fmt: skip
+        lambda q, r: chat.prompt(rubric.prompt(q, r)),
+        chat.encode,
+        chat.tokenizer.decode,
+        question,
+        response,
+        max_tokens,
+        what="the judge rubric",
+    )
 
 
 def parse_judge_score(judgment: str) -> float | None:
@@ -368,8 +373,12 @@ def logit_judgments(
 
     def then_read(batch, idx, gens):
         reasons = [text_before_score_line(row[0].text, rubric) for row in gens]
-        judged = score_by_logits(backend, [judge_prompts[i] + r + "\n" for i, r in zip(idx, reasons, strict=True)],
-                                 cfg.batch_size, rubric=rubric)  # fmt: skip
+        judged = score_by_logits(
+            backend,
+            [judge_prompts[i] + r + "\n" for i, r in zip(idx, reasons, strict=True)],
+            cfg.batch_size,
+            rubric=rubric,
+        )
         keep(batch, idx, [[{**j, "text": r + "\n" + j["text"]}] for j, r in zip(judged, reasons, strict=True)])
 
     backend.generate(judge_prompts, greedy, seed=seed, desc="justifying", skip=skip, on_batch=then_read)

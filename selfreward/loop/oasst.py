@@ -100,8 +100,11 @@ def first_turns(messages: list[dict], lang: str = "en") -> tuple[list[dict], Cou
     for m in kept.values():
         if m["parent_id"] is None and m["role"] == "prompter":
             conversations[m["message_id"]] = {
-                "tree": m["message_tree_id"], "prompt_id": m["message_id"], "prompt": m["text"], "replies": []
-            }  # fmt: skip
+                "tree": m["message_tree_id"],
+                "prompt_id": m["message_id"],
+                "prompt": m["text"],
+                "replies": [],
+            }
     for m in kept.values():
         parent = m["parent_id"]
         if parent is None:
@@ -201,37 +204,52 @@ def eft_rows(conv: dict, judged: list[list[dict]], rubric) -> list[dict]:
 
 # Ranked first-turn replies (best first) for sample_messages: short, plain, in the table's format.
 _SAMPLE_TREES = (
-    ("How do I keep fresh basil from wilting?", (
-        "Trim the stems and stand the bunch in a glass of water on the counter, loosely covered with a bag. "
-        "Basil dislikes the cold, so keep it out of the fridge and change the water every day or two.",
-        "Put it in a glass of water.",
-        "Basil is a herb.",
-    )),
-    ("What is the difference between weather and climate?", (
-        "Weather is the state of the atmosphere at a given place and time: today's rain or tomorrow's heat. "
-        "Climate is the pattern of weather over decades, such as a region's average temperature and rainfall.",
-        "Weather is short term and climate is long term.",
-        "They are the same thing.",
-    )),
-    ("Why is the sky blue?", (
-        "Sunlight is scattered by the molecules of the air, and short wavelengths scatter far more than long "
-        "ones (Rayleigh scattering). Blue light is therefore scattered across the whole sky and reaches our "
-        "eyes from every direction.",
-        "Because of how air scatters sunlight.",
-        "Because the sea reflects onto it.",
-    )),
-    ("Give me three tips for sleeping better.", (
-        "1. Go to bed and get up at the same times every day. 2. Keep the bedroom dark, quiet and cool. "
-        "3. Avoid caffeine after midday and screens in the last hour before bed.",
-        "Sleep more and drink less coffee.",
-    )),
-    ("What is a hash table?", (
-        "A hash table stores key-value pairs in an array. A hash function turns each key into an index, so a "
-        "lookup, insert or delete takes constant time on average; collisions are handled by chaining or probing.",
-        "A table that uses hashes to find things.",
-        "A kind of furniture.",
-    )),
-)  # fmt: skip
+    (
+        "How do I keep fresh basil from wilting?",
+        (
+            "Trim the stems and stand the bunch in a glass of water on the counter, loosely covered with a bag. "
+            "Basil dislikes the cold, so keep it out of the fridge and change the water every day or two.",
+            "Put it in a glass of water.",
+            "Basil is a herb.",
+        ),
+    ),
+    (
+        "What is the difference between weather and climate?",
+        (
+            "Weather is the state of the atmosphere at a given place and time: today's rain or tomorrow's heat. "
+            "Climate is the pattern of weather over decades, such as a region's average temperature and rainfall.",
+            "Weather is short term and climate is long term.",
+            "They are the same thing.",
+        ),
+    ),
+    (
+        "Why is the sky blue?",
+        (
+            "Sunlight is scattered by the molecules of the air, and short wavelengths scatter far more than long "
+            "ones (Rayleigh scattering). Blue light is therefore scattered across the whole sky and reaches our "
+            "eyes from every direction.",
+            "Because of how air scatters sunlight.",
+            "Because the sea reflects onto it.",
+        ),
+    ),
+    (
+        "Give me three tips for sleeping better.",
+        (
+            "1. Go to bed and get up at the same times every day. 2. Keep the bedroom dark, quiet and cool. "
+            "3. Avoid caffeine after midday and screens in the last hour before bed.",
+            "Sleep more and drink less coffee.",
+        ),
+    ),
+    (
+        "What is a hash table?",
+        (
+            "A hash table stores key-value pairs in an array. A hash function turns each key into an index, so a "
+            "lookup, insert or delete takes constant time on average; collisions are handled by chaining or probing.",
+            "A table that uses hashes to find things.",
+            "A kind of furniture.",
+        ),
+    ),
+)
 
 
 def sample_messages() -> list[dict]:

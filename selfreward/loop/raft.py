@@ -57,7 +57,12 @@ def select(scored: list[dict], cfg) -> tuple[list[dict], Counter]:
     order = {r["response_id"]: n for n, r in enumerate(scored)}
     kept.sort(key=lambda r: order[r["response_id"]])
     return [
-        {"prompt_id": r["prompt_id"], "response_id": r["response_id"], "prompt": r["prompt"],
-         "completion": r["response"], "score": r["score"]}
+        {
+            "prompt_id": r["prompt_id"],
+            "response_id": r["response_id"],
+            "prompt": r["prompt"],
+            "completion": r["response"],
+            "score": r["score"],
+        }
         for r in kept
-    ], discarded  # fmt: skip
+    ], discarded

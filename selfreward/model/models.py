@@ -338,8 +338,9 @@ def check_merge_memory(base_path: str | Path, cfg: ModelConfig, loaded=None) -> 
         log.warning(
             "cannot tell how much host RAM merging the adapter into %s needs (no safetensors weights found on "
             "this machine): not checked; the merge loads it in %s on the CPU after training",
-            base_path, cfg.dtype,
-        )  # fmt: skip
+            base_path,
+            cfg.dtype,
+        )
     if needed is None or available is None or needed <= available:
         return
     gib = 1024**3

@@ -61,8 +61,12 @@ def warmup_for(train: TrainConfig, steps: int, section: str) -> int:
     log.warning(
         "%s.warmup_steps %d is not below this run's %d optimizer steps; warming up over %d instead, "
         "or the learning rate would not reach %g",
-        section, train.warmup_steps, steps, steps - 1, train.learning_rate,
-    )  # fmt: skip
+        section,
+        train.warmup_steps,
+        steps,
+        steps - 1,
+        train.learning_rate,
+    )
     return steps - 1
 
 
@@ -71,8 +75,14 @@ def _trainer_args(train: TrainConfig, config: Config, output_dir: Path, rows: in
     processes = training_processes()
     per_device, accum = per_process_batch(train, processes)
     if processes > 1 and is_rank_zero():
-        log.info("%s: the global batch of %d is %d processes x %d rows x %d accumulation steps",
-                 section, train.batch_size * train.grad_accum, processes, per_device, accum)  # fmt: skip
+        log.info(
+            "%s: the global batch of %d is %d processes x %d rows x %d accumulation steps",
+            section,
+            train.batch_size * train.grad_accum,
+            processes,
+            per_device,
+            accum,
+        )
     steps = optimizer_steps(train, rows, processes)
     return {
         "output_dir": str(output_dir),
@@ -336,8 +346,16 @@ def train_child(
     )
     if history is None:
         return
-    write_lineage(layout.lineage(t), model=f"M{t}", stage=stage.name, base=config.model.name_or_path, parent=parent,
-                  data=data, config=config, reference=reference)  # fmt: skip
+    write_lineage(
+        layout.lineage(t),
+        model=f"M{t}",
+        stage=stage.name,
+        base=config.model.name_or_path,
+        parent=parent,
+        data=data,
+        config=config,
+        reference=reference,
+    )
     shutil.rmtree(layout.checkpoints(t), ignore_errors=True)
     stage.finish(
         rows_in=rows_in,

@@ -142,8 +142,16 @@ def lock_for_stage(run_dir: str | Path, stage: str) -> None:
     _held.append(fd)
     if _try_lock(fd):
         token = secrets.token_hex(8)
-        _write_record(fd, {"holder": f"{stage}.py", "pid": os.getpid(), "since": time.time(),
-                           "host": socket.gethostname(), "token": token})  # fmt: skip
+        _write_record(
+            fd,
+            {
+                "holder": f"{stage}.py",
+                "pid": os.getpid(),
+                "since": time.time(),
+                "host": socket.gethostname(),
+                "token": token,
+            },
+        )
         return
     record = _holder_record(fd)
     token = os.environ.get(LOCK_ENV)

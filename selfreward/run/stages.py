@@ -39,31 +39,72 @@ class StageSpec:
 
 
 STAGES = (
-    StageSpec("00_sft", ALGORITHMS, "the IFT and EFT seed data (data.*)", "model",
-              ("seed", "data", "model", "lora", "sft", "judge.format", "judge.template", "judge.score_pattern"),
-              trains="sft"),
-    StageSpec("01_gen_prompts", ("srlm",), "M<t-1>, the IFT prompts as few-shot examples", "prompts",
-              ("seed", "model", "generation", "prompts"), generates="prompts"),
-    StageSpec("01_sft_prompts", ("spin", "raft"), "the IFT seed data", "prompts",
-              ("seed", "algorithm", "spin.num_prompts", "raft.num_prompts")),
-    StageSpec("02_gen_responses", ALGORITHMS, "M<t-1>, prompts.jsonl", "responses",
-              ("seed", "model", "generation", "responses", "algorithm", "raft.samples_per_prompt"),
-              generates="responses"),
-    StageSpec("03_gen_scores", ("srlm", "raft"), "M<t-1> (or judge.model), responses.jsonl", "scores",
-              ("seed", "model", "generation", "judge", "eval.bootstrap_samples", "preferences.consistency"),
-              not_fingerprinted=("judge.gate",), generates="judge"),
+    StageSpec(
+        "00_sft",
+        ALGORITHMS,
+        "the IFT and EFT seed data (data.*)",
+        "model",
+        ("seed", "data", "model", "lora", "sft", "judge.format", "judge.template", "judge.score_pattern"),
+        trains="sft",
+    ),
+    StageSpec(
+        "01_gen_prompts",
+        ("srlm",),
+        "M<t-1>, the IFT prompts as few-shot examples",
+        "prompts",
+        ("seed", "model", "generation", "prompts"),
+        generates="prompts",
+    ),
+    StageSpec(
+        "01_sft_prompts",
+        ("spin", "raft"),
+        "the IFT seed data",
+        "prompts",
+        ("seed", "algorithm", "spin.num_prompts", "raft.num_prompts"),
+    ),
+    StageSpec(
+        "02_gen_responses",
+        ALGORITHMS,
+        "M<t-1>, prompts.jsonl",
+        "responses",
+        ("seed", "model", "generation", "responses", "algorithm", "raft.samples_per_prompt"),
+        generates="responses",
+    ),
+    StageSpec(
+        "03_gen_scores",
+        ("srlm", "raft"),
+        "M<t-1> (or judge.model), responses.jsonl",
+        "scores",
+        ("seed", "model", "generation", "judge", "eval.bootstrap_samples", "preferences.consistency"),
+        not_fingerprinted=("judge.gate",),
+        generates="judge",
+    ),
     StageSpec("04_gen_preferences", ("srlm",), "scores.jsonl", "preferences", ("preferences", "judge.gate")),
-    StageSpec("04_spin_pairs", ("spin",), "responses.jsonl (the SFT answer against the model's own)",
-              "preferences", ()),
+    StageSpec(
+        "04_spin_pairs", ("spin",), "responses.jsonl (the SFT answer against the model's own)", "preferences", ()
+    ),
     StageSpec("04_raft_select", ("raft",), "scores.jsonl", "selected", ("raft",)),
-    StageSpec("05_dpo", ("srlm", "spin"), "M<t-1>, preferences.jsonl", "model", ("seed", "model", "lora", "dpo"),
-              trains="dpo"),
-    StageSpec("05_raft_sft", ("raft",), "M<t-1>, selected.jsonl", "model",
-              ("seed", "model", "lora", "sft", "raft.epochs"), trains="sft"),
-    StageSpec("06_eval", ALGORITHMS, "M<t-1>, M<t>, the held-out rows", "eval",
-              ("seed", "model", "generation", "judge", "eval"), not_fingerprinted=("judge.gate",),
-              generates="eval"),
-)  # fmt: skip
+    StageSpec(
+        "05_dpo", ("srlm", "spin"), "M<t-1>, preferences.jsonl", "model", ("seed", "model", "lora", "dpo"), trains="dpo"
+    ),
+    StageSpec(
+        "05_raft_sft",
+        ("raft",),
+        "M<t-1>, selected.jsonl",
+        "model",
+        ("seed", "model", "lora", "sft", "raft.epochs"),
+        trains="sft",
+    ),
+    StageSpec(
+        "06_eval",
+        ALGORITHMS,
+        "M<t-1>, M<t>, the held-out rows",
+        "eval",
+        ("seed", "model", "generation", "judge", "eval"),
+        not_fingerprinted=("judge.gate",),
+        generates="eval",
+    ),
+)
 
 SPECS = {s.name: s for s in STAGES}
 

@@ -78,9 +78,12 @@ def _call(request: dict, stall: float | None = None, limit: float | None = None)
     no progress for `stall` seconds, or still running after `limit`)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         child = subprocess.Popen(
-            [sys.executable, "-m", "selfreward.run.versioning"], stdin=subprocess.PIPE, stdout=out, stderr=err,
+            [sys.executable, "-m", "selfreward.run.versioning"],
+            stdin=subprocess.PIPE,
+            stdout=out,
+            stderr=err,
             env=_child_env(),
-        )  # fmt: skip
+        )
         try:
             child.stdin.write(json.dumps(request).encode())
             child.stdin.close()
@@ -171,8 +174,10 @@ def _call_waiting(request: dict, wait: float) -> dict:
 
 
 def _user(cfg: OxenConfig) -> dict:
-    return {"name": cfg.user_name or os.environ.get("OXEN_USER_NAME"),
-            "email": cfg.user_email or os.environ.get("OXEN_USER_EMAIL")}  # fmt: skip
+    return {
+        "name": cfg.user_name or os.environ.get("OXEN_USER_NAME"),
+        "email": cfg.user_email or os.environ.get("OXEN_USER_EMAIL"),
+    }
 
 
 def commit(cfg: OxenConfig, run_dir: Path, paths: list[Path], message: str) -> tuple[str | None, str | None]:
@@ -222,8 +227,15 @@ def push(cfg: OxenConfig, layout: RunLayout, url: str) -> str | None:
 
     Returns None once pushed, else why not, in one line."""
     root, mirror = repo_dir(cfg, layout.root).resolve(), layout.push_mirror.resolve()
-    request = {"action": "push", "root": str(root), "mirror": str(mirror), "remote_name": cfg.remote_name,
-               "url": url, "branch": cfg.branch, "busy_wait": cfg.busy_wait_seconds}  # fmt: skip
+    request = {
+        "action": "push",
+        "root": str(root),
+        "mirror": str(mirror),
+        "remote_name": cfg.remote_name,
+        "url": url,
+        "branch": cfg.branch,
+        "busy_wait": cfg.busy_wait_seconds,
+    }
     delay, error = cfg.push_backoff_seconds, ""
     for attempt in range(1, cfg.push_retries + 1):
         try:
@@ -321,20 +333,36 @@ def start_pusher(cfg: OxenConfig, layout: RunLayout) -> None:
     url = todo[0]
     failed = _read_ledger(layout).get("push_errors", {}).get(url)
     if failed:  # the last pusher gave up: say so once per stage, as the push is tried again
-        print(f"warning: oxen push to {url} {failed}; the commits are kept locally and pushed again in the "
-              f"background (log: {layout.push_log})", flush=True)  # fmt: skip
+        print(
+            f"warning: oxen push to {url} {failed}; the commits are kept locally and pushed again in the "
+            f"background (log: {layout.push_log})",
+            flush=True,
+        )
     else:
         log.info("pushing to %s in the background (log: %s)", url, layout.push_log)
-    command = [sys.executable, "-m", "selfreward.run.versioning", "--push", "--background",
-               "--run-dir", str(layout.root.resolve()), "--oxen", json.dumps(dataclasses.asdict(cfg))]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "selfreward.run.versioning",
+        "--push",
+        "--background",
+        "--run-dir",
+        str(layout.root.resolve()),
+        "--oxen",
+        json.dumps(dataclasses.asdict(cfg)),
+    ]
     with open(layout.push_log, "ab") as output:
         subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, env=_child_env(),
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=_child_env(),
             # Its own session: the stage's end, or a Ctrl-C of the driver, does not stop a push of committed work.
             start_new_session=True,
             # No inherited descriptors: the driver's run lock (fd 9) would keep the run folder locked.
             close_fds=True,
-        )  # fmt: skip
+        )
 
 
 def _say(line: str) -> None:
@@ -550,8 +578,12 @@ def _repository_locked(root: Path, wait: float):
     """Hold the repository's database locks, as an open Oxen repository does, so that no commit changes it
     meanwhile; while another process uses it, try again for up to `wait` seconds."""
     deadline = time.monotonic() + wait
-    locks = sorted(p for item in (root / ".oxen").iterdir() if item.is_dir() and item.name != "versions"
-                   for p in item.rglob("LOCK"))  # fmt: skip
+    locks = sorted(
+        p
+        for item in (root / ".oxen").iterdir()
+        if item.is_dir() and item.name != "versions"
+        for p in item.rglob("LOCK")
+    )
     while True:
         held = []
         try:

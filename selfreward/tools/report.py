@@ -106,8 +106,9 @@ def plot_judge_quality(evals: list[dict], out: Path) -> str:
             low.append(v - interval[0] if interval else 0.0)
             high.append(interval[1] - v if interval else 0.0)
         # 95% bootstrap intervals as error bars, the four figures side by side at each model
-        ax.errorbar([i + shift for i in x], values, yerr=[low, high], marker="o", capsize=3,
-                    label=key.replace("_", " "))  # fmt: skip
+        ax.errorbar(
+            [i + shift for i in x], values, yerr=[low, high], marker="o", capsize=3, label=key.replace("_", " ")
+        )
     ax.set_xticks(x, models)
     ax.axhline(0, color="black", linewidth=0.5)
     ax.set_xlabel("model")
@@ -159,8 +160,13 @@ def head_to_head_table(evals: list[dict]) -> list[str]:
 def judge_quality_table(quality: dict[str, dict]) -> list[str]:
     """Judge quality per model ("M0": eval.json's figures), each with its interval, as Markdown table lines."""
     keys = QUALITY + (("position_bias",) if any("position_bias" in q for q in quality.values()) else ())
-    label = {"pairwise_accuracy": "pairwise accuracy", "exact_match": "exact match", "spearman": "Spearman",
-             "kendall_tau": "Kendall τ", "position_bias": "position bias"}  # fmt: skip
+    label = {
+        "pairwise_accuracy": "pairwise accuracy",
+        "exact_match": "exact match",
+        "spearman": "Spearman",
+        "kendall_tau": "Kendall τ",
+        "position_bias": "position bias",
+    }
     names = " | ".join(label[k] for k in keys)
     lines = [f"| judge | pairs | {names} |", "|---" * (len(keys) + 2) + "|"]
     for m in sorted(quality, key=_model_order):
@@ -195,31 +201,60 @@ def write_report(layout: RunLayout) -> Path:
             lines += [f"Iteration {e['iteration']}: {gate['verdict']}.", ""]
     agreeing = [e for e in evals if e.get("consistency")]
     if agreeing:
-        lines += ["## Consistency of the judge between iterations (preferences.consistency, CREAM)", "",
-                  "| iteration | judges | mean Kendall τ, all prompts | mean Kendall τ, prompts with a pair | "
-                  "pairs dropped |", "|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "## Consistency of the judge between iterations (preferences.consistency, CREAM)",
+            "",
+            "| iteration | judges | mean Kendall τ, all prompts | mean Kendall τ, prompts with a pair | "
+            "pairs dropped |",
+            "|---|---|---|---|---|",
+        ]
         for e in agreeing:
             c, t = e["consistency"], e["iteration"]
-            lines.append(f"| {t} | M{t - 1} vs M{t - 2} | {_fmt(c.get('mean_agreement'))} | "
-                         f"{_fmt(c.get('mean_agreement_of_pairs'))} | {c.get('dropped', 0)} |")  # fmt: skip
+            lines.append(
+                f"| {t} | M{t - 1} vs M{t - 2} | {_fmt(c.get('mean_agreement'))} | "
+                f"{_fmt(c.get('mean_agreement_of_pairs'))} | {c.get('dropped', 0)} |"
+            )
         lines += ["", "1 is the same ranking of a prompt's answers by both judges, 0 no relation, -1 the reverse.", ""]
     lines += ["## Head-to-head (held-out prompts, judged in both orders; an order-dependent verdict is a tie)", ""]
     lines += head_to_head_table(evals)
-    lines += ["", "Position bias: the share of prompts where the judge picked the same position (A or B) in "
-              "both orders, so its verdict followed the position, not the answer.", ""]  # fmt: skip
+    lines += [
+        "",
+        "Position bias: the share of prompts where the judge picked the same position (A or B) in "
+        "both orders, so its verdict followed the position, not the answer.",
+        "",
+    ]
     lines += ["", f"![head-to-head](report/{plots['head_to_head']})", ""]
     quality: dict[str, dict] = {}
     for e in evals:
         quality.update(e["judge_quality"])
     lines += ["## Judge quality (held-out EFT rows against their human scores)", ""]
     lines += judge_quality_table(quality)
-    lines += ["", "Each figure with its 95% bootstrap interval over held-out questions: a judge is better than "
-              "chance when the interval of its pairwise accuracy lies above 0.5.", ""]  # fmt: skip
+    lines += [
+        "",
+        "Each figure with its 95% bootstrap interval over held-out questions: a judge is better than "
+        "chance when the interval of its pairwise accuracy lies above 0.5.",
+        "",
+    ]
     lines += ["", f"![judge quality](report/{plots['judge']})", ""]
-    keys = ("response_tokens", "response_chars", "distinct_1", "distinct_2", "mean_score", "score_spread", "tie_rate",
-            "parse_failure_rate", "pair_yield", "chosen_minus_rejected_chars", "shorter_chosen")  # fmt: skip
-    lines += ["## Drift", "", "| iteration | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
-              "|---" * (len(keys) + 1) + "|"]  # fmt: skip
+    keys = (
+        "response_tokens",
+        "response_chars",
+        "distinct_1",
+        "distinct_2",
+        "mean_score",
+        "score_spread",
+        "tie_rate",
+        "parse_failure_rate",
+        "pair_yield",
+        "chosen_minus_rejected_chars",
+        "shorter_chosen",
+    )
+    lines += [
+        "## Drift",
+        "",
+        "| iteration | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
+        "|---" * (len(keys) + 1) + "|",
+    ]
     for e in evals:
         lines.append(f"| {e['iteration']} | " + " | ".join(_fmt(e["drift"].get(k)) for k in keys) + " |")
     lines += ["", f"![scores](report/{plots['scores']})", "", f"![response length](report/{plots['lengths']})", ""]
@@ -245,9 +280,13 @@ def write_comparison(runs: list[Path], out: Path) -> Path:
     lines = ["# Runs compared", "", "| run | algorithm | iterations evaluated |", "|---|---|---|"]
     for r, a, (_, evals) in zip(runs, algorithms, named, strict=True):
         lines.append(f"| {r} | {a} | {', '.join(str(e['iteration']) for e in evals)} |")
-    lines += ["", "## Head-to-head (held-out prompts, judged in both orders; an order-dependent verdict is a tie)", "",
-              "| run | iteration | comparison | judge | wins | ties | losses | win rate | position bias |",
-              "|---" * 9 + "|"]  # fmt: skip
+    lines += [
+        "",
+        "## Head-to-head (held-out prompts, judged in both orders; an order-dependent verdict is a tie)",
+        "",
+        "| run | iteration | comparison | judge | wins | ties | losses | win rate | position bias |",
+        "|---" * 9 + "|",
+    ]
     for name, evals in named:
         for e in evals:
             for comparison, c in e["head_to_head"].items():
@@ -256,22 +295,43 @@ def write_comparison(runs: list[Path], out: Path) -> Path:
                     f"{c['wins']} | {c['ties']} | {c['losses']} | {_fmt(c['win_rate'])} | "
                     f"{_fmt(c.get('position_bias'))} |"
                 )
-    lines += ["", "Each run's judge is its own newest model unless eval.judge_model names one: for a fair "
-              "comparison, give every run the same judge (python scripts/06_eval.py ... --eval.judge_model PATH).",
-              "", "## Judge quality (held-out EFT rows against their human scores)", "",
-              "| run | judge | pairs | pairwise accuracy | Spearman |", "|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "Each run's judge is its own newest model unless eval.judge_model names one: for a fair "
+        "comparison, give every run the same judge (python scripts/06_eval.py ... --eval.judge_model PATH).",
+        "",
+        "## Judge quality (held-out EFT rows against their human scores)",
+        "",
+        "| run | judge | pairs | pairwise accuracy | Spearman |",
+        "|---|---|---|---|---|",
+    ]
     for name, evals in named:
         quality: dict[str, dict] = {}
         for e in evals:
             quality.update(e["judge_quality"])
         for m in sorted(quality, key=_model_order):
             q = quality[m]
-            lines.append(f"| {name} | {m} | {q['pairs']} | {_with_interval(q, 'pairwise_accuracy')} | "
-                         f"{_with_interval(q, 'spearman')} |")  # fmt: skip
-    keys = ("response_tokens", "response_chars", "distinct_1", "distinct_2", "mean_score", "tie_rate", "pair_yield",
-            "chosen_minus_rejected_chars")  # fmt: skip
-    lines += ["", "## Drift", "", "| run | iteration | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
-              "|---" * (len(keys) + 2) + "|"]  # fmt: skip
+            lines.append(
+                f"| {name} | {m} | {q['pairs']} | {_with_interval(q, 'pairwise_accuracy')} | "
+                f"{_with_interval(q, 'spearman')} |"
+            )
+    keys = (
+        "response_tokens",
+        "response_chars",
+        "distinct_1",
+        "distinct_2",
+        "mean_score",
+        "tie_rate",
+        "pair_yield",
+        "chosen_minus_rejected_chars",
+    )
+    lines += [
+        "",
+        "## Drift",
+        "",
+        "| run | iteration | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
+        "|---" * (len(keys) + 2) + "|",
+    ]
     for name, evals in named:
         for e in evals:
             lines.append(f"| {name} | {e['iteration']} | " + " | ".join(_fmt(e["drift"].get(k)) for k in keys) + " |")

@@ -51,7 +51,7 @@ from selfreward.run.records import (
     write_text,
 )
 from selfreward.run.runlock import EXIT_BUSY, RunBusyError, is_rank_zero, lock_for_stage
-from selfreward.run.stages import BASE_MODEL_KEYS, CONFIG_SECTIONS, NOT_FINGERPRINTED, run_stages, spec
+from selfreward.run.stages import BASE_MODEL_KEYS, CONFIG_SECTIONS, fingerprinted_config, run_stages, spec
 from selfreward.run.versioning import OxenError
 
 EXIT_BAD_INPUT = 2  # bad arguments, config, data file or model path; a disk or permission error; Oxen failed
@@ -149,14 +149,7 @@ class Stage:
     def begin(self, inputs: list[str | Path]) -> None:
         """Fingerprint the inputs; with --skip-if-complete, exit if the output was made from exactly these."""
         self.inputs = {str(p): path_fingerprint(p) for p in inputs}
-        config = self.config.to_dict()
-        used = {}
-        for part in CONFIG_SECTIONS[self.name]:
-            section, _, key = part.partition(".")
-            used[part] = config[section][key] if key else config[section]
-        for part in NOT_FINGERPRINTED.get(self.name, ()):
-            section, _, key = part.partition(".")
-            used[section] = {k: v for k, v in used[section].items() if k != key}
+        used = fingerprinted_config(self.name, self.config)
         # Contents only, not paths: a moved or copied run folder is still the same run.
         payload = json.dumps([self.name, self.iteration, used, list(self.inputs.values())], sort_keys=True)
         self.fingerprint = hashlib.sha256(payload.encode()).hexdigest()

@@ -51,3 +51,22 @@ def test_the_stages_that_train_are_those_torchrun_takes_and_a_bad_config_is_refu
         [sys.executable, "-m", "selfreward.run.stages", "--config", str(bad)], cwd=REPO, capture_output=True, text=True
     )
     assert refused.returncode == 2 and "algorithm" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_a_key_added_later_changes_a_stages_fingerprint_only_once_it_is_set(monkeypatch):
+    """A run made before a key existed must stay finished: the key enters the fingerprint only when set."""
+    import dataclasses
+
+    from selfreward.run import stages
+    from selfreward.run.config import Config, apply_overrides
+
+    before = stages.fingerprinted_config("06_eval", Config())
+    monkeypatch.setitem(
+        stages.SPECS, "06_eval", dataclasses.replace(stages.spec("06_eval"), when_set=("eval.max_new_tokens",))
+    )
+    at_default = stages.fingerprinted_config("06_eval", Config())
+    assert "max_new_tokens" not in at_default["eval"] and "batch_size" in at_default["eval"]
+    assert "gate" not in at_default["judge"]  # never fingerprinted
+    changed = stages.fingerprinted_config("06_eval", apply_overrides(Config(), {"eval.max_new_tokens": 7}, "test"))
+    assert changed["eval"]["max_new_tokens"] == 7 and changed != at_default
+    assert {**at_default["eval"], "max_new_tokens": 128} == before["eval"]

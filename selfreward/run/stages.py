@@ -31,6 +31,9 @@ class StageSpec:
     # whether to go on).
     fingerprints: tuple[str, ...]
     not_fingerprinted: tuple[str, ...] = ()
+    # Keys (or sections) added after runs were made with this stage: they enter the fingerprint only when
+    # set away from their default, so a finished run stays finished for the code that added them.
+    when_set: tuple[str, ...] = ()
     # "sft" or "dpo": it trains with that config section, merges the adapter at its end, and runs as
     # N processes under `self-reward.sh --num-processes N`.
     trains: str | None = None
@@ -136,11 +139,29 @@ def responses_per_prompt(config: Config) -> int:
     return {"spin": 1, "raft": config.raft.samples_per_prompt}.get(config.algorithm, config.responses.num_samples)
 
 
+def fingerprinted_config(name: str, config: Config) -> dict:
+    """The part of `config` that stage `name`'s output depends on (its manifest's fingerprint hashes it)."""
+    values, defaults = config.to_dict(), Config().to_dict()
+    stage = spec(name)
+    used = {part: _value(values, part) for part in stage.fingerprints}
+    for part in stage.not_fingerprinted + tuple(p for p in stage.when_set if _value(values, p) == _value(defaults, p)):
+        section, _, key = part.partition(".")
+        if key:
+            used[section] = {k: v for k, v in used[section].items() if k != key}
+        else:
+            del used[section]
+    return used
+
+
+def _value(config: dict, part: str):
+    section, _, key = part.partition(".")
+    return config[section][key] if key else config[section]
+
+
 # Views of the table by what their readers look up.
 ITERATION_STAGES = {a: iteration_stages(a) for a in ALGORITHMS}
 GENERATED = {s.name: s.writes for s in STAGES if s.writes not in ("model", "eval")}
 CONFIG_SECTIONS = {s.name: s.fingerprints for s in STAGES}
-NOT_FINGERPRINTED = {s.name: s.not_fingerprinted for s in STAGES if s.not_fingerprinted}
 
 
 def main(argv: list[str] | None = None) -> int:

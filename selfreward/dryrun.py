@@ -720,8 +720,15 @@ def dry_config(config: Config) -> Config:
         # --algorithm spin / raft: two SFT prompts an iteration, like the two new prompts above
         spin=dry(config.spin, num_prompts=min(config.spin.num_prompts or 2, 2)),
         raft=dry(config.raft, num_prompts=min(config.raft.num_prompts or 2, 2), keep_cut_off=True),
-        # judge_model null: the newest stand-in judges the head-to-head, not a real model from the hub
-        eval=dry(config.eval, bootstrap_samples=min(config.eval.bootstrap_samples, 50), judge_model=None),
+        # judge_model and judge_endpoint null: the newest stand-in judges the head-to-head, not a real model
+        # from the hub, nor an outside server a dry run must not call (or pay for)
+        eval=dry(
+            config.eval,
+            bootstrap_samples=min(config.eval.bootstrap_samples, 50),
+            judge_model=None,
+            judge_endpoint=None,
+            judge_endpoint_model=None,
+        ),
     )
 
 

@@ -27,6 +27,7 @@ import yaml
 from tqdm import tqdm
 
 from selfreward import dryrun
+from selfreward.judge.endpoint import check_endpoint_settings
 from selfreward.judge.rubric import check_judge_settings
 from selfreward.model.models import HostMemoryError, ModelNotFoundError
 from selfreward.run import failpoints, versioning
@@ -70,6 +71,7 @@ def load_checked_config(path: str | Path, overrides: dict[str, object] | None = 
     every stage, and the run's config.yaml the driver writes, pass both."""
     config = load_config(path, overrides)
     check_judge_settings(config.judge)
+    check_endpoint_settings(config.eval)
     return config
 
 

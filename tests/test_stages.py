@@ -62,7 +62,9 @@ def test_a_key_added_later_changes_a_stages_fingerprint_only_once_it_is_set(monk
 
     before = stages.fingerprinted_config("06_eval", Config())
     monkeypatch.setitem(
-        stages.SPECS, "06_eval", dataclasses.replace(stages.spec("06_eval"), when_set=("eval.max_new_tokens",))
+        stages.SPECS,
+        "06_eval",
+        dataclasses.replace(stages.spec("06_eval"), when_set=(*stages.spec("06_eval").when_set, "eval.max_new_tokens")),
     )
     at_default = stages.fingerprinted_config("06_eval", Config())
     assert "max_new_tokens" not in at_default["eval"] and "batch_size" in at_default["eval"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import json
 import math
 import types
 import typing
@@ -259,6 +260,18 @@ class EvalConfig:
     max_new_tokens: int = 128  # answers to the held-out prompts are greedy, at most this long
     batch_size: int = 16  # sequences per generate call, and comparisons per judge batch
     bootstrap_samples: int = 1000  # resamples of the held-out questions for each 95% interval; 0 = none
+    # An outside judge for the head-to-head: the base URL of an OpenAI-compatible chat-completions server
+    # (a `vllm serve` on this box, a hosted model, OpenAI: e.g. http://127.0.0.1:8000/v1). Set, it judges
+    # instead of judge_model or M<t>, asked the pairwise question and read for A or B; null = none.
+    judge_endpoint: str | None = None
+    judge_endpoint_model: str | None = None  # the model name the server knows (needed with judge_endpoint)
+    judge_endpoint_key_env: str = "OPENAI_API_KEY"  # the environment variable with its API key (unset: none)
+    # More fields for every request, as a JSON object: e.g. for a vLLM server
+    # '{"structured_outputs": {"choice": ["A", "B"]}}' holds its replies to the two letters.
+    judge_endpoint_body: str | None = None
+    judge_endpoint_concurrency: int = 8  # requests in flight at once
+    judge_endpoint_timeout_seconds: float = 120.0  # per request
+    judge_endpoint_retries: int = 5  # tries after the first on 429, 5xx and lost connections, backoff doubling
 
 
 @dataclass
@@ -350,6 +363,8 @@ def _coerce(key: str, value: object, hint: object) -> object:
     value = _coerce_type(key, value, hint)
     if isinstance(value, str) and key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"config key '{key}' must be one of {', '.join(CHOICES[key])}, got {value!r}")
+    if key == "eval.judge_endpoint_body" and value is not None:
+        _json_object(key, value)
     if key.endswith(".report_to") and value == "wandb" and importlib.util.find_spec("wandb") is None:
         # found here, when the driver writes the run's config, not hours later when the trainer starts
         raise ConfigError(
@@ -357,6 +372,16 @@ def _coerce(key: str, value: object, hint: object) -> object:
             "pip install wandb (then wandb login), or use tensorboard"
         )
     return value
+
+
+def _json_object(key: str, value: str) -> dict:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config key '{key}' is not JSON ({exc.msg}, character {exc.pos}): {value!r}") from None
+    if not isinstance(parsed, dict):
+        raise ConfigError(f"config key '{key}' must be a JSON object, got {value!r}")
+    return parsed
 
 
 def _coerce_type(key: str, value: object, hint: object) -> object:

@@ -104,7 +104,15 @@ STAGES = (
         "M<t-1>, M<t>, the held-out rows",
         "eval",
         ("seed", "model", "generation", "judge", "eval"),
-        not_fingerprinted=("judge.gate",),
+        # How the outside judge is reached changes no verdict: its key, concurrency, timeout and retries.
+        not_fingerprinted=(
+            "judge.gate",
+            "eval.judge_endpoint_key_env",
+            "eval.judge_endpoint_concurrency",
+            "eval.judge_endpoint_timeout_seconds",
+            "eval.judge_endpoint_retries",
+        ),
+        when_set=("eval.judge_endpoint", "eval.judge_endpoint_model", "eval.judge_endpoint_body"),
         generates="eval",
     ),
 )

@@ -1,0 +1,192 @@
+"""The outside judge behind an OpenAI-compatible endpoint (selfreward/judge/endpoint.py): against vLLM's own
+OpenAI server serving the tiny model on 127.0.0.1, and the retry rules against urlopen's failures."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from selfreward.judge import endpoint as ep
+from selfreward.judge.rubric import PAIRWISE
+from selfreward.model.chat import packaged_template
+
+
+@pytest.mark.parametrize(
+    ("reply", "letter"),
+    [("A", "A"), (" B.\n", "B"), ("Answer: A", "A"), ("[[B]]", "B"), ("A or B", None), ("", None), ("Bob", None)],
+)
+def test_a_verdict_is_one_letter_or_unreadable(reply, letter):
+    assert ep.read_letter(reply) == letter
+
+
+class _Reply(io.BytesIO):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _answer(text: str) -> _Reply:
+    return _Reply(json.dumps({"choices": [{"message": {"content": text}}]}).encode())
+
+
+def _http_error(code: int) -> urllib.error.HTTPError:
+    return urllib.error.HTTPError("http://x/v1/chat/completions", code, "error", {}, io.BytesIO(b'{"error": "no"}'))
+
+
+def test_busy_and_failing_servers_are_retried_and_a_refusal_is_not(monkeypatch, tmp_path):
+    failures = [_http_error(429), _http_error(503), urllib.error.URLError("connection refused")]
+    sent = []
+
+    def urlopen(request, timeout):
+        sent.append(json.loads(request.data))
+        if failures:
+            raise failures.pop(0)
+        return _answer("A")
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    monkeypatch.setenv("JUDGE_KEY", "secret")
+    endpoint = ep.Endpoint("http://x/v1", "judge", api_key_env="JUDGE_KEY", retries=3, backoff_seconds=0.001)
+    assert endpoint.headers()["Authorization"] == "Bearer secret"
+    replies, asked = ep.complete(endpoint, ["which?"], ep.ReplyCache(tmp_path / "cache.jsonl"))
+    assert replies == ["A"] and asked == 1 and len(sent) == 4
+
+    failures[:] = [_http_error(401)]
+    with pytest.raises(ep.EndpointError, match="refused the request: HTTP 401"):
+        ep.complete(endpoint, ["another?"], ep.ReplyCache(None))
+    failures[:] = [_http_error(503)] * 5
+    with pytest.raises(ep.EndpointError, match="did not answer after 4 tries: HTTP 503"):
+        ep.complete(endpoint, ["a third?"], ep.ReplyCache(None))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(model: str, port: int) -> subprocess.Popen:
+    command = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model,
+        "--served-model-name",
+        "judge",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--gpu-memory-utilization",
+        "0.3",
+        "--max-model-len",
+        "2048",
+        "--enforce-eager",
+        "--dtype",
+        "float32",
+    ]
+    env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", VLLM_WORKER_MULTIPROC_METHOD="spawn")
+    server = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the vLLM server exited: {server.stderr.read().decode()[-3000:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2).close()
+            return server
+        except OSError:
+            time.sleep(1)
+    os.killpg(server.pid, signal.SIGKILL)
+    raise RuntimeError("the vLLM server did not start within 600 s")
+
+
+def test_vllms_openai_server_judges_pairs_concurrently_and_a_rerun_asks_nothing_twice(tiny_model, tmp_path):
+    """Twelve comparisons (24 requests, 8 at a time) against vLLM's OpenAI server serving the tiny model;
+    vLLM's structured outputs hold its replies to A or B. Every reply is cached as it comes: with the server
+    gone, the same comparisons come back from the cache and new ones fail with one clear error."""
+    _, _, path = tiny_model
+    port = _free_port()
+    server = _start_server(path, port)
+    choice = {"structured_outputs": {"choice": ["A", "B"]}}
+    endpoint = ep.Endpoint(
+        f"http://127.0.0.1:{port}/v1", "judge", concurrency=8, body=choice, retries=1, backoff_seconds=0.01
+    )
+    rows = [(f"Name a colour ({i}).", f"Red {i}.", f"Blue {i}.") for i in range(12)]
+    template = packaged_template(PAIRWISE["default"])
+    cache = tmp_path / "cache.jsonl"
+    try:
+        first, second, sent = ep.picks_in_both_orders(endpoint, rows, template, ep.ReplyCache(cache))
+        free = ep.Endpoint(endpoint.base_url, "judge", concurrency=8, retries=0)  # no structured outputs
+        free_replies, _ = ep.complete(free, ["Say A or B."], ep.ReplyCache(None))
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    assert sent == 24 and len(cache.read_text().splitlines()) == 24
+    assert set(first) | set(second) <= {"A", "B"}
+    assert isinstance(free_replies[0], str)  # the random model writes anything: read_letter decides later
+
+    again = ep.picks_in_both_orders(endpoint, rows, template, ep.ReplyCache(cache))
+    assert again == (first, second, 0)  # the server is gone: every reply came from the cache
+    with pytest.raises(ep.EndpointError, match="did not answer after 2 tries"):
+        ep.picks_in_both_orders(endpoint, [("New?", "x", "y")], template, ep.ReplyCache(cache))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"eval.judge_endpoint": "127.0.0.1:8000"}, "a base URL such as http://"),
+        ({"eval.judge_endpoint": "http://127.0.0.1:8000/v1"}, "needs the name of the model"),
+        (
+            {"eval.judge_endpoint": "http://h/v1", "eval.judge_endpoint_model": "m", "eval.judge_model": "x"},
+            "are both set",
+        ),
+        ({"eval.judge_endpoint_body": "{structured: 1}"}, "'eval.judge_endpoint_body' is not JSON"),
+        ({"eval.judge_endpoint_body": "[1]"}, "must be a JSON object"),
+        (
+            {
+                "eval.judge_endpoint": "http://h/v1",
+                "eval.judge_endpoint_model": "m",
+                "eval.judge_endpoint_concurrency": 0,
+            },
+            "'eval.judge_endpoint_concurrency' must be more than 0",
+        ),
+    ],
+)
+def test_outside_judge_settings_that_cannot_work_are_refused_with_the_key_named(overrides, message):
+    from selfreward.run.config import Config, ConfigError, apply_overrides
+
+    with pytest.raises(ConfigError, match=message):
+        ep.check_endpoint_settings(apply_overrides(Config(), overrides, "test").eval)
+
+
+def test_the_config_builds_the_endpoint_and_a_dry_run_never_calls_it(monkeypatch):
+    from selfreward import dryrun
+    from selfreward.run.config import Config, apply_overrides
+
+    body = '{"structured_outputs": {"choice": ["A", "B"]}}'
+    settings = {
+        "eval.judge_endpoint": "http://127.0.0.1:8000/v1",
+        "eval.judge_endpoint_model": "judge",
+        "eval.judge_endpoint_body": body,
+    }
+    config = apply_overrides(Config(), settings, "test")
+    ep.check_endpoint_settings(config.eval)
+    built = ep.endpoint_from_config(config.eval)
+    assert built.url() == "http://127.0.0.1:8000/v1/chat/completions" and built.model == "judge"
+    assert built.body == {"structured_outputs": {"choice": ["A", "B"]}} and built.concurrency == 8
+    monkeypatch.setattr(dryrun, "stand_in", lambda name: f"stand-in of {name}")  # not built: not needed here
+    assert ep.endpoint_from_config(dryrun.dry_config(config).eval) is None

@@ -102,6 +102,18 @@ def test_head_to_head_counts_order_dependent_picks_as_ties():
     # the two ties picked A both times (A, A) and B both times (B, B): half the verdicts followed the position
     assert result["position_bias"] == 0.5
     assert (result["picked_first_both_times"], result["picked_second_both_times"]) == (1, 1)
+    assert result["unreadable"] == 0
+
+
+def test_an_unreadable_reply_is_counted_and_left_out_of_the_rates_never_guessed():
+    from selfreward.tools.report import head_to_head_table
+
+    result = head_to_head(["A", None, "B", "A"], ["B", "B", None, "A"])
+    assert result["verdicts"] == ["win", "unreadable", "unreadable", "tie"]
+    assert (result["prompts"], result["unreadable"], result["wins"], result["losses"]) == (4, 2, 1, 0)
+    assert result["win_rate"] == 0.5 and result["position_bias"] == 0.5
+    table = head_to_head_table([{"iteration": 1, "head_to_head": {"M1 vs M0": result}}])
+    assert "unreadable" in table[0] and table[2] == "| 1 | M1 vs M0 | 1 | 1 | 0 | 2 | 0.5 | 0.5 |"
 
 
 def test_drift_known_values():

@@ -66,18 +66,24 @@ def off_topic_rows(eft: list[dict], n: int, seed: int) -> list[dict]:
     ]
 
 
-def head_to_head(picks_x_as_a: list[str], picks_x_as_b: list[str]) -> dict:
-    """Wins, ties and losses of X against Y from the judge's picks in both orders, per prompt."""
-    verdicts = [both_orders_verdict(a, b) for a, b in zip(picks_x_as_a, picks_x_as_b, strict=True)]
+def head_to_head(picks_x_as_a: list[str | None], picks_x_as_b: list[str | None]) -> dict:
+    """Wins, ties and losses of X against Y from the judge's picks in both orders, per prompt. A pick of
+    None is a reply an outside judge wrote that names neither letter: its prompt is counted as unreadable
+    and left out of the rates, never guessed."""
+    verdicts = [
+        "unreadable" if a is None or b is None else both_orders_verdict(a, b)
+        for a, b in zip(picks_x_as_a, picks_x_as_b, strict=True)
+    ]
     counts = Counter(verdicts)
-    n = len(verdicts)
+    n = len(verdicts) - counts["unreadable"]
     # A tie is the same letter in both orders: the verdict followed the position, not the answer.
     first = sum(a == b == "A" for a, b in zip(picks_x_as_a, picks_x_as_b, strict=True))
     return {
-        "prompts": n,
+        "prompts": len(verdicts),
         "wins": counts["win"],
         "ties": counts["tie"],
         "losses": counts["loss"],
+        "unreadable": counts["unreadable"],
         "win_rate": round(counts["win"] / n, 4) if n else None,
         "position_bias": round(counts["tie"] / n, 4) if n else None,
         "picked_first_both_times": first,

@@ -147,10 +147,16 @@ def _with_interval(quality: dict, key: str) -> str:
 
 def head_to_head_table(evals: list[dict]) -> list[str]:
     """The head-to-head results of these eval.json records as Markdown table lines."""
-    lines = ["| iteration | comparison | wins | ties | losses | win rate | position bias |", "|---" * 7 + "|"]
+    # An outside judge may write replies that name neither letter: counted, and shown when there are any.
+    unreadable = any(c.get("unreadable") for e in evals for c in e["head_to_head"].values())
+    extra = " unreadable |" if unreadable else ""
+    header = f"| iteration | comparison | wins | ties | losses |{extra} win rate | position bias |"
+    lines = [header, "|---" * (8 if unreadable else 7) + "|"]
     for e in evals:
         for name, c in e["head_to_head"].items():
-            counts = f"{c['wins']} | {c['ties']} | {c['losses']}"
+            counts = f"{c['wins']} | {c['ties']} | {c['losses']}" + (
+                f" | {c.get('unreadable', 0)}" if unreadable else ""
+            )
             lines.append(
                 f"| {e['iteration']} | {name} | {counts} | {_fmt(c['win_rate'])} | {_fmt(c.get('position_bias'))} |"
             )

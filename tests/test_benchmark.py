@@ -187,3 +187,43 @@ def test_prepare_benchmark_from_files(tmp_path):
     assert (
         done.returncode == 2 and "row 1: missing field 'output'" in done.stderr and not (tmp_path / "x.jsonl").exists()
     )
+
+
+def test_eval_stage_judges_the_benchmark_and_a_rerun_after_a_kill_gives_the_same_figures(
+    tiny_run, run_stage, tmp_path, monkeypatch
+):
+    import shutil
+
+    from selfreward.run.layout import RunLayout
+
+    run = tmp_path / "run"  # a copy: other tests read the shared run's own evaluation
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns(".oxen"))
+    rows = from_alpaca_eval(json.loads((FIXTURES / "alpaca_eval_rows.json").read_text()), "alpaca")
+    bench = write(tmp_path / "bench.jsonl", [json.dumps(r) for r in rows])
+    args = ("--run-dir", str(run), "--iteration", "1", "--no-oxen", "--eval.benchmark", str(bench))
+    monkeypatch.setenv("SELFREWARD_CRASH_AT", "06_eval:1:after_summary")
+    assert run_stage("06_eval", *args, check=False).returncode == -9  # killed once its outputs were written
+    layout = RunLayout(run)
+    first = json.loads(layout.eval_result(1).read_text())["benchmark"]
+    first_rows = layout.benchmark(1).read_text()
+    monkeypatch.delenv("SELFREWARD_CRASH_AT")
+    run_stage("06_eval", *args)
+
+    figures = json.loads(layout.eval_result(1).read_text())["benchmark"]
+    assert figures == first and layout.benchmark(1).read_text() == first_rows  # greedy answers, same verdicts
+    assert figures["file"] == str(bench) and figures["prompts"] == 3
+    assert figures["wins"] + figures["ties"] + figures["losses"] == 3 and 0 <= figures["win_rate"] <= 1
+    assert set(figures["intervals"]) == {"win_rate", "lc_win_rate"}
+    judged = [json.loads(line) for line in first_rows.splitlines()]
+    assert [r["id"] for r in judged] == [0, 1, 2] and {r["pick_answer_as_a"] for r in judged} <= {"A", "B"}
+    assert all(r["answer_chars"] == len(r["answer"]) for r in judged)
+    outputs = json.loads(layout.alpaca_eval_outputs(1).read_text())
+    assert [o["instruction"] for o in outputs] == [r["prompt"] for r in rows]
+    assert outputs[0]["generator"] == "run-M1" and outputs[0]["output"] == judged[0]["answer"]
+    answers = [json.loads(line) for line in layout.mt_bench_answers(1).read_text().splitlines()]
+    assert layout.mt_bench_answers(1).name == "run-M1.jsonl" and answers[2]["choices"][0]["turns"] == [
+        judged[2]["answer"]
+    ]
+    report = layout.report.read_text()
+    assert "## Against a fixed benchmark" in report and "| 1 | 3 |" in report
+    assert (layout.report_dir / "benchmark.png").stat().st_size > 5000

@@ -259,6 +259,11 @@ class EvalConfig:
     max_new_tokens: int = 128  # answers to the held-out prompts are greedy, at most this long
     batch_size: int = 16  # sequences per generate call, and comparisons per judge batch
     bootstrap_samples: int = 1000  # resamples of the held-out questions for each 95% interval; 0 = none
+    # A fixed yardstick: a JSONL file of prompts with reference answers (prompt, reference, optional category
+    # and id; scripts/prepare_benchmark.py makes AlpacaEval's or MT-Bench's). M<t> answers each greedily and the
+    # head-to-head judge compares answer and reference in both orders: win rate and length-controlled win rate
+    # in eval.json and report.md; null = none.
+    benchmark: str | None = None
 
 
 @dataclass

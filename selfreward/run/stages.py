@@ -105,6 +105,7 @@ STAGES = (
         "eval",
         ("seed", "model", "generation", "judge", "eval"),
         not_fingerprinted=("judge.gate",),
+        when_set=("eval.benchmark",),
         generates="eval",
     ),
 )

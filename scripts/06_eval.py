@@ -125,7 +125,8 @@ def main() -> None:
 
 def inputs_of(stage, prompts_path: Path) -> list:
     """What the stage reads: the prompts, the held-out EFT rows, the models, iteration t's records, stage 03's
-    manifests (their measurements are reused), eval.judge_model when it is a folder, the judge's templates."""
+    manifests (their measurements are reused), eval.judge_model when it is a folder, eval.benchmark, the judge's
+    templates."""
     config, layout, t = stage.config, stage.layout, stage.iteration
     names = sorted({0, t - 1, t})
     inputs = [prompts_path, layout.heldout("eft"), *[layout.model(m) for m in names]]

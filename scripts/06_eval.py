@@ -15,19 +15,35 @@ Writes: <run>/M<t>/eval/eval.json and eval.{manifest.json,config.yaml}; <run>/re
    and M<t-1> that way already (its gate check); those figures are reused when its settings match.
 3. Drift of iteration t: response length, distinct-1/2, score histogram, tie rate, parse failures,
    pair yield, and the length gap between chosen and rejected answers.
+4. With eval.benchmark: M<t> answers every benchmark prompt greedily and the head-to-head judge compares each
+   answer with the prompt's reference in both orders, as in 1. Per prompt to M<t>/eval/benchmark.jsonl; the
+   win rate and the length-controlled win rate, each with its 95% bootstrap interval, to eval.json; the
+   answers for AlpacaEval (eval/alpaca_eval/model_outputs.json) and MT-Bench (eval/mt_bench/<run>-M<t>.jsonl).
 
     python scripts/06_eval.py --run-dir runs/demo --iteration 2
     python scripts/06_eval.py --run-dir runs/demo --iteration 2 --prompts my_prompts.jsonl
 """
 
+import time
 from pathlib import Path
 
 from selfreward.judge.judges import Judge, judge_for
 from selfreward.judge.rubric import pairwise_template, template_files
 from selfreward.judge.tournament import compare
+from selfreward.loop.benchmark import alpaca_eval_outputs, judged_rows, mt_bench_answers, read_benchmark, win_rates
 from selfreward.loop.evaluation import drift, head_to_head
 from selfreward.model.models import prompt_budget
-from selfreward.run.records import EFT, PREFERENCE, PROMPT, RESPONSE, SCORE, read_jsonl, read_manifest, write_json
+from selfreward.run.records import (
+    EFT,
+    PREFERENCE,
+    PROMPT,
+    RESPONSE,
+    SCORE,
+    read_jsonl,
+    read_manifest,
+    write_json,
+    write_jsonl,
+)
 from selfreward.stage import StageError, parse_stage, run
 from selfreward.tools.report import write_report
 
@@ -76,9 +92,12 @@ def main() -> None:
     prompts_path = Path(stage.args.prompts) if stage.args.prompts else layout.heldout("prompts")
     stage.begin(inputs=inputs_of(stage, prompts_path))
     questions, eft = read_heldout(prompts_path, layout.heldout("eft"))
+    benchmark = read_benchmark(config.eval.benchmark) if config.eval.benchmark else []
 
-    answers, quality, judge = answers_and_judge_quality(config, layout, t, questions, eft)
+    answers, quality, judge, benchmark_answers = answers_and_judge_quality(config, layout, t, questions, eft, benchmark)
     comparisons = head_to_heads(judge, questions, answers, config, t)
+    judged = judged_benchmark(judge, benchmark, benchmark_answers, config)
+    judge.close()
     result = {
         "iteration": t,
         "model": f"M{t}",
@@ -87,24 +106,27 @@ def main() -> None:
         "head_to_head": comparisons,
         "judge_quality": quality,
         **iteration_figures(layout, t),
+        **({"benchmark": benchmark_figures(judged, config)} if judged else {}),
         "answers": {f"M{m}": answers[m] for m in sorted(answers)},
     }
 
     out = layout.eval_result(t)
     stage.start_writing()
+    benchmark_files = write_benchmark_files(layout, t, judged)
     write_json(out, result)
     write_report(layout)
     stage.finish(
-        rows_in=len(questions),
-        rows_out=sum(c["prompts"] for c in comparisons.values()),
-        outputs=[str(out)],
+        rows_in=len(questions) + len(benchmark),
+        rows_out=sum(c["prompts"] for c in comparisons.values()) + len(judged),
+        outputs=[str(out), *benchmark_files],
         also_version=[layout.report, layout.report_dir],
     )
 
 
 def inputs_of(stage, prompts_path: Path) -> list:
     """What the stage reads: the prompts, the held-out EFT rows, the models, iteration t's records, stage 03's
-    manifests (their measurements are reused), eval.judge_model when it is a folder, the judge's templates."""
+    manifests (their measurements are reused), eval.judge_model when it is a folder, eval.benchmark, the judge's
+    templates."""
     config, layout, t = stage.config, stage.layout, stage.iteration
     names = sorted({0, t - 1, t})
     inputs = [prompts_path, layout.heldout("eft"), *[layout.model(m) for m in names]]
@@ -112,6 +134,8 @@ def inputs_of(stage, prompts_path: Path) -> list:
     inputs += [layout.manifest("03_gen_scores", m + 1) for m in names if m < t]
     if config.eval.judge_model and Path(config.eval.judge_model).exists():
         inputs.append(config.eval.judge_model)
+    if config.eval.benchmark:
+        inputs.append(config.eval.benchmark)
     return inputs + template_files(config.judge)
 
 
@@ -124,10 +148,11 @@ def read_heldout(prompts_path: Path, eft_path: Path) -> tuple[list[str], list[di
     return questions, eft
 
 
-def answers_and_judge_quality(config, layout, t: int, questions: list[str], eft: list[dict]):
-    """Each of M0, M<t-1> and M<t> answers the questions greedily, loaded one at a time; the judge the loop
-    uses is measured on the EFT rows (see measured). Returns the answers by model, the judge quality by
-    judge, and the head-to-head judge, loaded: M<t>, which stays loaded after answering, or eval.judge_model."""
+def answers_and_judge_quality(config, layout, t: int, questions: list[str], eft: list[dict], benchmark: list[dict]):
+    """Each of M0, M<t-1> and M<t> answers the questions greedily, loaded one at a time, and M<t> the benchmark's
+    prompts too; the judge the loop uses is measured on the EFT rows (see measured). Returns the answers by
+    model, the judge quality by judge, the head-to-head judge, loaded (M<t>, which stays loaded after
+    answering, or eval.judge_model), and M<t>'s answers to the benchmark."""
     from selfreward.model.backends import load_backend  # torch: a complete stage exits without loading it
 
     quality = {}
@@ -135,10 +160,12 @@ def answers_and_judge_quality(config, layout, t: int, questions: list[str], eft:
     if eft and loop_judge.fixed:  # before the policies: two 7B models may not share a card
         quality[loop_judge.name] = measured(loop_judge, eft, layout, t - 1, config)
         loop_judge.close()
-    answers, kept = {}, None
+    answers, kept, benchmark_answers = {}, None, []
     for m in sorted({0, t - 1, t}):  # ascending: M<t> comes last and, by default, stays loaded as the judge
         backend = load_backend(layout.model(m), config.model, config.generation)
         answers[m] = greedy_answers(backend, questions, config, f"M{m}")
+        if m == t and benchmark:
+            benchmark_answers = greedy_answers(backend, [r["prompt"] for r in benchmark], config, f"M{m} benchmark")
         if eft and not loop_judge.fixed:  # the model judges as it judges in stage 03
             quality[f"M{m}"] = measured(
                 judge_for(config, layout.model(m), f"M{m}", model=backend), eft, layout, m, config
@@ -147,7 +174,8 @@ def answers_and_judge_quality(config, layout, t: int, questions: list[str], eft:
             kept = backend
         else:
             backend.close()
-    return answers, quality, kept or load_backend(config.eval.judge_model, config.model, config.generation)
+    judge = kept or load_backend(config.eval.judge_model, config.model, config.generation)
+    return answers, quality, judge, benchmark_answers
 
 
 def greedy_answers(backend, questions: list[str], config, name: str) -> list[str]:
@@ -168,15 +196,41 @@ def measured(judge: Judge, eft: list[dict], layout, m: int, config) -> dict:
 
 
 def head_to_heads(judge, questions: list[str], answers: dict[int, list[str]], config, t: int) -> dict:
-    """M<t> against M<t-1> and M0, the judge asked in both orders; the judge is let go after."""
+    """M<t> against M<t-1> and M0, the judge asked in both orders."""
     budget = prompt_budget(judge.context_length, config.model, 1)
     comparisons, template = {}, pairwise_template(config.judge)
     for other in sorted({t - 1, 0}, reverse=True):
         triples = list(zip(questions, answers[t], answers[other], strict=True))
         x_as_a, x_as_b = picks_in_both_orders(judge, triples, config.eval.batch_size, budget, template)
         comparisons[f"M{t} vs M{other}"] = head_to_head(x_as_a, x_as_b)
-    judge.close()
     return comparisons
+
+
+def judged_benchmark(judge, benchmark: list[dict], answers: list[str], config) -> list[dict]:
+    """M<t>'s answer to each benchmark prompt against the prompt's reference, judged as the head-to-head is."""
+    if not benchmark:
+        return []
+    budget = prompt_budget(judge.context_length, config.model, 1)
+    triples = [(row["prompt"], answer, row["reference"]) for row, answer in zip(benchmark, answers, strict=True)]
+    as_a, as_b = picks_in_both_orders(judge, triples, config.eval.batch_size, budget, pairwise_template(config.judge))
+    return judged_rows(benchmark, answers, as_a, as_b)
+
+
+def benchmark_figures(judged: list[dict], config) -> dict:
+    """What eval.json says of the benchmark: the file, and the win rates with their intervals."""
+    samples = config.eval.bootstrap_samples
+    return {"file": config.eval.benchmark, **win_rates(judged, samples=samples, seed=config.seed)}
+
+
+def write_benchmark_files(layout, t: int, judged: list[dict]) -> list[str]:
+    """The judged benchmark rows, and M<t>'s answers as AlpacaEval and FastChat's MT-Bench read them."""
+    if not judged:
+        return []
+    name = layout.benchmark_model_id(t)
+    write_jsonl(layout.benchmark(t), judged)
+    write_json(layout.alpaca_eval_outputs(t), alpaca_eval_outputs(judged, name))
+    write_jsonl(layout.mt_bench_answers(t), mt_bench_answers(judged, name, tstamp=round(time.time(), 3)))
+    return [str(p) for p in (layout.benchmark(t), layout.alpaca_eval_outputs(t), layout.mt_bench_answers(t))]
 
 
 def iteration_figures(layout, t: int) -> dict:

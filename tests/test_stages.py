@@ -61,14 +61,21 @@ def test_a_key_added_later_changes_a_stages_fingerprint_only_once_it_is_set(monk
     from selfreward.run.config import Config, apply_overrides
 
     before = stages.fingerprinted_config("06_eval", Config())
-    monkeypatch.setitem(
-        stages.SPECS,
-        "06_eval",
-        dataclasses.replace(stages.spec("06_eval"), when_set=(*stages.spec("06_eval").when_set, "eval.max_new_tokens")),
-    )
+    later = (*stages.spec("06_eval").when_set, "eval.max_new_tokens")
+    monkeypatch.setitem(stages.SPECS, "06_eval", dataclasses.replace(stages.spec("06_eval"), when_set=later))
     at_default = stages.fingerprinted_config("06_eval", Config())
     assert "max_new_tokens" not in at_default["eval"] and "batch_size" in at_default["eval"]
     assert "gate" not in at_default["judge"]  # never fingerprinted
     changed = stages.fingerprinted_config("06_eval", apply_overrides(Config(), {"eval.max_new_tokens": 7}, "test"))
     assert changed["eval"]["max_new_tokens"] == 7 and changed != at_default
     assert {**at_default["eval"], "max_new_tokens": 128} == before["eval"]
+
+
+def test_eval_benchmark_at_its_default_leaves_stage_06_finished():
+    """eval.benchmark came after runs were made: unset, stage 06's fingerprint does not see it."""
+    from selfreward.run import stages
+    from selfreward.run.config import Config, apply_overrides
+
+    assert "benchmark" not in stages.fingerprinted_config("06_eval", Config())["eval"]
+    set_ = stages.fingerprinted_config("06_eval", apply_overrides(Config(), {"eval.benchmark": "b.jsonl"}, "test"))
+    assert set_["eval"]["benchmark"] == "b.jsonl"

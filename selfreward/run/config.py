@@ -272,6 +272,11 @@ class EvalConfig:
     judge_endpoint_concurrency: int = 8  # requests in flight at once
     judge_endpoint_timeout_seconds: float = 120.0  # per request
     judge_endpoint_retries: int = 5  # tries after the first on 429, 5xx and lost connections, backoff doubling
+    # A fixed yardstick: a JSONL file of prompts with reference answers (prompt, reference, optional category
+    # and id; scripts/prepare_benchmark.py makes AlpacaEval's or MT-Bench's). M<t> answers each greedily and the
+    # head-to-head judge compares answer and reference in both orders: win rate and length-controlled win rate
+    # in eval.json and report.md; null = none.
+    benchmark: str | None = None
 
 
 @dataclass

@@ -13,6 +13,8 @@
       M<t+1>/train/preferences.jsonl  the pairs M<t+1> was trained on (a copy; raft: selected.jsonl)
       M0/train/heldout_prompts.jsonl, heldout_eft.jsonl   set aside for stage 06, never trained on
       M<t>/eval/eval.json           stage 06 after iteration t: head-to-head, judge quality, drift
+      M<t>/eval/benchmark.jsonl     with eval.benchmark: M<t>'s answer and the verdict per benchmark prompt,
+        alpaca_eval/model_outputs.json and mt_bench/<run>-M<t>.jsonl: the answers for those tools
       report.md, report/*.png       the report over all iterations, rewritten by stage 06
       .selfreward/lock              held by the one process writing the run (the driver or a stage)
       .selfreward/oxen.json         which stage outputs are committed to Oxen, and what was pushed
@@ -83,6 +85,21 @@ class RunLayout:
 
     def eval_result(self, t: int, name: str = "eval") -> Path:
         return self.model_root(t) / "eval" / f"{name}.json"
+
+    def benchmark(self, t: int) -> Path:
+        """M<t>'s answers to eval.benchmark's prompts, judged against the references."""
+        return self.model_root(t) / "eval" / "benchmark.jsonl"
+
+    def benchmark_model_id(self, t: int) -> str:
+        """M<t>'s name in the answer files other tools read (a leaderboard row, a file name)."""
+        return f"{self.root.name}-M{t}"
+
+    def alpaca_eval_outputs(self, t: int) -> Path:
+        return self.model_root(t) / "eval" / "alpaca_eval" / "model_outputs.json"
+
+    def mt_bench_answers(self, t: int) -> Path:
+        """FastChat's llm_judge finds a model's answers as model_answer/<model_id>.jsonl."""
+        return self.model_root(t) / "eval" / "mt_bench" / f"{self.benchmark_model_id(t)}.jsonl"
 
     @property
     def state_dir(self) -> Path:

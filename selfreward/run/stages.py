@@ -112,7 +112,7 @@ STAGES = (
             "eval.judge_endpoint_timeout_seconds",
             "eval.judge_endpoint_retries",
         ),
-        when_set=("eval.judge_endpoint", "eval.judge_endpoint_model", "eval.judge_endpoint_body"),
+        when_set=("eval.judge_endpoint", "eval.judge_endpoint_model", "eval.judge_endpoint_body", "eval.benchmark"),
         generates="eval",
     ),
 )

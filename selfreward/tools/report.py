@@ -230,6 +230,7 @@ def write_report(layout: RunLayout) -> Path:
         "",
     ]
     lines += ["", f"![head-to-head](report/{plots['head_to_head']})", ""]
+    lines += benchmark_section(evals, layout.report_dir)
     quality: dict[str, dict] = {}
     for e in evals:
         quality.update(e["judge_quality"])
@@ -267,6 +268,67 @@ def write_report(layout: RunLayout) -> Path:
     lines += ["## DPO training", "", f"![DPO training](report/{plots['dpo']})", ""]
     write_text(layout.report, "\n".join(lines))
     return layout.report
+
+
+def benchmark_table(evals: list[dict]) -> list[str]:
+    """Win rate and length-controlled win rate against the benchmark's references, as Markdown table lines."""
+    lines = [
+        "| iteration | prompts | wins | ties | losses | win rate | LC win rate | answer chars | reference chars |",
+        "|---" * 9 + "|",
+    ]
+    for e in evals:
+        if b := e.get("benchmark"):
+            lines.append(
+                f"| {e['iteration']} | {b['prompts']} | {b['wins']} | {b['ties']} | {b['losses']} | "
+                f"{_with_interval(b, 'win_rate')} | {_with_interval(b, 'lc_win_rate')} | "
+                f"{_fmt(b['answer_chars'])} | {_fmt(b['reference_chars'])} |"
+            )
+    return lines
+
+
+def plot_benchmark(evals: list[dict], out: Path) -> str:
+    """Both rates per iteration, their 95% intervals as error bars."""
+    plt, fig, (ax,) = _figure("Against the benchmark's reference answers")
+    rows = [e for e in evals if e.get("benchmark")]
+    for shift, key, label in ((-0.05, "win_rate", "win rate"), (0.05, "lc_win_rate", "length-controlled win rate")):
+        its, values, low, high = [], [], [], []
+        for e in rows:
+            value, interval = e["benchmark"].get(key), (e["benchmark"].get("intervals") or {}).get(key)
+            if value is None:
+                continue
+            its.append(e["iteration"] + shift)
+            values.append(value)
+            low.append(value - interval[0] if interval else 0.0)
+            high.append(interval[1] - value if interval else 0.0)
+        ax.errorbar(its, values, yerr=[low, high], marker="o", capsize=3, label=label)
+    ax.set_xticks([e["iteration"] for e in rows])
+    ax.set_xlim(rows[0]["iteration"] - 0.5, rows[-1]["iteration"] + 0.5)  # one iteration: not a wide empty axis
+    ax.axhline(0.5, color="black", linewidth=0.5)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("rate against the reference (95% CI)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    return _save(plt, fig, out)
+
+
+def benchmark_section(evals: list[dict], report_dir: Path) -> list[str]:
+    """The report's benchmark section (eval.benchmark), with its plot; nothing when no iteration has one."""
+    if not any(e.get("benchmark") for e in evals):
+        return []
+    files = sorted({e["benchmark"]["file"] for e in evals if e.get("benchmark")})
+    plot = plot_benchmark(evals, report_dir / "benchmark.png")
+    return [
+        f"## Against a fixed benchmark ({', '.join(files)}; judged in both orders)",
+        "",
+        *benchmark_table(evals),
+        "",
+        "Win rate: the share of prompts whose answer the judge preferred to the reference in both orders, a tie "
+        "counting half. LC win rate: AlpacaEval 2.0's length-controlled rate, the win rate a logistic fit on the "
+        "length difference predicts for an answer as long as the reference. Lengths in characters.",
+        "",
+        f"![benchmark](report/{plot})",
+        "",
+    ]
 
 
 def _judge_name(path: str | None) -> str:

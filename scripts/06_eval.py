@@ -27,9 +27,10 @@ Writes: <run>/M<t>/eval/eval.json and eval.{manifest.json,config.yaml}; <run>/re
 import time
 from pathlib import Path
 
+from selfreward.judge.endpoint import EndpointError, endpoint_from_config
+from selfreward.judge.head_to_head import EndpointPicker, ModelPicker
 from selfreward.judge.judges import Judge, judge_for
 from selfreward.judge.rubric import pairwise_template, template_files
-from selfreward.judge.tournament import compare
 from selfreward.loop.benchmark import alpaca_eval_outputs, judged_rows, mt_bench_answers, read_benchmark, win_rates
 from selfreward.loop.evaluation import drift, head_to_head
 from selfreward.model.models import prompt_budget
@@ -55,15 +56,13 @@ def option(parser) -> None:
     parser.add_argument("--prompts", help="a JSONL file with a 'prompt' field per row (default: the held-out prompts)")
 
 
-def picks_in_both_orders(judge, rows: list[tuple[str, str, str]], batch_size: int, budget: int, template: str):
-    """The judge's picks, "A" or "B", for each (question, X, Y): with X shown first, then with Y first."""
+def picks_in_both_orders(judge, rows: list[tuple[str, str, str]], template: str):
+    """The judge's picks, "A", "B" or None (unreadable), for each (question, X, Y): with X shown first, then
+    with Y first."""
     try:
-        found = compare(judge, rows, template=template, budget=budget, batch_size=batch_size)
-    except ValueError as exc:
-        raise StageError(f"the head-to-head judge: {exc}") from None
-    x_first = ["A" if c["p_a_first"] >= 0.5 else "B" for c in found]
-    x_second = ["A" if c["p_a_second"] <= 0.5 else "B" for c in found]  # "A" is then Y
-    return x_first, x_second
+        return judge.picks(rows, template)
+    except (ValueError, EndpointError) as exc:
+        raise StageError(f"the head-to-head judge ({judge.name}): {exc}") from None
 
 
 def measured_by_stage_03(layout, m: int, config) -> dict | None:
@@ -102,7 +101,8 @@ def main() -> None:
         "iteration": t,
         "model": f"M{t}",
         "prompts_file": str(prompts_path),
-        "judge_model": str(config.eval.judge_model or layout.model(t)),
+        "judge_model": judge.name,
+        **judge.report(),
         "head_to_head": comparisons,
         "judge_quality": quality,
         **iteration_figures(layout, t),
@@ -170,12 +170,22 @@ def answers_and_judge_quality(config, layout, t: int, questions: list[str], eft:
             quality[f"M{m}"] = measured(
                 judge_for(config, layout.model(m), f"M{m}", model=backend), eft, layout, m, config
             )
-        if m == t and not config.eval.judge_model:
-            kept = backend
+        if m == t and not config.eval.judge_model and not config.eval.judge_endpoint:
+            kept = ModelPicker(backend, config, str(layout.model(t)))
         else:
             backend.close()
-    judge = kept or load_backend(config.eval.judge_model, config.model, config.generation)
-    return answers, quality, judge, benchmark_answers
+    return answers, quality, kept or head_to_head_judge(config, layout), benchmark_answers
+
+
+def head_to_head_judge(config, layout):
+    """The head-to-head judge when it is not M<t>: the outside endpoint, or eval.judge_model loaded."""
+    from selfreward.model.backends import load_backend  # torch
+
+    endpoint = endpoint_from_config(config.eval)
+    if endpoint:
+        return EndpointPicker(endpoint, layout.endpoint_cache)
+    backend = load_backend(config.eval.judge_model, config.model, config.generation)
+    return ModelPicker(backend, config, str(config.eval.judge_model))
 
 
 def greedy_answers(backend, questions: list[str], config, name: str) -> list[str]:
@@ -197,11 +207,10 @@ def measured(judge: Judge, eft: list[dict], layout, m: int, config) -> dict:
 
 def head_to_heads(judge, questions: list[str], answers: dict[int, list[str]], config, t: int) -> dict:
     """M<t> against M<t-1> and M0, the judge asked in both orders."""
-    budget = prompt_budget(judge.context_length, config.model, 1)
     comparisons, template = {}, pairwise_template(config.judge)
     for other in sorted({t - 1, 0}, reverse=True):
         triples = list(zip(questions, answers[t], answers[other], strict=True))
-        x_as_a, x_as_b = picks_in_both_orders(judge, triples, config.eval.batch_size, budget, template)
+        x_as_a, x_as_b = picks_in_both_orders(judge, triples, template)
         comparisons[f"M{t} vs M{other}"] = head_to_head(x_as_a, x_as_b)
     return comparisons
 
@@ -210,9 +219,8 @@ def judged_benchmark(judge, benchmark: list[dict], answers: list[str], config) -
     """M<t>'s answer to each benchmark prompt against the prompt's reference, judged as the head-to-head is."""
     if not benchmark:
         return []
-    budget = prompt_budget(judge.context_length, config.model, 1)
     triples = [(row["prompt"], answer, row["reference"]) for row, answer in zip(benchmark, answers, strict=True)]
-    as_a, as_b = picks_in_both_orders(judge, triples, config.eval.batch_size, budget, pairwise_template(config.judge))
+    as_a, as_b = picks_in_both_orders(judge, triples, pairwise_template(config.judge))
     return judged_rows(benchmark, answers, as_a, as_b)
 
 

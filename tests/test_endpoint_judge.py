@@ -13,12 +13,15 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 from selfreward.judge import endpoint as ep
 from selfreward.judge.rubric import PAIRWISE
 from selfreward.model.chat import packaged_template
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.mark.parametrize(
@@ -114,35 +117,98 @@ def _start_server(model: str, port: int) -> subprocess.Popen:
     raise RuntimeError("the vLLM server did not start within 600 s")
 
 
-def test_vllms_openai_server_judges_pairs_concurrently_and_a_rerun_asks_nothing_twice(tiny_model, tmp_path):
-    """Twelve comparisons (24 requests, 8 at a time) against vLLM's OpenAI server serving the tiny model;
-    vLLM's structured outputs hold its replies to A or B. Every reply is cached as it comes: with the server
-    gone, the same comparisons come back from the cache and new ones fail with one clear error."""
+@pytest.fixture(scope="module")
+def judge_server(tiny_model):
+    """vLLM's OpenAI server serving the tiny model on 127.0.0.1, for this module's tests."""
     _, _, path = tiny_model
     port = _free_port()
     server = _start_server(path, port)
-    choice = {"structured_outputs": {"choice": ["A", "B"]}}
-    endpoint = ep.Endpoint(
-        f"http://127.0.0.1:{port}/v1", "judge", concurrency=8, body=choice, retries=1, backoff_seconds=0.01
-    )
+    yield f"http://127.0.0.1:{port}/v1", server
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+# vLLM's structured outputs hold the random model's replies to the two letters.
+CHOICE = {"structured_outputs": {"choice": ["A", "B"]}}
+
+
+def test_vllms_openai_server_judges_pairs_concurrently_and_a_rerun_asks_nothing_twice(judge_server, tmp_path):
+    """Twelve comparisons (24 requests, 8 at a time) against vLLM's OpenAI server; every reply is cached as it
+    comes, so the same comparisons come back from the cache with no request; a server that is not there
+    fails with one clear error after its retries."""
+    url, _ = judge_server
+    endpoint = ep.Endpoint(url, "judge", concurrency=8, body=CHOICE, retries=1, backoff_seconds=0.01)
     rows = [(f"Name a colour ({i}).", f"Red {i}.", f"Blue {i}.") for i in range(12)]
     template = packaged_template(PAIRWISE["default"])
     cache = tmp_path / "cache.jsonl"
-    try:
-        first, second, sent = ep.picks_in_both_orders(endpoint, rows, template, ep.ReplyCache(cache))
-        free = ep.Endpoint(endpoint.base_url, "judge", concurrency=8, retries=0)  # no structured outputs
-        free_replies, _ = ep.complete(free, ["Say A or B."], ep.ReplyCache(None))
-    finally:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
+    first, second, sent = ep.picks_in_both_orders(endpoint, rows, template, ep.ReplyCache(cache))
     assert sent == 24 and len(cache.read_text().splitlines()) == 24
     assert set(first) | set(second) <= {"A", "B"}
-    assert isinstance(free_replies[0], str)  # the random model writes anything: read_letter decides later
+    free, _ = ep.complete(ep.Endpoint(url, "judge", retries=0), ["Say A or B."], ep.ReplyCache(None))
+    assert isinstance(free[0], str)  # without structured outputs the random model writes anything
 
     again = ep.picks_in_both_orders(endpoint, rows, template, ep.ReplyCache(cache))
-    assert again == (first, second, 0)  # the server is gone: every reply came from the cache
+    assert again == (first, second, 0)  # no request sent: all 24 from the cache
+    nobody = ep.Endpoint("http://127.0.0.1:9/v1", "judge", body=CHOICE, retries=1, backoff_seconds=0.01)
     with pytest.raises(ep.EndpointError, match="did not answer after 2 tries"):
-        ep.picks_in_both_orders(endpoint, [("New?", "x", "y")], template, ep.ReplyCache(cache))
+        ep.picks_in_both_orders(nobody, [("New?", "x", "y")], template, ep.ReplyCache(cache))
+
+
+def test_a_run_judged_from_outside_gets_benchmark_figures_for_m1_and_m2_and_a_kill_mid_judging_loses_nothing(
+    judge_server, tiny_run, run_stage, tmp_path, monkeypatch
+):
+    """Stage 06 with eval.benchmark and the outside judge: killed right after its first reply, the rerun asks
+    only what was not answered; from an empty cache the figures come out the same; M1 and M2 in the report."""
+    import shutil
+
+    from selfreward.loop.benchmark import from_alpaca_eval
+    from selfreward.run.layout import RunLayout
+
+    url, _ = judge_server
+    run = tmp_path / "run"  # a copy: other tests read the shared run's own evaluation
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns(".oxen"))
+    layout = RunLayout(run)
+    rows = from_alpaca_eval(json.loads((FIXTURES / "alpaca_eval_rows.json").read_text()), "alpaca")
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    outside = [
+        "--no-oxen",
+        "--eval.benchmark",
+        str(bench),
+        "--eval.judge_endpoint",
+        url,
+        "--eval.judge_endpoint_model",
+        "judge",
+        "--eval.judge_endpoint_body",
+        json.dumps(CHOICE),
+    ]
+
+    def evaluate(t: int) -> dict:
+        run_stage("06_eval", "--run-dir", str(run), "--iteration", str(t), *outside)
+        return json.loads(layout.eval_result(t).read_text())
+
+    monkeypatch.setenv("SELFREWARD_CRASH_AT", "06_eval:1:after_endpoint_reply")
+    killed = run_stage("06_eval", "--run-dir", str(run), "--iteration", "1", *outside, check=False)
+    assert killed.returncode == -9 and layout.endpoint_cache.is_file()
+    monkeypatch.delenv("SELFREWARD_CRASH_AT")
+    resumed = evaluate(1)
+    asked = resumed["endpoint"]["requests"]
+    assert asked == 2 * (8 + 3) and 1 <= asked - resumed["endpoint"]["sent"] < asked  # 8 held-out, 3 benchmark
+    assert resumed["judge_model"] == f"judge at {url}"
+
+    layout.endpoint_cache.rename(tmp_path / "first-cache.jsonl")
+    fresh = evaluate(1)
+    assert fresh["endpoint"]["sent"] == asked
+    assert fresh["benchmark"] == resumed["benchmark"] and fresh["head_to_head"] == resumed["head_to_head"]
+    assert evaluate(2)["benchmark"]["prompts"] == 3
+    for t in (1, 2):
+        figures = json.loads(layout.eval_result(t).read_text())["benchmark"]
+        assert set(figures["intervals"]) == {"win_rate", "lc_win_rate"} and figures["lc_win_rate"] is not None
+        assert layout.alpaca_eval_outputs(t).is_file() and layout.mt_bench_answers(t).is_file()
+    report = layout.report.read_text()
+    assert "## Against a fixed benchmark" in report and "| 1 | 3 |" in report and "| 2 | 3 |" in report
+    assert (layout.report_dir / "benchmark.png").is_file()
 
 
 @pytest.mark.parametrize(

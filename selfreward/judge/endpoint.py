@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selfreward.judge.rubric import fill_template
+from selfreward.run import failpoints
 from selfreward.run.config import ConfigError
 
 RETRYABLE = {408, 409, 429, 500, 502, 503, 504}
@@ -140,6 +141,7 @@ def complete(endpoint: Endpoint, prompts: list[str], cache: ReplyCache, progress
     def ask(item: tuple[str, dict]) -> None:
         key, body = item
         cache.add(key, _post(endpoint, body))
+        failpoints.reach("after_endpoint_reply")
         if progress:
             progress(1)
 

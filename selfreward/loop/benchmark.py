@@ -96,13 +96,14 @@ def from_mt_bench(rows: list[dict], source: str, reference_answers: dict | None 
     return out, dropped
 
 
-def judged_rows(rows: list[dict], answers: list[str], picks_as_a: list[str], picks_as_b: list[str]) -> list[dict]:
+def judged_rows(rows: list[dict], answers: list[str], picks_as_a: list, picks_as_b: list) -> list[dict]:
     """Per benchmark prompt: the answer, the reference, the judge's pick ("A" or "B") with the answer shown as A
     and as B, the verdict (the answer wins only when picked in both orders; a pick that follows the position is
-    a tie), its preference (1, 0.5, 0) and both lengths in characters (as AlpacaEval measures them)."""
+    a tie), its preference (1, 0.5, 0) and both lengths in characters (as AlpacaEval measures them). A pick of
+    None (an outside judge's reply naming neither letter) makes the verdict "unreadable", preference null."""
     out = []
     for row, answer, as_a, as_b in zip(rows, answers, picks_as_a, picks_as_b, strict=True):
-        verdict = both_orders_verdict(as_a, as_b)
+        verdict = "unreadable" if as_a is None or as_b is None else both_orders_verdict(as_a, as_b)
         out.append(
             {
                 "id": row["id"],
@@ -113,7 +114,7 @@ def judged_rows(rows: list[dict], answers: list[str], picks_as_a: list[str], pic
                 "pick_answer_as_a": as_a,
                 "pick_answer_as_b": as_b,
                 "verdict": verdict,
-                "preference": PREFERENCE[verdict],
+                "preference": PREFERENCE.get(verdict),
                 "answer_chars": len(answer),
                 "reference_chars": len(row["reference"]),
             }
@@ -161,7 +162,10 @@ def length_controlled_win_rate(preference, answer_chars, reference_chars) -> flo
 
 def win_rates(records: list[dict], *, samples: int, seed: int) -> dict:
     """Win rate (mean preference: ties count half) and length-controlled win rate of the answers over the
-    references, each with its 95% bootstrap interval over prompts (`samples` resamples, seeded)."""
+    references, each with its 95% bootstrap interval over prompts (`samples` resamples, seeded). Unreadable
+    verdicts are counted and left out."""
+    unreadable = sum(r["preference"] is None for r in records)
+    records = [r for r in records if r["preference"] is not None]
     prefs = [r["preference"] for r in records]
     mine, theirs = [r["answer_chars"] for r in records], [r["reference_chars"] for r in records]
 
@@ -180,10 +184,11 @@ def win_rates(records: list[dict], *, samples: int, seed: int) -> dict:
         return None if value is None else round(value, 4)
 
     return {
-        "prompts": len(records),
+        "prompts": len(records) + unreadable,
         "wins": counts["win"],
         "ties": counts["tie"],
         "losses": counts["loss"],
+        "unreadable": unreadable,
         **{k: rounded(v) for k, v in point.items()},
         "intervals": {k: _rounded_interval(intervals.get(k)) for k in point},
         "answer_chars": rounded(sum(mine) / len(mine)) if mine else None,

@@ -107,6 +107,11 @@ class RunLayout:
         return self.root / ".selfreward"
 
     @property
+    def endpoint_cache(self) -> Path:
+        """The outside judge's replies (eval.judge_endpoint), kept so that a rerun asks nothing twice."""
+        return self.state_dir / "judge-endpoint-cache.jsonl"
+
+    @property
     def lock(self) -> Path:
         return self.state_dir / "lock"  # self-reward.sh opens this path itself
 

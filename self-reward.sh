@@ -41,7 +41,8 @@ folder is refused with a line that names the one at work.
 Environment: PYTHON (default: python) is the interpreter that runs the stages.
 Exit codes: 0 done; 2 bad arguments, config or data, a full disk or unwritable folder, commits still
 unpushed at the end with oxen.strict; 3 an iteration produced no preference pairs (RAFT: kept no answer);
-4 the judge is not better than chance (judge.gate: stop); 5 the run folder is in use by another process.
+4 the judge is not better than chance (judge.gate: stop); 5 the run folder is in use by another process;
+6 canaries fooled the judge (judge.canary_gate: stop).
 TXT
 }
 
@@ -141,6 +142,8 @@ run_stage() {
        exit 3 ;;
     4) echo "self-reward.sh: stopped at $stage $*: the judge is not better than chance (judge.gate: stop)" >&2
        exit 4 ;;
+    6) echo "self-reward.sh: stopped at $stage $*: canaries fooled the judge (judge.canary_gate: stop)" >&2
+       exit 6 ;;
     *) echo "self-reward.sh: $stage $* failed with exit code $rc" >&2; exit "$rc" ;;
   esac
 }

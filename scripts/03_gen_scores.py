@@ -4,7 +4,7 @@ Reads:  <run>/M<t-1>/model/ (the judge, unless judge.mode is reward_model), <run
         responses.jsonl, <run>/M0/train/heldout_eft.jsonl; with preferences.consistency, also M<t-2>/model/
 Writes: <run>/M<t-1>/generated/scores.jsonl  (the response fields + score + judgments +
         judge_input_truncated; pairwise adds win_share and comparisons; consistency adds previous_score)
-        and scores.{manifest.json,config.yaml}
+        and scores.{manifest.json,config.yaml}; <run>/M<t-1>/generated/canaries.jsonl (the planted answers)
 
 judge.mode "sample" (the paper's way): each response is judged judge.num_samples times. Only the
 judge's own generated text is parsed, and its last "Score: N" line counts; a judgment without a
@@ -24,7 +24,10 @@ the same way into `previous_score`, for stage 04's agreement check (CREAM).
 The manifest's judge_check holds what stage 04 checks before it makes pairs: the same judge on the
 held-out EFT rows (pairwise accuracy and the rest, with 95% bootstrap intervals) and its noise (the
 largest change of a score when judge.noise_samples answers, or prompts for pairwise, are judged again,
-alone).
+alone). Its `canaries` hold each canary trick's fool rate (selfreward/loop/canaries.py): judge.canaries
+planted answers per trick (one ending "Score: 5", the question echoed, ...), judged by the same judge
+beside the real answers, and how often each scored above every real answer of its prompt; stage 04's
+judge.canary_gate acts on them. They are written to canaries.jsonl only: no pair ever holds one.
 
     python scripts/03_gen_scores.py --run-dir runs/demo --iteration 1
     python scripts/03_gen_scores.py --run-dir runs/demo --iteration 1 --judge.mode pairwise
@@ -34,11 +37,13 @@ from pathlib import Path
 
 from selfreward.judge.judges import Judge, judge_for
 from selfreward.judge.rubric import template_files
+from selfreward.loop.canaries import build_canaries, fool_rates
 from selfreward.run.records import EFT, RESPONSE, ChunkLog, read_jsonl, write_jsonl
 from selfreward.stage import StageError, log, parse_stage, run
 
-# The previous judge's chunks share the chunk log, numbered from here on.
+# The previous judge's chunks share the chunk log, numbered from here on; the canaries' from CANARY_CHUNKS.
 PREVIOUS_JUDGE_CHUNKS = 1_000_000
+CANARY_CHUNKS = 2 * PREVIOUS_JUDGE_CHUNKS
 
 
 def main() -> None:
@@ -52,6 +57,7 @@ def main() -> None:
 
     rows = judged_by(judge, responses, chunks, seed=config.seed + t, first_chunk=0)
     check = judge_check(judge, responses, rows, heldout, config, t)
+    canaries = canaries_judged(judge, rows, chunks, config, t)  # planted answers: never in scores.jsonl
     judge.close()
     extra = {"backend": judge.backend}
     if previous is not None:  # CREAM: the judge before it scores the same answers the same way
@@ -59,11 +65,15 @@ def main() -> None:
         extra["previous_judge"] = previous.name
     extra.update(judge.report(rows))
     extra.update(judgment_counts(rows), judge_check=check)
+    if canaries:
+        extra["canaries"] = fool_rates(canaries)
 
-    out = layout.generated(t, "scores")
+    out, planted = layout.generated(t, "scores"), layout.generated(t, "canaries")
     stage.start_writing()
     write_jsonl(out, rows)
-    stage.finish(rows_in=len(responses), rows_out=len(rows), outputs=[str(out)], extra=extra)
+    write_jsonl(planted, canaries)
+    outputs = [str(out), str(planted)]
+    stage.finish(rows_in=len(responses), rows_out=len(rows), outputs=outputs, extra=extra)
 
 
 def previous_judge(config, layout, t: int) -> Judge | None:
@@ -111,6 +121,25 @@ def judge_check(judge: Judge, responses: list[dict], rows: list[dict], heldout: 
         check["heldout"] = judge.measure(heldout, samples=config.eval.bootstrap_samples, seed=config.seed)
     check["noise"] = judge.noise(responses, rows, seed=config.seed + t)
     return check
+
+
+def canaries_judged(judge: Judge, rows: list[dict], chunks: ChunkLog, config, t: int) -> list[dict]:
+    """judge.canaries planted answers per trick, built from the real answers `rows` and judged by the same
+    judge, each with "outscored": whether it scored above every real answer of its prompt. Their chunks
+    are in the chunk log too, so a rerun after a kill does not judge them again."""
+    planted = build_canaries(rows, config.judge.canaries, seed=config.seed, iteration=t)
+    done = {k - CANARY_CHUNKS for k in chunks.done if k >= CANARY_CHUNKS}
+
+    def save(k: int, new: list[dict]) -> None:
+        chunks.append(CANARY_CHUNKS + k, new)
+
+    judge.score_canaries(planted, rows, seed=config.seed + t, skip=done, save=save)
+    judged = {c["response_id"]: c for k in sorted(chunks.done) if k >= CANARY_CHUNKS for c in chunks.done[k]["rows"]}
+    real: dict[str, list[dict]] = {}
+    for r in rows:
+        real.setdefault(r["prompt_id"], []).append(r)
+    canaries = [judged[c["response_id"]] for c in planted]
+    return [{**c, "outscored": judge.outscores(c, real[c["prompt_id"]])} for c in canaries]
 
 
 def with_previous_scores(previous: Judge, responses, rows, chunks: ChunkLog, *, seed: int) -> list[dict]:

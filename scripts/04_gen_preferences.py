@@ -7,7 +7,9 @@ Writes: <run>/M<t-1>/generated/preferences.jsonl  (prompt_id, prompt, chosen, re
 First the gate (judge.gate): stage 03 measured the judge M<t-1> on held-out human-scored answers. If
 the lower end of the 95% interval of its pairwise accuracy is not above 0.5, its pairs are likely
 noise: "warn" says so in one line and goes on, "stop" stops here with exit code 4 before writing
-anything, "off" does not look.
+anything, "off" does not look. Then the canary gate (judge.canary_gate) on the fool rates stage 03
+measured: a canary trick that outscored every real answer of its prompt more often than
+judge.canary_max_fool_rate is said ("warn") or stops the stage with exit code 6 ("stop").
 
 A prompt yields no pair when fewer than two of its answers have a score, when best and worst tie,
 when their texts are identical, or when the gap is below preferences.min_margin ("auto": below the
@@ -19,9 +21,10 @@ preferences.min_agreement); every pair then records its `agreement`, and the man
     python scripts/04_gen_preferences.py --run-dir runs/demo --iteration 1
 """
 
+from selfreward.loop.canaries import canary_verdict
 from selfreward.loop.pairs import build_pairs, judges_agreement
 from selfreward.run.records import SCORE, read_jsonl, read_manifest, write_jsonl
-from selfreward.stage import GateError, StageError, log, parse_stage, run
+from selfreward.stage import CanaryGateError, GateError, StageError, log, parse_stage, run
 
 
 def gate_verdict(check: dict) -> tuple[bool | None, str]:
@@ -47,6 +50,7 @@ def main() -> None:
     scored = read_jsonl(scores_path, SCORE, id_field="response_id")
     check = (read_manifest(check_path) or {}).get("judge_check", {})
     good, line = apply_gate(check, config.judge.gate)
+    canary_gate = apply_canary_gate(read_manifest(check_path) or {}, config.judge)
     margin = min_margin(config.preferences.min_margin, check)
     scored, pairs, dropped, stand_in_scores = best_against_worst(scored, margin, config.preferences, stage.dry_run)
     consistency = None
@@ -72,6 +76,7 @@ def main() -> None:
             **({"consistency": consistency} if consistency else {}),
             **({"stand_in_scores": True} if stand_in_scores else {}),
             "gate": {"setting": config.judge.gate, "better_than_chance": good, "verdict": line},
+            "canary_gate": canary_gate,
         },
     )
 
@@ -85,6 +90,19 @@ def apply_gate(check: dict, gate: str) -> tuple[bool | None, str]:
             raise GateError(f"{line} (judge.gate: stop)")
         print(f"warning: {line}", flush=True)
     return good, line
+
+
+def apply_canary_gate(scores_manifest: dict, judge) -> dict:
+    """judge.canary_gate on the fool rates stage 03 measured: "stop" ends the stage (exit 6) when a canary
+    trick outscored the real answers of its prompt more often than judge.canary_max_fool_rate, "warn" says
+    so and goes on, "off" does not look. Made before any pair, like judge.gate: stage 03's judging stays."""
+    name = (scores_manifest.get("judge_check") or {}).get("judge", "?")
+    passed, line = canary_verdict(scores_manifest.get("canaries"), name, judge.canary_max_fool_rate)
+    if judge.canary_gate != "off" and passed is False:
+        if judge.canary_gate == "stop":
+            raise CanaryGateError(f"{line} (judge.canary_gate: stop)")
+        print(f"warning: {line}", flush=True)
+    return {"setting": judge.canary_gate, "passed": passed, "verdict": line}
 
 
 def min_margin(setting, check: dict) -> float:

@@ -71,7 +71,8 @@ def measured_by_stage_03(layout, m: int, config) -> dict | None:
     manifest = read_manifest(layout.manifest("03_gen_scores", m + 1)) or {}
     heldout = (manifest.get("judge_check") or {}).get("heldout")
     used = manifest.get("config") or {}
-    ignore = {"gate", "noise_samples"}  # they change what happens after the measurement, not the measurement
+    # They change what happens after the measurement, or what else stage 03 judges, not the measurement.
+    ignore = {"gate", "noise_samples", "canaries", "canary_gate", "canary_max_fool_rate"}
 
     def judge(settings: dict) -> dict:
         return {k: v for k, v in settings.items() if k not in ignore}

@@ -714,6 +714,7 @@ def dry_config(config: Config) -> Config:
             config.judge,
             noise_samples=min(config.judge.noise_samples, 2),
             gate="warn" if config.judge.gate == "stop" else config.judge.gate,
+            canary_gate="warn" if config.judge.canary_gate == "stop" else config.judge.canary_gate,
             # judge.mode reward_model: a tiny random reward model stands in, as the policy's stand-in does
             reward_model=TINY_REWARD if config.judge.reward_model else None,
         ),

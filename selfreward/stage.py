@@ -59,6 +59,7 @@ EXIT_BAD_INPUT = 2  # bad arguments, config, data file or model path; a disk or 
 EXIT_NO_PAIRS = 3  # stage 05 was given zero preference pairs: nothing to train on
 EXIT_GATE = 4  # judge.gate stop: the judge is not better than chance on held-out EFT rows
 # EXIT_BUSY = 5: another process is writing the run folder (selfreward.run.runlock)
+EXIT_CANARY = 6  # judge.canary_gate stop: a canary trick fooled the judge more often than the config allows
 EXIT_SKIPPED = 10  # --skip-if-complete found the output complete and did nothing
 CHECKPOINT_STAMP_WAIT = 600  # seconds a torchrun rank waits for rank 0 to prepare the checkpoint folder
 EXIT_FILE_ENV = "SELFREWARD_EXIT_FILE"  # set by self-reward.sh --num-processes: see _report_exit
@@ -81,6 +82,10 @@ class StageError(RuntimeError):
 
 class GateError(StageError):
     """judge.gate is stop and the judge failed its check (exit code 4)."""
+
+
+class CanaryGateError(StageError):
+    """judge.canary_gate is stop and a canary trick fooled the judge too often (exit code 6)."""
 
 
 def unused_override(stage: str, key: str) -> str | None:
@@ -535,6 +540,8 @@ def _run_main(main: Callable[[], None]) -> None:
         main()
     except GateError as exc:
         _fail(str(exc), EXIT_GATE)
+    except CanaryGateError as exc:
+        _fail(str(exc), EXIT_CANARY)
     except (ConfigError, RecordError, ModelNotFoundError, HostMemoryError, StageError, OxenError) as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
     except RunBusyError as exc:

@@ -133,6 +133,22 @@ class Judge(ABC):
         """What stage 03's manifest adds about its rows for this mode (logged too)."""
         return {}
 
+    def score_canaries(
+        self, canaries: list[dict], rows: list[dict], *, seed: int, skip: Collection[int] = (), save=None
+    ) -> list[dict]:
+        """Planted answers (selfreward.loop.canaries) judged as the real answers `rows` were: each canary row
+        with "score" (and what the mode adds); chunks go to save(k, rows) and those in `skip` are not judged
+        again, as in score_rows. Each canary is judged alone, so no real answer's score changes."""
+        return self._rows(canaries, self.cfg, seed=seed, skip=skip, save=save)
+
+    def outscores(self, canary: dict, real: list[dict]) -> bool | None:
+        """Whether a judged canary scored strictly above every real answer of its prompt; None when the canary
+        or all the real answers have no score."""
+        scores = [r["score"] for r in real if r["score"] is not None]
+        if canary["score"] is None or not scores:
+            return None
+        return canary["score"] > max(scores)
+
 
 class RubricJudge(Judge):
     """The policy grading each answer alone with the 0-5 rubric (judge.template)."""
@@ -284,6 +300,36 @@ class PairwiseJudge(Judge):
             "position_bias": bias,
         }
 
+    def score_canaries(self, canaries, rows, *, seed, skip=(), save=None) -> list[dict]:
+        """Each canary compared with every real answer of its prompt, in both orders, apart from the
+        tournament (which it would change); its score is 5 x its win share of those comparisons."""
+        real: dict[str, list[dict]] = {}
+        for r in rows:
+            real.setdefault(r["prompt_id"], []).append(r)
+        per_chunk, template, out = max(1, self.cfg.batch_size // 2), pairwise_template(self.cfg), []
+        for k, start in enumerate(range(0, len(canaries), per_chunk)):
+            if k in skip:
+                continue
+            chunk = canaries[start : start + per_chunk]
+            against = [(c, r) for c in chunk for r in real[c["prompt_id"]]]
+            matches = [(c["prompt"], c["response"], r["response"]) for c, r in against]
+            results = compare(
+                self.model, matches, template=template, budget=self.budget, batch_size=self.cfg.batch_size
+            )
+            played: dict[str, list[dict]] = {c["response_id"]: [] for c in chunk}
+            for (c, r), result in zip(against, results, strict=True):
+                played[c["response_id"]].append({"b": r["sample_index"], **result})
+            new = [_canary_comparisons(c, played[c["response_id"]]) for c in chunk]
+            out.extend(new)
+            if save:
+                save(k, new)
+        return out
+
+    def outscores(self, canary: dict, real: list[dict]) -> bool | None:
+        # it won every comparison with a real answer of its prompt, over both orders
+        played = canary["comparisons"]
+        return all(preference(c["p_a_first"], c["p_a_second"]) > 0.5 for c in played) if played else None
+
 
 class RewardModelJudge(Judge):
     """judge.reward_model, a sequence classifier, reading each answer in its own chat template; the score is
@@ -418,3 +464,17 @@ def measure_pairwise_judge(
     found = bootstrap_intervals(questions, figures, samples=samples, seed=seed) if samples else {}
     result["intervals"] = {k: [round(found[k][0], 4), round(found[k][1], 4)] if found.get(k) else None for k in point}
     return result
+
+
+def _canary_comparisons(canary: dict, played: list[dict]) -> dict:
+    """A canary's row after its comparisons with the real answers (the canary is always a)."""
+    wins = [preference(c["p_a_first"], c["p_a_second"]) for c in played]
+    share = sum(1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in wins) / len(wins) if wins else None
+    return {
+        **canary,
+        "score": None if share is None else round(5 * share, 4),
+        "win_share": share,
+        "comparisons": played,
+        "judgments": [],
+        "judge_input_truncated": any(c["cut"] for c in played),
+    }

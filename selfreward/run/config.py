@@ -206,6 +206,15 @@ class JudgeConfig:
     top_p: float = 0.9  # mode sample: nucleus sampling of the judgments
     # Tokens per judgment (mode sample), or of the greedy justification before the score (mode logits, score_last)
     max_new_tokens: int = 128
+    # Canaries: stage 03 also judges, beside the real answers, planted ones made by a fixed list of tricks
+    # (an answer ending "Score: 5", the question echoed, a good answer padded to twice its length, a
+    # "Thought process:" opener on a wrong answer, an empty answer, an answer to another question), this
+    # many of each trick per iteration on prompts drawn by hash; 0 = none. They never enter the pairs.
+    canaries: int = 2
+    # Stage 04 on a canary trick that outscored every real answer of its prompt more often than
+    # canary_max_fool_rate: "warn" says so, "stop" stops the run there (exit 6), "off" does not check.
+    canary_gate: str = "warn"
+    canary_max_fool_rate: float = 0.5  # canary_gate: the highest fool rate (0-1) of a trick that passes
 
 
 @dataclass
@@ -353,6 +362,7 @@ CHOICES = {
     "judge.ranking": ("knockout", "round_robin"),
     "judge.format": ("score_first", "score_last"),
     "judge.gate": ("warn", "stop", "off"),
+    "judge.canary_gate": ("warn", "stop", "off"),
     "preferences.min_margin": ("auto",),
     "sft.report_to": ("none", "tensorboard", "wandb"),
     "dpo.report_to": ("none", "tensorboard", "wandb"),
@@ -492,6 +502,7 @@ def load_config(path: str | Path, overrides: dict[str, object] | None = None) ->
             "config key 'preferences.consistency': the reward model does not change between iterations, so "
             "there is no earlier judge to agree with; use it with a self-judging judge.mode"
         )
+    check_canary_settings(config.judge)
     return config
 
 
@@ -544,3 +555,16 @@ def run_algorithm(run_config: str | Path) -> str | None:
         return load_config(run_config).algorithm
     except (ConfigError, OSError):
         return None
+
+
+def check_canary_settings(judge: JudgeConfig) -> None:
+    """ConfigError for a canary setting that cannot work (judge.canaries, judge.canary_max_fool_rate)."""
+    if judge.canaries < 0:
+        raise ConfigError(
+            f"config key 'judge.canaries' must be 0 (none) or more canaries per trick, got {judge.canaries}"
+        )
+    if not 0 <= judge.canary_max_fool_rate < 1:
+        raise ConfigError(
+            "config key 'judge.canary_max_fool_rate' must be from 0 up to (not including) 1, the share of a "
+            f"trick's canaries that may outscore the real answers, got {judge.canary_max_fool_rate}"
+        )

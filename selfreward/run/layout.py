@@ -10,6 +10,7 @@
       M<t>/train_log.jsonl          the trainer's logged loss, rewards, learning rate per step
       M<t>/generated/               what M<t> wrote for iteration t+1:
         prompts.jsonl responses.jsonl scores.jsonl preferences.jsonl (srlm, spin), selected.jsonl (raft)
+        canaries.jsonl              stage 03's planted answers, judged beside the real ones, never paired
       M<t+1>/train/preferences.jsonl  the pairs M<t+1> was trained on (a copy; raft: selected.jsonl)
       M0/train/heldout_prompts.jsonl, heldout_eft.jsonl   set aside for stage 06, never trained on
       M<t>/eval/eval.json           stage 06 after iteration t: head-to-head, judge quality, drift

@@ -41,6 +41,9 @@ class StageSpec:
     generates: str | None = None
 
 
+# Stage 03 measures the canaries, stage 04 acts on them (judge.canary_gate).
+CANARY_GATE_KEYS = ("judge.canary_gate", "judge.canary_max_fool_rate")
+
 STAGES = (
     StageSpec(
         "00_sft",
@@ -79,10 +82,18 @@ STAGES = (
         "M<t-1> (or judge.model), responses.jsonl",
         "scores",
         ("seed", "model", "generation", "judge", "eval.bootstrap_samples", "preferences.consistency"),
-        not_fingerprinted=("judge.gate",),
+        not_fingerprinted=("judge.gate", *CANARY_GATE_KEYS),  # the gates only decide whether stage 04 goes on
+        when_set=("judge.canaries",),
         generates="judge",
     ),
-    StageSpec("04_gen_preferences", ("srlm",), "scores.jsonl", "preferences", ("preferences", "judge.gate")),
+    StageSpec(
+        "04_gen_preferences",
+        ("srlm",),
+        "scores.jsonl",
+        "preferences",
+        ("preferences", "judge.gate", *CANARY_GATE_KEYS),
+        when_set=CANARY_GATE_KEYS,
+    ),
     StageSpec(
         "04_spin_pairs", ("spin",), "responses.jsonl (the SFT answer against the model's own)", "preferences", ()
     ),
@@ -107,6 +118,8 @@ STAGES = (
         # How the outside judge is reached changes no verdict: its key, concurrency, timeout and retries.
         not_fingerprinted=(
             "judge.gate",
+            "judge.canaries",  # stage 06 plants no canaries
+            *CANARY_GATE_KEYS,
             "eval.judge_endpoint_key_env",
             "eval.judge_endpoint_concurrency",
             "eval.judge_endpoint_timeout_seconds",
@@ -154,7 +167,9 @@ def fingerprinted_config(name: str, config: Config) -> dict:
     used = {part: _value(values, part) for part in stage.fingerprints}
     for part in stage.not_fingerprinted + tuple(p for p in stage.when_set if _value(values, p) == _value(defaults, p)):
         section, _, key = part.partition(".")
-        if key:
+        if part in used:  # a single key the stage fingerprints by itself (04_gen_preferences: judge.gate)
+            del used[part]
+        elif key:
             used[section] = {k: v for k, v in used[section].items() if k != key}
         else:
             del used[section]

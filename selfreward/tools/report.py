@@ -9,7 +9,7 @@ from pathlib import Path
 
 from selfreward.run.config import run_algorithm
 from selfreward.run.layout import RunLayout
-from selfreward.run.records import write_text
+from selfreward.run.records import read_manifest, write_text
 
 QUALITY = ("pairwise_accuracy", "exact_match", "spearman", "kendall_tau")
 
@@ -243,6 +243,7 @@ def write_report(layout: RunLayout) -> Path:
         "",
     ]
     lines += ["", f"![judge quality](report/{plots['judge']})", ""]
+    lines += canary_section(layout, its)
     keys = (
         "response_tokens",
         "response_chars",
@@ -259,11 +260,12 @@ def write_report(layout: RunLayout) -> Path:
     lines += [
         "## Drift",
         "",
-        "| iteration | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
-        "|---" * (len(keys) + 1) + "|",
+        "| iteration | " + " | ".join(k.replace("_", " ") for k in keys) + " | chosen minus rejected tokens |",
+        "|---" * (len(keys) + 2) + "|",
     ]
     for e in evals:
-        lines.append(f"| {e['iteration']} | " + " | ".join(_fmt(e["drift"].get(k)) for k in keys) + " |")
+        gap = _fmt(chosen_minus_rejected_tokens(layout, e["iteration"]))
+        lines.append(f"| {e['iteration']} | " + " | ".join(_fmt(e["drift"].get(k)) for k in keys) + f" | {gap} |")
     lines += ["", f"![scores](report/{plots['scores']})", "", f"![response length](report/{plots['lengths']})", ""]
     lines += ["## DPO training", "", f"![DPO training](report/{plots['dpo']})", ""]
     write_text(layout.report, "\n".join(lines))
@@ -424,3 +426,52 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def canary_section(layout: RunLayout, iterations: list[int]) -> list[str]:
+    """The canaries stage 03 planted each iteration (selfreward/loop/canaries.py): per trick, how often it
+    scored above every real answer of its prompt, with its 95% Wilson interval, and the canary gate's
+    warning where stage 04 gave one."""
+    lines = [
+        "## Canaries (planted answers that try to fool the judge; stage 03)",
+        "",
+        "| iteration | trick | canaries | fooled | fool rate (95% CI) |",
+        "|---|---|---|---|---|",
+    ]
+    warnings = []
+    for t in iterations:
+        rates = (read_manifest(layout.manifest("03_gen_scores", t)) or {}).get("canaries")
+        if not rates:
+            lines.append(f"| {t} | no canaries | – | – | – |")
+        for trick, r in (rates or {}).items():
+            interval = f" ({r['interval'][0]:.2f}–{r['interval'][1]:.2f})" if r.get("interval") else ""
+            lines.append(f"| {t} | {trick} | {r['canaries']} | {r['fooled']} | {_fmt(r['fool_rate'])}{interval} |")
+        gate = (read_manifest(layout.manifest("04_gen_preferences", t)) or {}).get("canary_gate") or {}
+        if gate.get("passed") is False:
+            warnings += [f"**Warning, iteration {t}: {gate['verdict']}.**", ""]
+    return lines + [
+        "",
+        "A trick's fool rate is the share of its canaries that the judge scored above every real answer of "
+        "their prompt: near 0 for a judge that cannot be fooled, about 1/(N+1) for one that scores at random "
+        "(N answers per prompt), 1 for one that the trick always fools.",
+        "",
+        *warnings,
+    ]
+
+
+def chosen_minus_rejected_tokens(layout: RunLayout, t: int) -> float | None:
+    """The mean length gap in tokens between the chosen and the rejected answer of iteration t's pairs
+    (preferences.jsonl, with the answers' token counts from scores.jsonl); None without pairs."""
+    pairs_path, scores_path = layout.generated(t, "preferences"), layout.generated(t, "scores")
+    if not pairs_path.is_file() or not scores_path.is_file():
+        return None
+    rows = [json.loads(line) for line in scores_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    tokens = {(r["prompt_id"], r["response"]): r.get("num_tokens") for r in rows}
+    gaps = []
+    for line in pairs_path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            p = json.loads(line)
+            chosen, rejected = tokens.get((p["prompt_id"], p["chosen"])), tokens.get((p["prompt_id"], p["rejected"]))
+            if chosen is not None and rejected is not None:
+                gaps.append(chosen - rejected)
+    return round(sum(gaps) / len(gaps), 2) if gaps else None

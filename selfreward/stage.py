@@ -52,7 +52,7 @@ from selfreward.run.records import (
     write_text,
 )
 from selfreward.run.runlock import EXIT_BUSY, RunBusyError, is_rank_zero, lock_for_stage
-from selfreward.run.stages import BASE_MODEL_KEYS, CONFIG_SECTIONS, fingerprinted_config, run_stages, spec
+from selfreward.run.stages import BASE_MODEL_KEYS, fingerprinted_config, run_stages, spec
 from selfreward.run.versioning import OxenError
 
 EXIT_BAD_INPUT = 2  # bad arguments, config, data file or model path; a disk or permission error; Oxen failed
@@ -91,7 +91,7 @@ class CanaryGateError(StageError):
 def unused_override(stage: str, key: str) -> str | None:
     """Why an override cannot change what `stage` does, or None if the stage reads that key."""
     section = key.split(".", 1)[0] if "." in key else key
-    used = (*CONFIG_SECTIONS[stage], "oxen")
+    used = (*spec(stage).fingerprints, "oxen")
     if key in used:  # a single key the stage reads, e.g. judge.format for 00_sft
         return None
     if key in BASE_MODEL_KEYS and stage != "00_sft":
@@ -453,7 +453,7 @@ def _dry_run(name: str, config: Config, layout: RunLayout) -> tuple[Config, dict
         "device": dry.model.device,
     }
     config, data_stands_in = dryrun.stand_in_data(dry)
-    if data_stands_in and "data" in CONFIG_SECTIONS[name]:  # said by the stage that reads the data
+    if data_stands_in and "data" in spec(name).fingerprints:  # said by the stage that reads the data
         info["data_stands_in"] = data_stands_in
         if is_rank_zero():
             print(

@@ -131,23 +131,23 @@ def request_key(endpoint: Endpoint, body: dict) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def complete(endpoint: Endpoint, prompts: list[str], cache: ReplyCache, progress=None) -> tuple[list[str], int]:
+def complete(endpoint: Endpoint, prompts: list[str], cache: ReplyCache) -> tuple[list[str], int]:
     """The endpoint's reply to each prompt (one user turn, greedy), and how many requests were sent; cached
-    replies are not asked again. EndpointError when a request cannot be answered."""
+    replies are not asked again. EndpointError when a request cannot be answered: the requests not yet
+    started are then dropped, so a server that is down stops the stage after one request's retries, not
+    after every request's."""
     bodies = [_body(endpoint, p) for p in prompts]
     keys = [request_key(endpoint, b) for b in bodies]
     missing = {k: b for k, b in zip(keys, bodies, strict=True) if k not in cache.replies}
 
-    def ask(item: tuple[str, dict]) -> None:
-        key, body = item
+    def ask(key: str, body: dict) -> None:
         cache.add(key, _post(endpoint, body))
         failpoints.reach("after_endpoint_reply")
-        if progress:
-            progress(1)
 
     with ThreadPoolExecutor(max_workers=max(1, endpoint.concurrency)) as pool:
-        for _ in pool.map(ask, missing.items()):
-            pass  # re-raises the first failure
+        # map re-raises the first failure and cancels the requests not yet started
+        for _ in pool.map(ask, missing.keys(), missing.values()):
+            pass
     return [cache.replies[k] for k in keys], len(missing)
 
 
@@ -158,7 +158,7 @@ def read_letter(reply: str) -> str | None:
 
 
 def picks_in_both_orders(
-    endpoint: Endpoint, rows: list[tuple[str, str, str]], template: str, cache: ReplyCache, progress=None
+    endpoint: Endpoint, rows: list[tuple[str, str, str]], template: str, cache: ReplyCache
 ) -> tuple[list[str | None], list[str | None], int]:
     """The judge's picks, "A", "B" or None (unreadable), for each (question, X, Y): with X shown first, then
     with Y first; and how many requests were sent (the rest came from the cache)."""
@@ -166,7 +166,7 @@ def picks_in_both_orders(
     for question, x, y in rows:
         prompts.append(fill_template(template, question=question, answer_a=x, answer_b=y))
         prompts.append(fill_template(template, question=question, answer_a=y, answer_b=x))
-    replies, sent = complete(endpoint, prompts, cache, progress)
+    replies, sent = complete(endpoint, prompts, cache)
     letters = [read_letter(r) for r in replies]
     return letters[0::2], letters[1::2], sent
 

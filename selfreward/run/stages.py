@@ -167,12 +167,10 @@ def fingerprinted_config(name: str, config: Config) -> dict:
     used = {part: _value(values, part) for part in stage.fingerprints}
     for part in stage.not_fingerprinted + tuple(p for p in stage.when_set if _value(values, p) == _value(defaults, p)):
         section, _, key = part.partition(".")
-        if part in used:  # a single key the stage fingerprints by itself (04_gen_preferences: judge.gate)
+        if part in used:  # a section, or a single key the stage fingerprints by itself (04: judge.gate)
             del used[part]
-        elif key:
+        else:  # a key of a section the stage fingerprints whole
             used[section] = {k: v for k, v in used[section].items() if k != key}
-        else:
-            del used[section]
     return used
 
 
@@ -184,7 +182,6 @@ def _value(config: dict, part: str):
 # Views of the table by what their readers look up.
 ITERATION_STAGES = {a: iteration_stages(a) for a in ALGORITHMS}
 GENERATED = {s.name: s.writes for s in STAGES if s.writes not in ("model", "eval")}
-CONFIG_SECTIONS = {s.name: s.fingerprints for s in STAGES}
 
 
 def main(argv: list[str] | None = None) -> int:

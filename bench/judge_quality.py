@@ -67,6 +67,17 @@ VARIANTS = {
     "eft-all-first-120": ("eft", "score_first", 120, "score_first",
                           ["--lora.last_layers", "0", "--lora.target_modules",
                            '["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]']),
+    # the judge's training objective (judge.objective), on new-first-25's rows and budget
+    "rank-25": ("new", "score_first", 25, "score_first", ["--judge.objective", "ranking"]),
+    "sft-rank-25": ("new", "score_first", 25, "score_first", ["--judge.objective", "sft+ranking"]),
+    "rank-offtopic-25": ("new", "score_first", 25, "score_first",
+                         ["--judge.objective", "ranking", "--data.off_topic_eft_rows", "164"]),
+    "rank-all-25": ("new", "score_first", 25, "score_first",
+                    ["--judge.objective", "ranking", "--lora.last_layers", "0", "--lora.target_modules",
+                     '["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]']),
+    "rank-lr-25": ("new", "score_first", 25, "score_first",
+                   ["--judge.objective", "ranking", "--sft.learning_rate", "1e-4"]),
+    "rank-60": ("new", "score_first", 60, "score_first", ["--judge.objective", "ranking"]),
 }  # fmt: skip
 
 
@@ -105,7 +116,8 @@ def run_variant(name: str, args, files: dict[str, Path], work: Path) -> dict:
         run = work / name
         overrides = ["--data.ift", str(files[f"{data}_ift"]), "--data.eft", str(files[f"{data}_eft"]),
                      "--data.heldout_prompts", "0", "--data.heldout_eft_questions", "0", "--judge.format", target,
-                     "--sft.max_steps", str(steps), *(extra[0] if extra else [])]  # fmt: skip
+                     "--sft.max_steps", str(steps), "--judge.measure_base", "false",
+                     *(extra[0] if extra else [])]  # fmt: skip
         proc = subprocess.run(
             [sys.executable, str(REPO / "scripts" / "00_sft.py"), "--run-dir", str(run), "--config", args.config,
              "--no-oxen", *overrides],

@@ -24,7 +24,14 @@ import shutil
 from functools import partial
 
 from selfreward import dryrun
-from selfreward.judge.rubric import judge_target, parse_judge_score, rubric_of, template_files
+from selfreward.judge.rubric import (
+    fit_judge_prompt,
+    judge_target,
+    parse_judge_score,
+    rubric_of,
+    score_token_ids,
+    template_files,
+)
 from selfreward.loop.evaluation import off_topic_rows, split_heldout
 from selfreward.model.chat import ChatFormat
 from selfreward.model.models import load_tokenizer, resolve_model_path
@@ -60,9 +67,17 @@ def main() -> None:
     data = write_rows(layout, ift, eft, constructed, heldout_prompts, heldout_eft)
 
     base = resolve_model_path(config.model.name_or_path)
-    rows = sft_rows(config, base, ift, eft + constructed)
+    judge_rows = eft + constructed
+    rows = sft_rows(config, base, ift, judge_rows if "sft" in config.judge.objective.split("+") else [])
+    ranking = ranking_data(config, base, judge_rows) if "ranking" in config.judge.objective else None
+    if not rows:
+        raise StageError(
+            f"judge.objective {config.judge.objective} trains the IFT rows with SFT: {config.data.ift} has none"
+        )
     # Built inside train_and_merge, which alone holds the trainer: its memory goes once the model is trained.
-    make_trainer = partial(build_sft_trainer, base, rows, config, stage.checkpoints(0), logs=layout.tensorboard(0))
+    make_trainer = partial(
+        build_sft_trainer, base, rows, config, stage.checkpoints(0), logs=layout.tensorboard(0), ranking=ranking
+    )
     history = train_and_merge(
         make_trainer,
         base,
@@ -77,6 +92,8 @@ def main() -> None:
         "heldout_prompts": len(heldout_prompts),
         "heldout_eft_rows": len(heldout_eft),
         "constructed_eft_rows": len(constructed),
+        **({"ranking_pairs": len(ranking["judge_pairs"])} if ranking else {}),
+        **base_judge_quality(config, base, heldout_eft),
     }
     record_m0(stage, base, data, rows_in=len(rows), counts=counts)
 
@@ -130,6 +147,35 @@ def sft_rows(config, base: str, ift: list[dict], eft: list[dict]) -> list[dict]:
         for r in eft
     ]
     return rows
+
+
+def ranking_data(config, base: str, eft: list[dict]) -> dict:
+    """What the judge's ranking loss trains on (judge.objective): every EFT row's judge prompt as stage 03 renders
+    it, opened with the score prefix the logit judge reads, as token ids; the (better, worse) pairs among them;
+    and the tokens of the digits 0-5."""
+    from selfreward.model.judge_ranking import better_worse_pairs  # trl
+
+    chat = ChatFormat.from_tokenizer(load_tokenizer(base, config.model))
+    rubric = rubric_of(config.judge)
+    prefix, digit_ids = score_token_ids(chat, rubric)
+    budget = config.sft.max_length - len(chat.encode(prefix))
+    sequences = [
+        chat.encode(fit_judge_prompt(chat, r["prompt"], r["response"], budget, rubric)[0] + prefix) for r in eft
+    ]
+    return {"judge_sequences": sequences, "judge_pairs": better_worse_pairs(eft, config.seed), "digit_ids": digit_ids}
+
+
+def base_judge_quality(config, base: str, heldout_eft: list[dict]) -> dict:
+    """The base model measured as a judge on the held-out EFT rows, as stage 03 measures M0 (judge.measure_base):
+    the report checks that SFT did not make the judge worse than the model it started from."""
+    from selfreward.judge.judges import judge_for  # torch
+
+    judge = judge_for(config, base, "the base model")  # loads the model when first asked
+    if not (config.judge.measure_base and heldout_eft) or judge.fixed:  # a reward model judges the loop itself
+        return {}
+    quality = judge.measure(heldout_eft, samples=config.eval.bootstrap_samples, seed=config.seed)
+    judge.close()
+    return {"base_judge_quality": quality}
 
 
 def record_m0(stage, base: str, data: list, *, rows_in: int, counts: dict) -> None:

@@ -166,6 +166,17 @@ def check_judge_settings(cfg) -> None:
     for a stage or a dry run: stage.load_checked_config, dryrun.main)."""
     rubric_of(cfg)
     pairwise_template(cfg)
+    if cfg.objective not in JUDGE_OBJECTIVES:
+        raise ConfigError(
+            f"config key 'judge.objective' must be one of {', '.join(JUDGE_OBJECTIVES)}, got '{cfg.objective}'"
+        )
+    if "ranking" in cfg.objective and (cfg.mode != "logits" or cfg.format != "score_first"):
+        raise ConfigError(
+            f"config key 'judge.objective': {cfg.objective} trains the digit the logit judge reads after an opening "
+            f"'Score:'; it needs judge.mode logits and judge.format score_first (got {cfg.mode}, {cfg.format})"
+        )
+    if cfg.ranking_pairs < 1 or cfg.ranking_weight <= 0:
+        raise ConfigError("config keys 'judge.ranking_pairs' and 'judge.ranking_weight' must be positive")
     if cfg.mode == "reward_model" and not cfg.reward_model:
         raise ConfigError(
             "config key 'judge.reward_model': judge.mode reward_model needs one (a folder or hub id of a "
@@ -217,6 +228,7 @@ def parse_judge_score(judgment: str) -> float | None:
     return value
 
 
+JUDGE_OBJECTIVES = ("sft", "ranking", "sft+ranking")
 JUDGE_FORMATS = ("score_first", "score_last")
 
 

@@ -267,6 +267,14 @@ class HalvesOnOutOfMemory:
         return results
 
 
+def sliding_window(config) -> int | None:
+    """The attention window of a model with sliding-window layers (Gemma-3, Mistral v0.1), else None."""
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:  # Qwen2 names one it does not use
+        return None
+    return int(window)
+
+
 class HFBackend(HalvesOnOutOfMemory):
     """Batched generation with a Hugging Face model in this process."""
 
@@ -291,9 +299,15 @@ class HFBackend(HalvesOnOutOfMemory):
 
     # -- the shared prefix and each row's own tokens -------------------------------------------------
 
-    def _prefix(self, encoded: list[list[int]]):
-        """(length, key/value cache) of the tokens all prompts share; (0, None) when not worth it."""
+    def _prefix(self, encoded: list[list[int]], new_tokens: int = 0):
+        """(length, key/value cache) of the tokens all prompts share; (0, None) when not worth it, or when a
+        row could outgrow a sliding attention window: the padding between the shared prefix and a row's own
+        tokens would take places in the window (Gemma-3's 512) that real tokens have without the cache, and
+        the scores would depend on the batch."""
         length = shared_prefix_length(encoded) if self.prefix_cache and len(encoded) > 1 else 0
+        window = sliding_window(self.model.config)
+        if window and max(len(e) for e in encoded) + new_tokens > window:
+            return 0, None
         if length < self.MIN_SHARED_PREFIX:
             return 0, None
         ids = torch.tensor([encoded[0][:length]], device=self.device)
@@ -339,7 +353,8 @@ class HFBackend(HalvesOnOutOfMemory):
         batches = plan_batches([len(e) for e in encoded], max(1, sampling.batch_size // n))
         stop_ids = set(self.stop_ids)
         self.model.eval()
-        prefix = self._prefix(encoded)  # from all prompts, skipped or not: a resumed run computes the same
+        # from all prompts, skipped or not: a resumed run computes the same
+        prefix = self._prefix(encoded, sampling.max_new_tokens)
         sample = sampling.temperature > 0
 
         def run(part: list[int]) -> list[list[Generation]]:

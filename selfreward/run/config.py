@@ -215,6 +215,16 @@ class JudgeConfig:
     # canary_max_fool_rate: "warn" says so, "stop" stops the run there (exit 6), "off" does not check.
     canary_gate: str = "warn"
     canary_max_fool_rate: float = 0.5  # canary_gate: the highest fool rate (0-1) of a trick that passes
+    # How stage 00 trains the judge on the EFT rows: "sft" (their text is a target, as the paper does),
+    # "ranking" (a Bradley-Terry loss on the expected score the logit judge reads, for two answers to one
+    # question with different human scores; the IFT rows keep SFT) or "sft+ranking" (both). ranking needs
+    # mode logits and format score_first: it trains the position the logit judge reads.
+    objective: str = "sft"
+    ranking_weight: float = 1.0  # the ranking loss's weight beside the SFT loss
+    ranking_pairs: int = 4  # pairs of judge prompts added to every SFT micro-batch
+    # Stage 00 also measures the base model as a judge on the held-out EFT rows; the report checks that M0
+    # judges no worse than the model it came from.
+    measure_base: bool = True
 
 
 @dataclass

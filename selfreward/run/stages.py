@@ -43,6 +43,8 @@ class StageSpec:
 
 # Stage 03 measures the canaries, stage 04 acts on them (judge.canary_gate).
 CANARY_GATE_KEYS = ("judge.canary_gate", "judge.canary_max_fool_rate")
+# How stage 00 trains the judge, and whether it measures the base model: no other stage reads them.
+JUDGE_TRAINING_KEYS = ("judge.objective", "judge.ranking_weight", "judge.ranking_pairs", "judge.measure_base")
 
 STAGES = (
     StageSpec(
@@ -50,7 +52,9 @@ STAGES = (
         ALGORITHMS,
         "the IFT and EFT seed data (data.*)",
         "model",
-        ("seed", "data", "model", "lora", "sft", "judge.format", "judge.template", "judge.score_pattern"),
+        ("seed", "data", "model", "lora", "sft", "judge.format", "judge.template", "judge.score_pattern")
+        + JUDGE_TRAINING_KEYS,
+        when_set=JUDGE_TRAINING_KEYS,
         trains="sft",
     ),
     StageSpec(
@@ -82,7 +86,8 @@ STAGES = (
         "M<t-1> (or judge.model), responses.jsonl",
         "scores",
         ("seed", "model", "generation", "judge", "eval.bootstrap_samples", "preferences.consistency"),
-        not_fingerprinted=("judge.gate", *CANARY_GATE_KEYS),  # the gates only decide whether stage 04 goes on
+        # the gates only decide whether stage 04 goes on
+        not_fingerprinted=("judge.gate", *CANARY_GATE_KEYS, *JUDGE_TRAINING_KEYS),
         when_set=("judge.canaries",),
         generates="judge",
     ),
@@ -120,6 +125,7 @@ STAGES = (
             "judge.gate",
             "judge.canaries",  # stage 06 plants no canaries
             *CANARY_GATE_KEYS,
+            *JUDGE_TRAINING_KEYS,
             "eval.judge_endpoint_key_env",
             "eval.judge_endpoint_concurrency",
             "eval.judge_endpoint_timeout_seconds",

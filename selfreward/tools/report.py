@@ -91,10 +91,36 @@ def plot_head_to_head(evals: list[dict], out: Path) -> str:
     return _save(plt, fig, out)
 
 
-def plot_judge_quality(evals: list[dict], out: Path) -> str:
-    quality: dict[str, dict] = {}
+def judge_qualities(layout: RunLayout, evals: list[dict]) -> dict[str, dict]:
+    """Judge quality by judge: the base model (stage 00, judge.measure_base) and every model stage 06 measured."""
+    m0 = read_manifest(layout.manifest("00_sft", 0)) or {}
+    quality = {"base": m0["base_judge_quality"]} if m0.get("base_judge_quality") else {}
     for e in evals:
         quality.update(e["judge_quality"])
+    return quality
+
+
+def base_check(quality: dict[str, dict]) -> list[str]:
+    """Whether M0 judges at least as well as the model it was trained from (pairwise accuracy)."""
+    if "base" not in quality or "M0" not in quality:
+        return []
+    m0, base = quality["M0"].get("pairwise_accuracy"), quality["base"].get("pairwise_accuracy")
+    if m0 is None or base is None:
+        return []
+    figures = (
+        f"pairwise accuracy {_with_interval(quality['M0'], 'pairwise_accuracy')} against the base model's "
+        f"{_with_interval(quality['base'], 'pairwise_accuracy')}"
+    )
+    if m0 >= base:
+        return [f"M0 judges no worse than the model it came from: {figures}.", ""]
+    return [
+        f"**Warning: M0 judges worse than the model it came from: {figures}. Training took away what the base "
+        "model had; judge.objective ranking trains the score the judge reads (docs/judge.md).**",
+        "",
+    ]
+
+
+def plot_judge_quality(quality: dict[str, dict], out: Path) -> str:
     models = sorted(quality, key=_model_order)
     plt, fig, (ax,) = _figure("Judge quality on held-out EFT rows")
     x = list(range(len(models)))
@@ -182,7 +208,9 @@ def judge_quality_table(quality: dict[str, dict]) -> list[str]:
 
 
 def _model_order(name: str) -> tuple[int, str]:
-    """M0, M1, ... by number; another judge (the reward model) after them."""
+    """The base model, then M0, M1, ... by number; another judge (the reward model) after them."""
+    if name == "base":
+        return (-1, "")
     return (int(name[1:]), "") if name[:1] == "M" and name[1:].isdigit() else (1 << 30, name)
 
 
@@ -195,7 +223,7 @@ def write_report(layout: RunLayout) -> Path:
         "scores": plot_scores(evals, layout.report_dir / "scores.png"),
         "lengths": plot_lengths(evals, layout.report_dir / "response_length.png"),
         "head_to_head": plot_head_to_head(evals, layout.report_dir / "head_to_head.png"),
-        "judge": plot_judge_quality(evals, layout.report_dir / "judge_quality.png"),
+        "judge": plot_judge_quality(judge_qualities(layout, evals), layout.report_dir / "judge_quality.png"),
         "dpo": plot_dpo(layout, its, layout.report_dir / "dpo_training.png"),
     }
     lines = [f"# Self-rewarding run: {layout.root.name}", "", f"Iterations evaluated: {', '.join(map(str, its))}.", ""]
@@ -231,10 +259,9 @@ def write_report(layout: RunLayout) -> Path:
     ]
     lines += ["", f"![head-to-head](report/{plots['head_to_head']})", ""]
     lines += benchmark_section(evals, layout.report_dir)
-    quality: dict[str, dict] = {}
-    for e in evals:
-        quality.update(e["judge_quality"])
+    quality = judge_qualities(layout, evals)
     lines += ["## Judge quality (held-out EFT rows against their human scores)", ""]
+    lines += base_check(quality)
     lines += judge_quality_table(quality)
     lines += [
         "",

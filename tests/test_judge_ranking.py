@@ -126,3 +126,24 @@ def test_a_run_reports_its_base_model_beside_m0(tiny_run):
     base = manifest["base_judge_quality"]["pairwise_accuracy"]
     assert "| base | " in report
     assert f"against the base model's {base:.3g}" in report
+
+
+def test_a_resumed_run_draws_the_pairs_the_killed_one_would_have():
+    """The pairs of a micro-batch follow from the step, the accumulation and the rank, not from how many were
+    drawn before in this process: a run resumed at step 3 draws what the whole run draws from step 3 on."""
+    from types import SimpleNamespace
+
+    from selfreward.model.judge_ranking import RankingSFTTrainer
+
+    def trainer(step: int, rank: int = 0) -> RankingSFTTrainer:
+        t = RankingSFTTrainer.__new__(RankingSFTTrainer)  # the drawing alone: no model or data needed
+        t.judge_pairs, t.pairs_per_batch, t._micro_steps = [(i, i + 100) for i in range(10)], 3, None
+        t.state = SimpleNamespace(global_step=step)
+        t.args = SimpleNamespace(gradient_accumulation_steps=2, world_size=2, process_index=rank)
+        return t
+
+    whole = trainer(0)
+    drawn = [whole._next_pairs() for _ in range(10)]
+    resumed = trainer(3)
+    assert [resumed._next_pairs() for _ in range(4)] == drawn[6:]  # 2 micro-batches per step
+    assert trainer(0, rank=1)._next_pairs() != drawn[0]  # the other rank draws other pairs

@@ -14,7 +14,7 @@ set -euo pipefail
 usage() {
   cat <<'TXT'
 usage: self-reward.sh [--config FILE] [--iterations N] [--run-dir DIR] [--algorithm srlm|spin|raft]
-                      [--num-processes N] [--no-oxen] [--dry-run] [-- STAGE OVERRIDES...]
+                      [--num-processes N] [--gpu-memory GB] [--no-oxen] [--dry-run] [-- STAGE OVERRIDES...]
 
   --config FILE     run config (default: configs/smollm2-135m.yaml)
   --iterations N    self-rewarding iterations after SFT (default: 2): leaves M0 .. M<N>
@@ -22,9 +22,12 @@ usage: self-reward.sh [--config FILE] [--iterations N] [--run-dir DIR] [--algori
   --algorithm A     srlm (self-rewarding, the default), spin (DPO on the SFT answers against the
                     model's own) or raft (fine-tune on the best-judged of several answers); the same as
                     -- --algorithm A, recorded in the run's config.yaml
-  --num-processes N train stages 00 and 05 as N data-parallel processes (torchrun, DDP: one per GPU;
-                    gloo on a CPU) sharing the config's global batch (batch_size x grad_accum, which N
-                    must divide); rank 0 alone writes, merges and commits (default: 1)
+  --num-processes N train stages 00 and 05 as N processes, one per GPU, sharing the config's global batch
+                    (batch_size x grad_accum, which N must divide): train.engine ddp runs them under
+                    torchrun (gloo on a CPU), fsdp and deepspeed under accelerate launch with
+                    configs/accelerate/; rank 0 alone writes, merges and commits (default: 1)
+  --gpu-memory GB   refuse the config before anything runs unless the dry run's memory table fits
+                    --num-processes GPUs of GB each (a 70B profile on one 24 GB card, say)
   --no-oxen         do not commit each stage's outputs to the run's Oxen repository
   --dry-run         check the config before renting a GPU: one iteration on this machine's CPU with every
                     setting of the config but a tiny random model of the same architecture, printing
@@ -50,6 +53,7 @@ config=configs/smollm2-135m.yaml
 iterations=2
 run_dir=
 num_processes=1
+gpu_memory=
 dry_run=
 overrides=()
 algorithm_flag=()
@@ -60,6 +64,7 @@ while [ $# -gt 0 ]; do
     --run-dir) run_dir=${2:?--run-dir needs a folder}; shift 2 ;;
     --algorithm) algorithm_flag=(--algorithm "${2:?--algorithm needs srlm, spin or raft}"); shift 2 ;;
     --num-processes) num_processes=${2:?--num-processes needs a number}; shift 2 ;;
+    --gpu-memory) gpu_memory=${2:?--gpu-memory needs a number of GB}; shift 2 ;;
     --no-oxen) overrides+=(--no-oxen); shift ;;
     --dry-run) dry_run=--dry-run; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -69,6 +74,7 @@ while [ $# -gt 0 ]; do
 done
 case "$iterations" in ''|*[!0-9]*) echo "self-reward.sh: --iterations must be a whole number, got '$iterations'" >&2; exit 2 ;; esac
 case "$num_processes" in ''|*[!0-9]*|0) echo "self-reward.sh: --num-processes must be a whole number from 1, got '$num_processes'" >&2; exit 2 ;; esac
+case "$gpu_memory" in *[!0-9]*) echo "self-reward.sh: --gpu-memory must be a whole number of GB, got '$gpu_memory'" >&2; exit 2 ;; esac
 [ -f "$config" ] || { echo "self-reward.sh: config file not found: $config" >&2; exit 2; }
 if [ -n "$dry_run" ]; then
   iterations=1
@@ -95,21 +101,29 @@ if [ "$num_processes" -gt 1 ]; then
   # not in stage 05 after an iteration's generation.
   "$python" -m selfreward.stage config --config "$run_dir/config.yaml" --processes "$num_processes"
 fi
-if [ -n "$dry_run" ]; then
-  # Every setting that cannot work, and the memory table, before anything runs.
-  "$python" -m selfreward.dryrun --config "$run_dir/config.yaml"
+if [ -n "$dry_run" ] || [ -n "$gpu_memory" ]; then
+  # Every setting that cannot work, and the memory table (and with --gpu-memory the node), before anything runs.
+  "$python" -m selfreward.dryrun --config "$run_dir/config.yaml" \
+    ${gpu_memory:+--gpus "$num_processes" --gpu-memory "$gpu_memory"}
 fi
+if [ -z "$dry_run" ]; then
+  # The merge after every training stage loads the parent on this host (rank 0's): refused now if it cannot.
+  "$python" -m selfreward.dryrun --config "$run_dir/config.yaml" --host-ram
+fi
+# How the training stages start (selfreward/launch.py): nothing (one plain process), torchrun, or accelerate launch.
+launch_words=$("$python" -m selfreward.launch --config "$run_dir/config.yaml" --processes "$num_processes" $dry_run)
+launcher=()
+[ -z "$launch_words" ] || mapfile -t launcher <<<"$launch_words"
 
-# Start a stage and return its exit code. With --num-processes N the training stages run under
-# torchrun, which exits 1 whatever went wrong in a rank; rank 0 writes its own exit code (skipped,
-# no pairs, bad input...) to a file (SELFREWARD_EXIT_FILE, selfreward/stage.py) and that code counts.
+# Start a stage and return its exit code. Under a launcher (torchrun, accelerate launch) the training stages
+# exit 1 whatever went wrong in a rank; rank 0 writes its own exit code (skipped, no pairs, bad input...) to a
+# file (SELFREWARD_EXIT_FILE, selfreward/stage.py) and that code counts.
 start_stage() {
   local stage=$1; shift
-  if [ "$num_processes" -gt 1 ] && [[ " $training_stages " == *" $stage "* ]]; then
+  if [ "${#launcher[@]}" -gt 0 ] && [[ " $training_stages " == *" $stage "* ]]; then
     local exit_file="$run_dir/.selfreward/exit-code" rc=0
     rm -f "$exit_file"
-    SELFREWARD_EXIT_FILE="$exit_file" "$python" -m torch.distributed.run --standalone \
-      --nproc_per_node "$num_processes" "$here/scripts/$stage.py" --run-dir "$run_dir" $dry_run "$@" || rc=$?
+    SELFREWARD_EXIT_FILE="$exit_file" "${launcher[@]}" "$here/scripts/$stage.py" --run-dir "$run_dir" $dry_run "$@" || rc=$?
     if [ -s "$exit_file" ]; then rc=$(cat "$exit_file"); rm -f "$exit_file"; fi
     return "$rc"
   fi

@@ -433,7 +433,12 @@ def _dry_run(name: str, config: Config, layout: RunLayout) -> tuple[Config, dict
     if dryrun.is_stand_in(config.model.name_or_path):  # a config written by a dry run: already swapped
         return config, {"stands_in_for": config.model.name_or_path}
     plan = dryrun.plan(config)
-    rows = [r for r in plan.rows if r.stage == name or (r.stage == "merge" and spec(name).trains)]
+    stage = spec(name)
+    rows = [
+        r
+        for r in plan.rows
+        if r.stage == name or (r.kind == "host" and stage.trains) or (r.kind == "vllm" and stage.generates)
+    ]
     dry = dryrun.dry_config(config)
     if rows and is_rank_zero():
         print(

@@ -43,6 +43,10 @@ class StageSpec:
 
 # Stage 03 measures the canaries, stage 04 acts on them (judge.canary_gate).
 CANARY_GATE_KEYS = ("judge.canary_gate", "judge.canary_max_fool_rate")
+# The training engine changes how a checkpoint is saved (FSDP shards it): another engine starts afresh.
+ENGINE = "train.engine"
+# vLLM's quantization changes the weights that generate.
+QUANTIZATION = "generation.quantization"
 
 STAGES = (
     StageSpec(
@@ -50,7 +54,8 @@ STAGES = (
         ALGORITHMS,
         "the IFT and EFT seed data (data.*)",
         "model",
-        ("seed", "data", "model", "lora", "sft", "judge.format", "judge.template", "judge.score_pattern"),
+        ("seed", "data", "model", "lora", "sft", "judge.format", "judge.template", "judge.score_pattern", ENGINE),
+        when_set=(ENGINE,),
         trains="sft",
     ),
     StageSpec(
@@ -59,6 +64,7 @@ STAGES = (
         "M<t-1>, the IFT prompts as few-shot examples",
         "prompts",
         ("seed", "model", "generation", "prompts"),
+        when_set=(QUANTIZATION,),
         generates="prompts",
     ),
     StageSpec(
@@ -74,6 +80,7 @@ STAGES = (
         "M<t-1>, prompts.jsonl",
         "responses",
         ("seed", "model", "generation", "responses", "algorithm", "raft.samples_per_prompt"),
+        when_set=(QUANTIZATION,),
         generates="responses",
     ),
     StageSpec(
@@ -83,7 +90,7 @@ STAGES = (
         "scores",
         ("seed", "model", "generation", "judge", "eval.bootstrap_samples", "preferences.consistency"),
         not_fingerprinted=("judge.gate", *CANARY_GATE_KEYS),  # the gates only decide whether stage 04 goes on
-        when_set=("judge.canaries",),
+        when_set=("judge.canaries", QUANTIZATION),
         generates="judge",
     ),
     StageSpec(
@@ -99,14 +106,21 @@ STAGES = (
     ),
     StageSpec("04_raft_select", ("raft",), "scores.jsonl", "selected", ("raft",)),
     StageSpec(
-        "05_dpo", ("srlm", "spin"), "M<t-1>, preferences.jsonl", "model", ("seed", "model", "lora", "dpo"), trains="dpo"
+        "05_dpo",
+        ("srlm", "spin"),
+        "M<t-1>, preferences.jsonl",
+        "model",
+        ("seed", "model", "lora", "dpo", ENGINE),
+        when_set=(ENGINE,),
+        trains="dpo",
     ),
     StageSpec(
         "05_raft_sft",
         ("raft",),
         "M<t-1>, selected.jsonl",
         "model",
-        ("seed", "model", "lora", "sft", "raft.epochs"),
+        ("seed", "model", "lora", "sft", "raft.epochs", ENGINE),
+        when_set=(ENGINE,),
         trains="sft",
     ),
     StageSpec(
@@ -125,7 +139,13 @@ STAGES = (
             "eval.judge_endpoint_timeout_seconds",
             "eval.judge_endpoint_retries",
         ),
-        when_set=("eval.judge_endpoint", "eval.judge_endpoint_model", "eval.judge_endpoint_body", "eval.benchmark"),
+        when_set=(
+            "eval.judge_endpoint",
+            "eval.judge_endpoint_model",
+            "eval.judge_endpoint_body",
+            "eval.benchmark",
+            QUANTIZATION,
+        ),
         generates="eval",
     ),
 )

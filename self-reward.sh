@@ -14,7 +14,8 @@ set -euo pipefail
 usage() {
   cat <<'TXT'
 usage: self-reward.sh [--config FILE] [--iterations N] [--run-dir DIR] [--algorithm srlm|spin|raft]
-                      [--num-processes N] [--no-oxen] [--dry-run] [-- STAGE OVERRIDES...]
+                      [--num-processes N] [--gpu-memory GB] [--nnodes N --node-rank R --master-addr HOST
+                      --master-port P] [--no-oxen] [--dry-run] [-- STAGE OVERRIDES...]
 
   --config FILE     run config (default: configs/smollm2-135m.yaml)
   --iterations N    self-rewarding iterations after SFT (default: 2): leaves M0 .. M<N>
@@ -22,9 +23,20 @@ usage: self-reward.sh [--config FILE] [--iterations N] [--run-dir DIR] [--algori
   --algorithm A     srlm (self-rewarding, the default), spin (DPO on the SFT answers against the
                     model's own) or raft (fine-tune on the best-judged of several answers); the same as
                     -- --algorithm A, recorded in the run's config.yaml
-  --num-processes N train stages 00 and 05 as N data-parallel processes (torchrun, DDP: one per GPU;
-                    gloo on a CPU) sharing the config's global batch (batch_size x grad_accum, which N
-                    must divide); rank 0 alone writes, merges and commits (default: 1)
+  --num-processes N train stages 00 and 05 as N processes, one per GPU, sharing the config's global batch
+                    (batch_size x grad_accum, which N must divide): train.engine ddp runs them under
+                    torchrun (gloo on a CPU), fsdp and deepspeed under accelerate launch with
+                    configs/accelerate/; rank 0 alone writes, merges and commits (default: 1)
+  --gpu-memory GB   refuse the config before anything runs unless the dry run's memory table fits
+                    --num-processes GPUs of GB each (a 70B profile on one 24 GB card, say)
+  --nnodes N, --node-rank R, --master-addr HOST, --master-port P
+                    several machines, the same command on each (R = 0 .. N-1; HOST:P reaches node 0;
+                    defaults 1, 0, 127.0.0.1, 29500; under SLURM with several nodes they come from
+                    SLURM_NNODES, SLURM_NODEID, the job's first host and MASTER_PORT). The run folder must be
+                    on storage every node sees. Stages 00 and 05 train as one group of N x --num-processes;
+                    stages 01-03 share their batches among the nodes, node 0 joins the parts (the same
+                    rows in the same order as on one node) and alone writes, merges and commits; the other
+                    stages run on node 0 while the others wait
   --no-oxen         do not commit each stage's outputs to the run's Oxen repository
   --dry-run         check the config before renting a GPU: one iteration on this machine's CPU with every
                     setting of the config but a tiny random model of the same architecture, printing
@@ -50,6 +62,11 @@ config=configs/smollm2-135m.yaml
 iterations=2
 run_dir=
 num_processes=1
+nnodes=
+node_rank=0
+master_addr=127.0.0.1
+master_port=29500
+gpu_memory=
 dry_run=
 overrides=()
 algorithm_flag=()
@@ -60,6 +77,11 @@ while [ $# -gt 0 ]; do
     --run-dir) run_dir=${2:?--run-dir needs a folder}; shift 2 ;;
     --algorithm) algorithm_flag=(--algorithm "${2:?--algorithm needs srlm, spin or raft}"); shift 2 ;;
     --num-processes) num_processes=${2:?--num-processes needs a number}; shift 2 ;;
+    --gpu-memory) gpu_memory=${2:?--gpu-memory needs a number of GB}; shift 2 ;;
+    --nnodes) nnodes=${2:?--nnodes needs a number}; shift 2 ;;
+    --node-rank) node_rank=${2:?--node-rank needs a number}; shift 2 ;;
+    --master-addr) master_addr=${2:?--master-addr needs a host}; shift 2 ;;
+    --master-port) master_port=${2:?--master-port needs a port}; shift 2 ;;
     --no-oxen) overrides+=(--no-oxen); shift ;;
     --dry-run) dry_run=--dry-run; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -69,7 +91,25 @@ while [ $# -gt 0 ]; do
 done
 case "$iterations" in ''|*[!0-9]*) echo "self-reward.sh: --iterations must be a whole number, got '$iterations'" >&2; exit 2 ;; esac
 case "$num_processes" in ''|*[!0-9]*|0) echo "self-reward.sh: --num-processes must be a whole number from 1, got '$num_processes'" >&2; exit 2 ;; esac
+case "$gpu_memory" in *[!0-9]*) echo "self-reward.sh: --gpu-memory must be a whole number of GB, got '$gpu_memory'" >&2; exit 2 ;; esac
+if [ -z "$nnodes" ] && [ "${SLURM_NNODES:-1}" -gt 1 ] 2>/dev/null; then  # a SLURM job on several nodes
+  nnodes=$SLURM_NNODES
+  node_rank=${SLURM_NODEID:-0}
+  master_addr=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-}" 2>/dev/null | head -n 1 || true)
+  master_addr=${master_addr:-127.0.0.1}
+  master_port=${MASTER_PORT:-$master_port}
+fi
+nnodes=${nnodes:-1}
+for pair in "--nnodes:$nnodes" "--node-rank:$node_rank" "--master-port:$master_port"; do
+  case "${pair#*:}" in ''|*[!0-9]*) echo "self-reward.sh: ${pair%%:*} must be a whole number, got '${pair#*:}'" >&2; exit 2 ;; esac
+done
+if [ "$nnodes" -lt 1 ] || [ "$node_rank" -ge "$nnodes" ]; then
+  echo "self-reward.sh: --node-rank $node_rank is not one of the $nnodes nodes (0 .. $((nnodes - 1)))" >&2; exit 2
+fi
 [ -f "$config" ] || { echo "self-reward.sh: config file not found: $config" >&2; exit 2; }
+if [ -n "$dry_run" ] && [ "$nnodes" -gt 1 ]; then
+  echo "self-reward.sh: --dry-run runs on one machine; leave out --nnodes" >&2; exit 2
+fi
 if [ -n "$dry_run" ]; then
   iterations=1
   run_dir=${run_dir:-runs/dry-run-$(basename "$config" .yaml)}
@@ -81,35 +121,50 @@ python=${PYTHON:-python}
 
 # One driver per run folder. Descriptor 9 stays open for the driver's life and is inherited by the
 # stages it starts (selfreward/run/runlock.py): the lock ends when the last of them exits, however it exits.
-{ mkdir -p "$run_dir/.selfreward" && exec 9<>"$run_dir/.selfreward/lock"; } 2>/dev/null \
-  || { echo "self-reward.sh: error: cannot write the run folder $run_dir" >&2; exit 2; }
-SELFREWARD_RUN_LOCK=$("$python" -m selfreward.run.runlock --run-dir "$run_dir" --fd 9 --pid $$)
-export SELFREWARD_RUN_LOCK
+# On several nodes node 0's driver holds it; the others write only their parts (selfreward/run/nodes.py).
+export SELFREWARD_NNODES=$nnodes SELFREWARD_NODE_RANK=$node_rank
+mkdir -p "$run_dir/.selfreward" 2>/dev/null || { echo "self-reward.sh: error: cannot write the run folder $run_dir" >&2; exit 2; }
+if [ "$node_rank" = 0 ]; then
+  { exec 9<>"$run_dir/.selfreward/lock"; } 2>/dev/null \
+    || { echo "self-reward.sh: error: cannot write the run folder $run_dir" >&2; exit 2; }
+  SELFREWARD_RUN_LOCK=$("$python" -m selfreward.run.runlock --run-dir "$run_dir" --fd 9 --pid $$)
+  export SELFREWARD_RUN_LOCK
+fi
 
 "$python" -m selfreward.stage config --config "$config" --out "$run_dir/config.yaml" -- \
   ${overrides[@]+"${overrides[@]}"} ${algorithm_flag[@]+"${algorithm_flag[@]}"}
 stages=$("$python" -m selfreward.run.stages --config "$run_dir/config.yaml")  # one iteration's, in order
 training_stages=$("$python" -m selfreward.run.stages --training)
-if [ "$num_processes" -gt 1 ]; then
+if [ $((num_processes * nnodes)) -gt 1 ]; then
   # The processes share the config's global batch (batch_size x grad_accum): refused now if they cannot,
   # not in stage 05 after an iteration's generation.
-  "$python" -m selfreward.stage config --config "$run_dir/config.yaml" --processes "$num_processes"
+  "$python" -m selfreward.stage config --config "$run_dir/config.yaml" --processes $((num_processes * nnodes))
 fi
-if [ -n "$dry_run" ]; then
-  # Every setting that cannot work, and the memory table, before anything runs.
-  "$python" -m selfreward.dryrun --config "$run_dir/config.yaml"
+if [ -n "$dry_run" ] || [ -n "$gpu_memory" ]; then
+  # Every setting that cannot work, and the memory table (and with --gpu-memory the node), before anything runs.
+  "$python" -m selfreward.dryrun --config "$run_dir/config.yaml" \
+    ${gpu_memory:+--gpus "$num_processes" --gpu-memory "$gpu_memory"}
 fi
+if [ -z "$dry_run" ] && [ "$node_rank" = 0 ]; then
+  # The merge after every training stage loads the parent on this host (rank 0's): refused now if it cannot.
+  "$python" -m selfreward.dryrun --config "$run_dir/config.yaml" --host-ram
+fi
+# How the training stages start (selfreward/launch.py): nothing (one plain process), torchrun, or accelerate launch.
+launch_words=$("$python" -m selfreward.launch --config "$run_dir/config.yaml" --processes "$num_processes" $dry_run \
+  --nnodes "$nnodes" --node-rank "$node_rank" --master-addr "$master_addr" --master-port "$master_port")
+launcher=()
+[ -z "$launch_words" ] || mapfile -t launcher <<<"$launch_words"
 
-# Start a stage and return its exit code. With --num-processes N the training stages run under
-# torchrun, which exits 1 whatever went wrong in a rank; rank 0 writes its own exit code (skipped,
-# no pairs, bad input...) to a file (SELFREWARD_EXIT_FILE, selfreward/stage.py) and that code counts.
+# Start a stage and return its exit code. Under a launcher (torchrun, accelerate launch) the training stages
+# exit 1 whatever went wrong in a rank; rank 0 writes its own exit code (skipped, no pairs, bad input...) to a
+# file (SELFREWARD_EXIT_FILE, selfreward/stage.py) and that code counts.
 start_stage() {
   local stage=$1; shift
-  if [ "$num_processes" -gt 1 ] && [[ " $training_stages " == *" $stage "* ]]; then
+  if [ "${#launcher[@]}" -gt 0 ] && [[ " $training_stages " == *" $stage "* ]]; then
     local exit_file="$run_dir/.selfreward/exit-code" rc=0
+    [ "$node_rank" = 0 ] || exit_file+=".node$node_rank"  # rank 0 writes node 0's; the others' stay empty
     rm -f "$exit_file"
-    SELFREWARD_EXIT_FILE="$exit_file" "$python" -m torch.distributed.run --standalone \
-      --nproc_per_node "$num_processes" "$here/scripts/$stage.py" --run-dir "$run_dir" $dry_run "$@" || rc=$?
+    SELFREWARD_EXIT_FILE="$exit_file" "${launcher[@]}" "$here/scripts/$stage.py" --run-dir "$run_dir" $dry_run "$@" || rc=$?
     if [ -s "$exit_file" ]; then rc=$(cat "$exit_file"); rm -f "$exit_file"; fi
     return "$rc"
   fi
@@ -154,6 +209,10 @@ for ((t = 1; t <= iterations; t++)); do
     run_stage "$stage" --iteration "$t"
   done
 done
+if [ "$node_rank" != 0 ]; then
+  echo "self-reward.sh: node $node_rank of $nnodes done: node 0 wrote M0..M$iterations in $run_dir"
+  exit 0
+fi
 "$python" -m selfreward.tools.inspect_run --run-dir "$run_dir" --stages
 if [ -n "$dry_run" ]; then
   echo "self-reward.sh: dry run done: every stage ran with the settings of $config on a stand-in model, in $run_dir"

@@ -14,7 +14,9 @@
 #   2. dry runs: ./self-reward.sh --dry-run of configs/mistral-7b-qlora.yaml, configs/qwen2.5-7b-qlora.yaml
 #      and configs/mistral-7b-qlora-oasst.yaml (its data stood in) on this GPU (model.device cuda, 4-bit
 #      through bitsandbytes' CUDA kernels), with the HF backend, and again with vLLM when it is installed;
-#      and scripts/prepare_data.py --dry-run; all in parallel.
+#      configs/llama-3.1-70b-qlora.yaml, whose stand-in trains under accelerate launch with FSDP-QLoRA
+#      (train.engine fsdp, one process: the part no CPU runs); and scripts/prepare_data.py --dry-run; all in
+#      parallel.
 # Prints one line per part (ok / FAILED with the log's tail) and exits 1 if any part failed. Logs and
 # results are in OUT (default /tmp/gpu-check). On a machine without a GPU it says so and exits 0;
 # --device cpu runs the same parts there (the memory step at a tiny width, nothing measured), to try
@@ -136,7 +138,7 @@ report "memory of SFT, DPO and generation steps at Mistral-7B's width" "$rc" "$o
 
 # 2. The dry runs, side by side: the two GPU profiles, the OASST profile before its data exists, and the
 #    data builder (prepare_data.py --dry-run: SFT baseline, judging, EFT rows).
-runs=("mistral-7b-qlora hf" "qwen2.5-7b-qlora hf" "mistral-7b-qlora-oasst hf")
+runs=("mistral-7b-qlora hf" "qwen2.5-7b-qlora hf" "mistral-7b-qlora-oasst hf" "llama-3.1-70b-qlora hf")
 [ -n "$vllm" ] && runs+=("mistral-7b-qlora vllm" "qwen2.5-7b-qlora vllm")
 pids=()
 for run in "${runs[@]}"; do

@@ -40,6 +40,7 @@ SECTIONS = {
     "judge": "How the judge is trained (stage 00), run (stage 03) and measured (stage 06); see [judge.md](judge.md).",
     "preferences": "Stage 04: which answers make a pair, and which pairs are kept (see [judge.md](judge.md)).",
     "dpo": "Stage 05's DPO.",
+    "train": "How stages 00 and 05 spread over the GPUs: ddp, FSDP or ZeRO-3 (see [gpu.md](gpu.md#several-gpus)).",
     "spin": "`algorithm: spin` (see [algorithms.md](algorithms.md)).",
     "raft": "`algorithm: raft` (see [algorithms.md](algorithms.md)).",
     "eval": "Stage 06 (see [evaluation.md](evaluation.md)).",

@@ -27,7 +27,7 @@ from selfreward.loop.prompt_gen import (
     prompt_id,
 )
 from selfreward.model.models import prompt_budget
-from selfreward.run.records import IFT, ChunkLog, read_jsonl, write_jsonl
+from selfreward.run.records import IFT, read_jsonl, write_jsonl
 from selfreward.stage import StageError, log, parse_stage, run
 
 
@@ -48,9 +48,7 @@ def main() -> None:
     # Held-out prompts are never shown as shots, and a copy of one is rejected like a copy of a shot.
     keep = PromptFilter(pool + heldout_prompts(layout), cfg.min_chars, cfg.max_chars, cfg.near_duplicate_threshold)
     sampling = Sampling(1, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.batch_size)
-    rows, rejected, attempts, shots_dropped = new_prompts(
-        backend, pool, keep, stage.chunk_log(), sampling, budget, config, t
-    )
+    rows, rejected, attempts, shots_dropped = new_prompts(backend, pool, keep, stage, sampling, budget, config, t)
     backend.close()
     log_outcome(cfg, len(rows), rejected, attempts, shots_dropped, budget)
 
@@ -98,55 +96,77 @@ def heldout_prompts(layout) -> list[str]:
     return [r["prompt"] for r in read_jsonl(heldout_path, IFT)] if heldout_path.is_file() else []
 
 
-def new_prompts(backend, pool: list[str], keep: PromptFilter, chunks: ChunkLog, sampling, budget: int, config, t: int):
+def new_prompts(backend, pool: list[str], keep: PromptFilter, stage, sampling, budget: int, config, t: int):
     """(the new prompt rows, rejections by reason, attempts, shots dropped), batch by batch until
-    prompts.num_prompts are kept or prompts.max_attempts are spent. Each finished batch is saved at once, and
-    a rerun after a kill replays it instead of generating it again."""
+    prompts.num_prompts are kept or prompts.max_attempts are spent. Each batch's answers are saved as they come
+    (a rerun after a kill replays them instead of generating them again) and filtered in batch order. On several
+    nodes the batches go round a wave at a time (node r makes batch w x N + r); every node filters the whole wave
+    in order, so each stops where one node would have."""
     cfg = config.prompts
     rng = random.Random(f"{config.seed}-prompts-{t}")
-    rows, rejected, attempts, batch, shots_dropped = [], Counter(), 0, 0, 0
-    while len(rows) < cfg.num_prompts and attempts < cfg.max_attempts:
-        count = min(cfg.batch_size, cfg.max_attempts - attempts)
-        shots = [pick_shots(pool, cfg.num_shots, rng) for _ in range(count)]  # drawn even when resuming
-        if batch in chunks.done:
-            new_rows, new_rejected, new_dropped = replayed(chunks.done[batch], keep)
-        else:
-            new_rows, new_rejected, new_dropped = generated(
-                backend, shots, keep, sampling, budget, config, t, wanted=cfg.num_prompts - len(rows), attempt=attempts
-            )
-            chunks.append(batch, new_rows, {"rejected": dict(new_rejected), "shots_dropped": new_dropped})
-        rows += new_rows
-        rejected += new_rejected
-        shots_dropped += new_dropped
-        attempts += count
-        batch += 1
-    return rows, rejected, attempts, shots_dropped
+    chunks = stage.chunk_log()
+    found = Found()
+    batch = planned = 0
+    while found.wants_more(cfg) and planned < cfg.max_attempts:
+        wave = []
+        for _ in range(stage.node.nnodes):
+            if planned >= cfg.max_attempts:
+                break
+            count = min(cfg.batch_size, cfg.max_attempts - planned)
+            wave.append((batch, [pick_shots(pool, cfg.num_shots, rng) for _ in range(count)], planned))
+            batch, planned = batch + 1, planned + count  # shots are drawn even when resuming
+        for b, shots, attempt in wave:
+            if b not in stage.skip({k for k, chunk in chunks.done.items() if "raw" in chunk["state"]}):
+                chunks.append(b, [], answered(backend, shots, sampling, budget, config, t, attempt))
+        saved = stage.wave(chunks, [b for b, _, _ in wave])
+        for b, shots, _ in wave:
+            if found.wants_more(cfg):
+                found.add(
+                    filtered(saved[b]["state"], keep, cfg, t, wanted=cfg.num_prompts - len(found.rows)), len(shots)
+                )
+    stage.join_parts(chunks)  # another node ends here once node 0 has written the prompts
+    return found.rows, found.rejected, found.attempts, found.shots_dropped
 
 
-def replayed(done: dict, keep: PromptFilter) -> tuple[list[dict], Counter, int]:
-    """A batch finished before a kill: its outcome as saved, its prompts known to the filter again."""
-    new_rows, new_rejected = done["rows"], Counter(done["state"]["rejected"])
-    for row in new_rows:
-        keep.add(row["prompt"])
-    return new_rows, new_rejected, done["state"].get("shots_dropped", 0)
+class Found:
+    """The prompts kept so far, the rejections by reason, the attempts and the shots dropped."""
+
+    def __init__(self):
+        self.rows, self.rejected, self.attempts, self.shots_dropped = [], Counter(), 0, 0
+
+    def wants_more(self, cfg) -> bool:
+        return len(self.rows) < cfg.num_prompts and self.attempts < cfg.max_attempts
+
+    def add(self, batch: tuple[list[dict], Counter, int], attempts: int) -> None:
+        rows, rejected, dropped = batch
+        self.rows += rows
+        self.rejected += rejected
+        self.shots_dropped += dropped
+        self.attempts += attempts
 
 
-def generated(backend, shots, keep: PromptFilter, sampling, budget: int, config, t: int, *, wanted: int, attempt: int):
-    """One batch: a request per set of shots, and the new prompts the filter keeps from the answers, at most
-    `wanted`. Returns (rows, rejections by reason, shots dropped)."""
-    cfg = config.prompts
-    # Each request is fitted to the context: its longest shots dropped, or skipped when one shot
-    # alone is too long. The answer opens with "Task N+1:".
+def answered(backend, shots, sampling, budget: int, config, t: int, attempt: int) -> dict:
+    """One batch: a request per set of shots, fitted to the context (its longest shots dropped, or not sent when
+    one shot alone is too long), and what the model wrote after each request's "Task N+1:"."""
     fitted = [fit_fewshot_request(backend.chat, example, budget) for example in shots]
     requests = [request for request, _ in fitted if request is not None]
-    new_dropped = sum(dropped for request, dropped in fitted if request is not None)
-    new_rows, new_rejected = [], Counter()
-    if len(requests) < len(fitted):
-        new_rejected["shot_longer_than_context"] = len(fitted) - len(requests)
     outputs = backend.generate(requests, sampling, seed=config.seed + t, desc=f"prompts (try {attempt})")
-    for (gen,) in outputs:
-        candidate = extract_new_task(gen.text)
-        cut_off = not cfg.keep_cut_off and is_cut_off(gen.text, gen.finish_reason)
+    return {
+        "raw": [[gen.text, gen.finish_reason] for (gen,) in outputs],
+        "shots_dropped": sum(dropped for request, dropped in fitted if request is not None),
+        "unsent": len(fitted) - len(requests),
+    }
+
+
+def filtered(state: dict, keep: PromptFilter, cfg, t: int, *, wanted: int) -> tuple[list[dict], Counter, int]:
+    """A saved batch's new prompts that the filter keeps, at most `wanted`; (rows, rejections by reason, shots
+    dropped). The filter learns each kept prompt, so later batches reject copies of it."""
+    new_rows, new_rejected = [], Counter()
+    if state["unsent"]:
+        new_rejected["shot_longer_than_context"] = state["unsent"]
+    for text, finish_reason in state["raw"]:
+        candidate = extract_new_task(text)
+        cut_off = not cfg.keep_cut_off and is_cut_off(text, finish_reason)
         reason = "cut_off" if cut_off else keep.add(candidate)
         if reason:
             new_rejected[reason] += 1
@@ -154,7 +174,7 @@ def generated(backend, shots, keep: PromptFilter, sampling, budget: int, config,
         new_rows.append({"prompt_id": prompt_id(candidate), "prompt": candidate, "source": f"M{t - 1}", "iteration": t})
         if len(new_rows) == wanted:
             break
-    return new_rows, new_rejected, new_dropped
+    return new_rows, new_rejected, state["shots_dropped"]
 
 
 def log_outcome(cfg, kept: int, rejected: Counter, attempts: int, shots_dropped: int, budget: int) -> None:

@@ -34,6 +34,17 @@ def response_rows(prompt: dict, gens, truncated: bool) -> list[dict]:
     ]
 
 
+def in_prompt_order(chunks: dict[int, dict], prompts: list[dict], samples: int) -> list[dict]:
+    """The rows of every batch, by prompt then sample; an error when a batch is missing (a node's part cut short)."""
+    order = {p["prompt_id"]: n for n, p in enumerate(prompts)}
+    rows = sorted(
+        (r for k in sorted(chunks) for r in chunks[k]["rows"]), key=lambda r: (order[r["prompt_id"]], r["sample_index"])
+    )
+    if len(rows) != len(prompts) * samples:
+        raise StageError(f"{len(rows)} answers for {len(prompts)} prompts x {samples} samples: a batch is missing")
+    return rows
+
+
 def main() -> None:
     stage = parse_stage("02_gen_responses", __doc__)
     config, layout, t = stage.config, stage.layout, stage.iteration
@@ -60,14 +71,13 @@ def main() -> None:
         sampling,
         seed=config.seed + t,
         desc="responses",
-        skip=chunks.done,
+        skip=stage.skip(chunks.done),  # on several nodes, also the other nodes' batches
         on_batch=lambda b, idx, gens: chunks.append(
             b, [r for i, g in zip(idx, gens, strict=True) for r in response_rows(prompts[i], g, fitted[i][1])]
         ),
     )
     backend.close()
-    order = {p["prompt_id"]: n for n, p in enumerate(prompts)}
-    rows = sorted(chunks.rows(), key=lambda r: (order[r["prompt_id"]], r["sample_index"]))
+    rows = in_prompt_order(stage.join_parts(chunks), prompts, sampling.num_samples)
     out = layout.generated(t, "responses")
     stage.start_writing()
     write_jsonl(out, rows)

@@ -55,7 +55,7 @@ def main() -> None:
     responses, heldout = read_answers(stage)
     chunks = stage.chunk_log()  # each finished batch is saved at once; a rerun after a kill skips it
 
-    rows = judged_by(judge, responses, chunks, seed=config.seed + t, first_chunk=0)
+    rows = judged_by(judge, responses, chunks, seed=config.seed + t, first_chunk=0, stage=stage)
     check = judge_check(judge, responses, rows, heldout, config, t)
     canaries = canaries_judged(judge, rows, chunks, config, t)  # planted answers: never in scores.jsonl
     judge.close()
@@ -102,13 +102,20 @@ def read_answers(stage) -> tuple[list[dict], list[dict]]:
     return responses, heldout
 
 
-def judged_by(judge: Judge, responses: list[dict], chunks: ChunkLog, *, seed: int, first_chunk: int) -> list[dict]:
+def judged_by(
+    judge: Judge, responses: list[dict], chunks: ChunkLog, *, seed: int, first_chunk: int, stage=None
+) -> list[dict]:
     """Every response scored by `judge`, in the responses' order. Its chunks are numbered from first_chunk in
-    the chunk log, and those a killed run saved are not judged again."""
+    the chunk log, and those a killed run saved are not judged again. With `stage`, the nodes of a run on several
+    share the chunks, and only node 0 returns (stage.join_parts)."""
     span = range(first_chunk, first_chunk + PREVIOUS_JUDGE_CHUNKS)
     done = {k - first_chunk for k in chunks.done if k in span}
-    judge.score_rows(responses, seed=seed, skip=done, save=lambda k, rows: chunks.append(first_chunk + k, rows))
-    rows = [row for k in sorted(chunks.done) if k in span for row in chunks.done[k]["rows"]]
+    skip = stage.skip(done) if stage else done
+    judge.score_rows(responses, seed=seed, skip=skip, save=lambda k, rows: chunks.append(first_chunk + k, rows))
+    joined = stage.join_parts(chunks) if stage else chunks.done
+    rows = [row for k in sorted(joined) if k in span for row in joined[k]["rows"]]
+    if len(rows) != len(responses):
+        raise StageError(f"{len(rows)} of {len(responses)} responses judged: a chunk is missing")
     order = {r["response_id"]: n for n, r in enumerate(responses)}
     return sorted(rows, key=lambda r: order[r["response_id"]])
 

@@ -40,13 +40,14 @@ from selfreward.judge.rubric import check_judge_settings
 from selfreward.model.chat import packaged_template
 from selfreward.model.models import (
     TINY_REWARD,
+    available_host_ram,
     build_atomically,
     cache_dir,
     gpu_present,
     lora_target_problem,
     resolve_model_path,
 )
-from selfreward.run.config import Config, ConfigError, load_config
+from selfreward.run.config import Config, ConfigError, load_config, per_process_batch
 from selfreward.run.stages import responses_per_prompt, run_stages, spec
 
 GIB = 1024**3
@@ -119,6 +120,17 @@ _LLAMA31_8B_INSTRUCT = KnownModel(
     add_bos=True,
     chat_template="llama3_chat_template.jinja",
 )
+# Llama 3.1 70B: the 8B's tokenizer and template at the paper's size (80 layers, 64 query and 8 key/value heads).
+_LLAMA31_70B_INSTRUCT = dataclasses.replace(
+    _LLAMA31_8B_INSTRUCT,
+    architecture={
+        **_LLAMA31_8B_INSTRUCT.architecture,
+        "hidden_size": 8192,
+        "intermediate_size": 28672,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+    },
+)
 _QWEN25_7B_INSTRUCT = KnownModel(
     architecture={
         "model_type": "qwen2",
@@ -143,11 +155,14 @@ _QWEN25_7B_INSTRUCT = KnownModel(
 )
 
 # Hub ids (compared without case) whose shapes are known here. Parameter counts, which the tests
-# check: 7,241,732,096 (Mistral), 8,030,261,248 (Llama 3.1), 7,615,616,512 (Qwen2.5).
+# check: 7,241,732,096 (Mistral), 8,030,261,248 (Llama 3.1 8B), 70,553,706,496 (Llama 3.1 70B),
+# 7,615,616,512 (Qwen2.5).
 KNOWN_MODELS = {
     "mistralai/mistral-7b-v0.1": _MISTRAL_7B,
     "meta-llama/llama-3.1-8b-instruct": _LLAMA31_8B_INSTRUCT,
     "meta-llama/meta-llama-3.1-8b-instruct": _LLAMA31_8B_INSTRUCT,
+    "meta-llama/llama-3.1-70b-instruct": _LLAMA31_70B_INSTRUCT,
+    "meta-llama/meta-llama-3.1-70b-instruct": _LLAMA31_70B_INSTRUCT,
     "qwen/qwen2.5-7b-instruct": _QWEN25_7B_INSTRUCT,
 }
 
@@ -448,10 +463,12 @@ class MemoryRow:
     activations: int = 0  # training: kept for backward; generation: the logits of one step
     cache: int = 0  # key/value cache of one generate call, or vLLM's reservation
     host: int = 0  # host RAM of the merge
+    load: int = 0  # FSDP and ZeRO-3: the whole 4-bit copy each process quantizes before it is sharded
+    kind: str = "train"  # "train", "hf" or "vllm" (a generating stage on that backend), "host" (the merge)
 
     @property
     def gpu(self) -> int:
-        used = self.weights + self.trainable + self.activations + self.cache
+        used = max(self.weights + self.trainable + self.activations + self.cache, self.load)
         return used + GPU_OVERHEAD if used else 0
 
 
@@ -473,7 +490,7 @@ def parameter_counts(model, config: Config) -> dict[str, int]:
         index = next((int(part) for part in name.split(".") if part.isdigit()), 0)
         if (all_linear or short in targets) and index >= first_lora_layer:
             lora += config.lora.r * (module.in_features + module.out_features)
-    return {"total": total, "linear": linear, "lora": lora}
+    return {"total": total, "linear": linear, "lora": lora, "layers": layers}
 
 
 def weight_bytes(counts: dict[str, int], dtype: str, four_bit: bool, training: bool = False) -> int:
@@ -495,12 +512,15 @@ def kv_bytes_per_token(real_config, dtype: str) -> int:
     return 2 * real_config.num_hidden_layers * kv * head_dim * _BYTES[dtype]
 
 
-def _training_row(stage: str, config: Config, real_config, counts: dict, dpo: bool) -> MemoryRow:
+def _training_row(stage: str, config: Config, real_config, counts: dict, dpo: bool, processes: int = 1) -> MemoryRow:
+    """One process of `processes` (train.engine fsdp or deepspeed shards the model over them; ddp copies it)."""
     train = config.dpo if dpo else config.sft
     four_bit = config.model.load_in_4bit
     compute = config.model.bnb_4bit_compute_dtype if four_bit else config.model.dtype
     width = _BYTES[compute]
-    sequences = train.batch_size * (2 if dpo else 1)  # DPO runs chosen and rejected together
+    sharded = config.train.engine != "ddp"
+    per_device = per_process_batch(train, processes)[0] if sharded else train.batch_size
+    sequences = per_device * (2 if dpo else 1)  # DPO runs chosen and rejected together
     tokens = sequences * train.max_length
     h, inner = real_config.hidden_size, real_config.intermediate_size
     heads = real_config.num_attention_heads
@@ -517,11 +537,13 @@ def _training_row(stage: str, config: Config, real_config, counts: dict, dpo: bo
         kept = layers * tokens * per_block
     # The logits in the compute dtype, their float32 copy for the loss, and its gradient.
     logits = tokens * real_config.vocab_size * (width + 8)
-    what = f"{'DPO' if dpo else 'SFT'} {train.batch_size} x {train.max_length} tokens"
+    what = f"{'DPO' if dpo else 'SFT'} {per_device} x {train.max_length} tokens"
     what += f"{' x 2 (chosen, rejected)' if dpo else ''}, {'4-bit' if four_bit else config.model.dtype}"
     what += ", checkpointing" if train.gradient_checkpointing else ""
     copies = 2 if dpo and config.dpo.reference == "initial" else 1  # M0 held beside the policy from iteration 2
     what += ", reference M0 held too" if copies == 2 else ""
+    if sharded:
+        return _sharded_row(stage, config, counts, what, copies, processes, activations=kept + logits)
     # The trained copy as prepared for QLoRA; M0 as the reference is loaded 4-bit and frozen, not prepared.
     weights = weight_bytes(counts, config.model.dtype, four_bit, training=True)
     weights += (copies - 1) * weight_bytes(counts, config.model.dtype, four_bit)
@@ -531,6 +553,29 @@ def _training_row(stage: str, config: Config, real_config, counts: dict, dpo: bo
         weights=weights,
         trainable=16 * counts["lora"],
         activations=kept + logits,
+    )
+
+
+def _sharded_row(
+    stage: str, config: Config, counts: dict, what: str, copies: int, processes: int, activations: int
+) -> MemoryRow:
+    """FSDP full-shard or ZeRO-3 over `processes`: each holds its share of the weights and of the LoRA state,
+    plus the block being gathered and the next one (prefetched). With QLoRA every weight that is not 4-bit is
+    in the compute dtype (the 4-bit ones are stored in it), and each process first quantizes the whole model
+    onto its GPU, which is the peak when it exceeds the sharded step."""
+    four_bit = config.model.load_in_4bit
+    dtype = config.model.bnb_4bit_compute_dtype if four_bit else config.model.dtype
+    whole = copies * weight_bytes(counts, dtype, four_bit)
+    block = counts["linear"] // max(1, counts["layers"]) * (0.5 + 4 / 64 if four_bit else _BYTES[dtype])
+    engine = config.train.engine
+    return MemoryRow(
+        stage,
+        f"{what}; {engine} over {processes} process{'es' if processes > 1 else ''}"
+        + (f", loading holds the whole 4-bit copy ({whole / GIB:.1f})" if four_bit else ""),
+        weights=whole // processes + int(2 * block),
+        trainable=16 * counts["lora"] // processes,
+        activations=activations,
+        load=whole if four_bit else 0,
     )
 
 
@@ -568,6 +613,7 @@ def _generation_row(
         weights=weight_bytes(counts, dtype, False),
         activations=prefill if peak_in_prefill else logits + expanded,
         cache=prefill_cache if peak_in_prefill else cache,
+        kind="hf",
     )
 
 
@@ -583,8 +629,12 @@ def _generation_of(what: str, config: Config) -> tuple:
     return config.eval.batch_size, config.eval.max_new_tokens, "answers"
 
 
-def memory_rows(config: Config, real_config, counts: dict) -> list[MemoryRow]:
-    """Estimated peak memory of the real model per stage.
+def memory_rows(config: Config, real_config, counts: dict, gpus: int | None = None) -> list[MemoryRow]:
+    """Estimated peak memory of the real model per stage, per GPU of a node of `gpus` (None: the config as
+    written: one training process, vLLM over generation.tensor_parallel_size GPUs). On a node of N GPUs
+    training runs as N processes (fsdp and deepspeed shard the model over them; ddp copies it, and the
+    config's batch per process is the upper bound) and vLLM spans the N GPUs: there the hf backend's rows,
+    one GPU holding the whole model, are left out unless generation.backend is hf.
 
     weights: model.dtype, or NF4 for QLoRA training; trainable: 16 bytes per LoRA parameter (float32
     weight, gradient, two Adam moments); activations: training keeps per token what `_training_row`
@@ -592,37 +642,82 @@ def memory_rows(config: Config, real_config, counts: dict) -> list[MemoryRow]:
     training rows are cut to, plus the new tokens. GPU totals add GPU_OVERHEAD. Merge: the parent in
     model.dtype on the host, plus a tenth (the same figure the merge checks before training).
     """
-    gen = config.generation
+    processes = gpus or 1
+    on_vllm = config.generation.backend in ("vllm", "auto")
     rows = []
     for name in run_stages(config.algorithm):
         stage = spec(name)
         if stage.trains:
-            rows.append(_training_row(name, config, real_config, counts, dpo=stage.trains == "dpo"))
-        elif stage.generates:
+            rows.append(_training_row(name, config, real_config, counts, stage.trains == "dpo", processes))
+        elif stage.generates and not (gpus and on_vllm):
             rows.append(_generation_row(name, config, real_config, counts, *_generation_of(stage.generates, config)))
     trainers = [name for name in run_stages(config.algorithm) if spec(name).trains]
     merge = MemoryRow(
         "merge",
         f"adapter into the {config.model.dtype} parent, on the host (end of {' and '.join(trainers)})",
         host=int(counts["total"] * _BYTES[config.model.dtype] * 1.1),
+        kind="host",
     )
     rows.insert(1, merge)  # after 00_sft's row, where the merge first happens
-    if gen.backend in ("vllm", "auto"):
-        share = gen.gpu_memory_utilization or 0.9
-        length = gen.max_model_len or context_length(real_config)
-        need = weight_bytes(counts, config.model.dtype, False) + length * kv_bytes_per_token(
-            real_config, config.model.dtype
-        )
-        rows.append(
-            MemoryRow(
-                "01-03, 06",
-                f"with vLLM ({gen.backend}): reserves {share:.0%} of each GPU; must hold the weights and one "
-                f"{length}-token sequence",
-                weights=weight_bytes(counts, config.model.dtype, False) // gen.tensor_parallel_size,
-                cache=(need - weight_bytes(counts, config.model.dtype, False)) // gen.tensor_parallel_size,
-            )
-        )
+    if on_vllm:
+        rows.append(_vllm_row(config, real_config, counts, gpus or config.generation.tensor_parallel_size))
     return rows
+
+
+def vllm_weight_bytes(counts: dict[str, int], dtype: str, quantization: str | None) -> int:
+    """The weights one vLLM engine holds: model.dtype, or its linear layers in fp8 (one byte) or 4-bit
+    (bitsandbytes' NF4, as `weight_bytes` counts it); embeddings, norms and the output layer stay in dtype."""
+    if quantization == "fp8":
+        return counts["linear"] + (counts["total"] - counts["linear"]) * _BYTES[dtype]
+    return weight_bytes(counts, dtype, quantization == "bitsandbytes")
+
+
+def _vllm_row(config: Config, real_config, counts: dict, tensor_parallel: int) -> MemoryRow:
+    gen = config.generation
+    share = gen.gpu_memory_utilization or 0.9
+    length = gen.max_model_len or context_length(real_config)
+    weights = vllm_weight_bytes(counts, config.model.dtype, gen.quantization)
+    how = f"{gen.quantization} weights" if gen.quantization else config.model.dtype
+    spans = f", tensor parallel over {tensor_parallel} GPUs" if tensor_parallel > 1 else ""
+    return MemoryRow(
+        "01-03, 06",
+        f"with vLLM ({gen.backend}, {how}{spans}): reserves {share:.0%} of each GPU; must hold the weights and one "
+        f"{length}-token sequence",
+        weights=weights // tensor_parallel,
+        cache=length * kv_bytes_per_token(real_config, config.model.dtype) // tensor_parallel,
+        kind="vllm",
+    )
+
+
+# Nodes the dry run tries, smallest first (GPU memory in all, then fewer GPUs): (GPUs, GB per GPU).
+NODE_SHAPES = tuple(sorted(((n, gb) for n in (1, 2, 4, 8) for gb in (24, 48, 80)), key=lambda s: (s[0] * s[1], s[0])))
+GB = 10**9  # a GPU sold as 80 GB has a little under 80 x 10^9 bytes free for work: counted so, it errs safe
+
+
+def node_problems(config: Config, real_config, counts: dict, gpus: int, gb: int) -> list[str]:
+    """Why the config does not run on a node of `gpus` GPUs of `gb` GB each (empty when it does): a stage whose
+    per-GPU peak is above the GPU's memory (vLLM: above generation.gpu_memory_utilization of it), or a global
+    batch the processes cannot share. Generation counts as vLLM unless generation.backend is hf."""
+    try:
+        rows = memory_rows(config, real_config, counts, gpus)
+    except ConfigError as exc:
+        return [str(exc)]
+    problems = []
+    for row in rows:
+        if row.kind == "host":
+            continue
+        share = (config.generation.gpu_memory_utilization or 0.9) if row.kind == "vllm" else 1.0
+        limit = share * gb * GB
+        if row.gpu > limit:
+            of = f"{share:.0%} of " if share < 1 else ""
+            needs = f"{row.stage} needs {row.gpu / GIB:.1f} GiB per GPU"
+            problems.append(f"{needs}, more than {of}a {gb} GB GPU ({limit / GIB:.1f} GiB)")
+    return problems
+
+
+def smallest_node(config: Config, real_config, counts: dict) -> tuple[int, int] | None:
+    """The first of NODE_SHAPES the config runs on, or None."""
+    return next((shape for shape in NODE_SHAPES if not node_problems(config, real_config, counts, *shape)), None)
 
 
 def _gib(n: int) -> str:
@@ -651,18 +746,48 @@ class Plan:
     rows: list[MemoryRow]
 
     def describe(self) -> str:
-        name = self.config.model.name_or_path
-        per_gpu = (
-            f" (GPU columns per GPU of {self.config.generation.tensor_parallel_size})"
-            if (self.config.generation.tensor_parallel_size > 1)
-            else ""
-        )
+        name, node = self.config.model.name_or_path, self.node_gpus
+        per_gpu = f" (GPU columns per GPU of a node of {node}{self._node_note(node)})" if node else ""
         return (
             f"dry run of {name} ({self.counts['total'] / 1e9:.2f} B parameters, {self.counts['lora'] / 1e6:.1f} M in "
             f"LoRA; architecture from {self.source})\nestimated memory of the real model{per_gpu}, GiB "
             f"(estimates, not measurements; GPU adds {GPU_OVERHEAD / GIB:.2f} for the CUDA context):\n"
             + memory_table(self.rows)
+            + "\n"
+            + self.describe_nodes()
         )
+
+    @property
+    def node_gpus(self) -> int | None:
+        """The GPUs of the node the config is written for: generation.tensor_parallel_size, when above 1."""
+        tp = self.config.generation.tensor_parallel_size
+        return tp if tp > 1 else None
+
+    def _node_note(self, gpus: int) -> str:
+        sharded = self.config.train.engine != "ddp"
+        return f": {self.config.train.engine} over {gpus} processes, vLLM over {gpus} GPUs" if sharded else ""
+
+    def describe_nodes(self) -> str:
+        """The node shapes the config does not fit (one line each, with why) and those it fits, then the
+        per-GPU table of the smallest that fits, unless the table above is already that node's."""
+        lines = ["nodes (GPUs x GB each; one training process per GPU, vLLM over all of them):"]
+        fits = []
+        for gpus, gb in NODE_SHAPES:
+            problems = node_problems(self.config, self.real_config, self.counts, gpus, gb)
+            if problems:
+                lines.append(f"  {gpus} x {gb} GB: no: {problems[0]}")
+            else:
+                fits.append(f"{gpus} x {gb} GB")
+        lines.append(f"  fits: {', '.join(fits)}" if fits else "  it fits none of these nodes")
+        smallest = smallest_node(self.config, self.real_config, self.counts)
+        if smallest is None:
+            return "\n".join(lines)
+        gpus, gb = smallest
+        if gpus == (self.node_gpus or 1):
+            return "\n".join([*lines, f"the smallest node it fits: {gpus} x {gb} GB (the table above)"])
+        how = f"--num-processes {gpus}" + (f" -- --generation.tensor_parallel_size {gpus}" if gpus > 1 else "")
+        lines.append(f"the smallest node it fits: {gpus} x {gb} GB ({how}); per GPU there, GiB:")
+        return "\n".join([*lines, memory_table(memory_rows(self.config, self.real_config, self.counts, gpus))])
 
 
 def plan(config: Config) -> Plan:
@@ -674,7 +799,8 @@ def plan(config: Config) -> Plan:
     if problems:
         raise ConfigError("this config cannot run:\n  " + "\n  ".join(problems))
     counts = parameter_counts(model, config)
-    return Plan(config, real_config, source, counts, memory_rows(config, real_config, counts))
+    tp = config.generation.tensor_parallel_size
+    return Plan(config, real_config, source, counts, memory_rows(config, real_config, counts, tp if tp > 1 else None))
 
 
 def dry_device(config: Config) -> str:
@@ -685,10 +811,32 @@ def dry_device(config: Config) -> str:
     return "cuda" if gpu_present() else "cpu"
 
 
+def dry_engine(config: Config) -> str:
+    """The training engine of the dry run: the config's on a GPU, ddp on the CPU, since accelerate's FSDP
+    plugin (1.15) refuses a machine without an accelerator and ZeRO-3 needs one too."""
+    return config.train.engine if dry_device(config) == "cuda" else "ddp"
+
+
+def dry_tensor_parallel(config: Config) -> int:
+    """generation.tensor_parallel_size, cut to this machine's GPUs (1 on the CPU), where the stand-in runs."""
+    if dry_device(config) == "cpu":
+        return 1
+    import torch  # heavy
+
+    return max(1, min(config.generation.tensor_parallel_size, torch.cuda.device_count()))
+
+
+# New tokens per sequence in a dry run: a random stand-in never ends its text, so every sequence would run to the
+# config's max_new_tokens (1024 in the 70B profile: minutes of CPU for nothing); their fit in the context is
+# checked from the config's own values before anything runs (setting_problems).
+DRY_NEW_TOKENS = 128
+
+
 def dry_config(config: Config) -> Config:
     """`config` as the dry run runs it: the stand-in on the GPU if there is one (see `dry_device`), else
-    on the CPU, counts cut to one step or batch."""
+    on the CPU, counts cut to one step or batch, new tokens to DRY_NEW_TOKENS."""
     dry = dataclasses.replace
+    new = DRY_NEW_TOKENS
     stand = config.model.name_or_path
     if not is_stand_in(stand):
         stand = str(stand_in(stand))
@@ -705,14 +853,23 @@ def dry_config(config: Config) -> Config:
         # One step, at the configured learning rate: the config's warmup is for its real step count.
         sft=dry(config.sft, max_steps=1, warmup_steps=0, report_to=_offline(config.sft.report_to)),
         dpo=dry(config.dpo, max_steps=1, warmup_steps=0, report_to=_offline(config.dpo.report_to)),
-        # generation.backend auto picks vllm on a GPU box with vllm installed, else hf
+        train=dry(config.train, engine=dry_engine(config)),
+        # generation.backend auto picks vllm on a GPU box with vllm installed, else hf; its engine spans the GPUs
+        # this machine has
+        generation=dry(config.generation, tensor_parallel_size=dry_tensor_parallel(config)),
         prompts=dry(
-            prompts, num_prompts=min(prompts.num_prompts, 2), max_attempts=prompts.batch_size, keep_cut_off=True
-        ),  # fmt: skip  (random text never ends a turn)
+            prompts,
+            num_prompts=min(prompts.num_prompts, 2),
+            max_attempts=prompts.batch_size,
+            keep_cut_off=True,  # random text never ends a turn
+            max_new_tokens=min(prompts.max_new_tokens, new),
+        ),
+        responses=dry(config.responses, max_new_tokens=min(config.responses.max_new_tokens, new)),
         # the stand-in judges at chance: judge.gate stop would end every dry run at stage 04
         judge=dry(
             config.judge,
             noise_samples=min(config.judge.noise_samples, 2),
+            max_new_tokens=min(config.judge.max_new_tokens, new),
             gate="warn" if config.judge.gate == "stop" else config.judge.gate,
             canary_gate="warn" if config.judge.canary_gate == "stop" else config.judge.canary_gate,
             # judge.mode reward_model: a tiny random reward model stands in, as the policy's stand-in does
@@ -726,6 +883,7 @@ def dry_config(config: Config) -> Config:
         eval=dry(
             config.eval,
             bootstrap_samples=min(config.eval.bootstrap_samples, 50),
+            max_new_tokens=min(config.eval.max_new_tokens, new),
             judge_model=None,
             judge_endpoint=None,
             judge_endpoint_model=None,
@@ -800,18 +958,71 @@ def guard_run_folder(root: Path, dry: bool) -> None:
         marker.write_text("stages here ran with --dry-run\n", encoding="utf-8")
 
 
+def check_host_ram(config: Config) -> None:
+    """ConfigError before a real run starts when this host has less free RAM than the merge at the end of stages
+    00 and 05 needs (the plan's merge row: the parent in model.dtype, plus a tenth). Builtin models are small, and
+    an architecture unknown here is left to stage 00, which measures the parent's weight files."""
+    name = config.model.name_or_path
+    if name.startswith("builtin:"):
+        return
+    try:
+        real_config, _ = real_architecture(name)
+    except ConfigError:
+        return
+    need = int(parameter_counts(meta_model(real_config), config)["total"] * _BYTES[config.model.dtype] * 1.1)
+    free = available_host_ram()
+    if free is not None and need > free:
+        raise ConfigError(
+            f"merging each adapter loads {name} in {config.model.dtype} on the host of rank 0: about "
+            f"{need / GIB:.1f} GiB of RAM, but this host has {free / GIB:.1f} GiB available; run on a host with "
+            "more RAM, or free some"
+        )
+
+
+def check_node(planned: Plan, gpus: int, gb: int) -> None:
+    """ConfigError naming every reason the config does not run on `gpus` GPUs of `gb` GB, and the smallest
+    node it does run on."""
+    config = planned.config
+    problems = node_problems(config, planned.real_config, planned.counts, gpus, gb)
+    if problems:
+        smallest = smallest_node(config, planned.real_config, planned.counts)
+        where = f"{smallest[0]} x {smallest[1]} GB" if smallest else "none of the nodes above"
+        why = "; ".join(problems)
+        raise ConfigError(f"it does not fit a node of {gpus} x {gb} GB: {why}; the smallest node it fits: {where}")
+    tp = config.generation.tensor_parallel_size
+    if tp > gpus:
+        raise ConfigError(
+            f"config key 'generation.tensor_parallel_size' is {tp}, more GPUs than the node's {gpus}: "
+            f"set it with -- --generation.tensor_parallel_size {gpus}"
+        )
+    print(f"it fits a node of {gpus} x {gb} GB", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m selfreward.dryrun",
         description="Check a config's settings against its model's architecture and estimate its memory.",
     )
     parser.add_argument("--config", required=True)
+    parser.add_argument("--gpus", type=int, default=1, help="with --gpu-memory: the node's GPUs (default: 1)")
+    parser.add_argument(
+        "--gpu-memory", type=int, metavar="GB", help="refuse the config unless it fits --gpus GPUs of this many GB"
+    )
+    parser.add_argument(
+        "--host-ram", action="store_true", help="only refuse the config when this host lacks the merge's RAM"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         config = load_config(args.config)
+        if args.host_ram:
+            check_host_ram(config)
+            return 0
         check_judge_settings(config.judge)
-        print(plan(config).describe(), flush=True)
+        planned = plan(config)
+        print(planned.describe(), flush=True)
+        if args.gpu_memory:
+            check_node(planned, args.gpus, args.gpu_memory)
     except ConfigError as exc:
         print(f"error: {args.config}: {exc}", file=sys.stderr)
         return 2

@@ -42,11 +42,13 @@ from selfreward.run.config import (
     save_config,
 )
 from selfreward.run.layout import RunLayout
+from selfreward.run.nodes import FINISHED, Node, NotThisNodes, wait_for
 from selfreward.run.records import (
     ChunkLog,
     RecordError,
     memory_text,
     path_fingerprint,
+    read_chunks,
     read_manifest,
     write_json,
     write_text,
@@ -152,9 +154,12 @@ class Stage:
     inputs: dict[str, str] = field(default_factory=dict)  # path -> content fingerprint
     fingerprint: str = ""
     dry_run: dict | None = None  # --dry-run: the model stood in for and its estimated memory here
+    node: Node = field(default_factory=Node.here)  # self-reward.sh --nnodes: this machine's place (run/nodes.py)
+    resumed_chunks: int = 0  # chunks its resumable log held when it was opened (saved before a kill)
 
     def begin(self, inputs: list[str | Path]) -> None:
-        """Fingerprint the inputs; with --skip-if-complete, exit if the output was made from exactly these."""
+        """Fingerprint the inputs; with --skip-if-complete, exit if the output was made from exactly these. On a
+        node other than 0, a stage that neither shares its batches nor trains waits for node 0 to make it."""
         self.inputs = {str(p): path_fingerprint(p) for p in inputs}
         used = fingerprinted_config(self.name, self.config)
         # Contents only, not paths: a moved or copied run folder is still the same run.
@@ -165,6 +170,9 @@ class Stage:
             if manifest.get("fingerprint") == self.fingerprint:
                 self._skip(manifest)
             log.info("inputs or config changed since the last complete run: running again")
+        if self.node.rank and not (spec(self.name).shards or spec(self.name).trains):
+            self._await_node_zero()
+            sys.exit(EXIT_SKIPPED)
 
     def _skip(self, manifest: dict) -> None:
         """The output is complete: make up its Oxen commit if it never happened, push in the background if
@@ -190,8 +198,83 @@ class Stage:
             write_json(path, {**manifest, "complete": False})
 
     def chunk_log(self) -> ChunkLog:
-        """The resumable log of finished batches for this stage's output (see records.ChunkLog)."""
-        return ChunkLog(self.layout.partial(self.name, self.iteration), self.fingerprint)
+        """The resumable log of finished batches for this stage's output (see records.ChunkLog); on several nodes,
+        this node's part of it."""
+        chunks = ChunkLog(self._part(self.node.rank), self.fingerprint)
+        self.resumed_chunks = len(chunks.done)
+        return chunks
+
+    def _sharded(self) -> bool:
+        return self.node.several and spec(self.name).shards
+
+    def _part(self, rank: int) -> Path:
+        partial = self.layout.partial(self.name, self.iteration)
+        return self.node.part(partial, rank) if self._sharded() else partial
+
+    def skip(self, done) -> object:
+        """The batches this process does not generate: `done` (by a killed run), and on several nodes the other
+        nodes' share."""
+        return NotThisNodes(self.node, done) if self._sharded() else done
+
+    def wave(self, chunks: ChunkLog, batches: list[int]) -> dict[int, dict]:
+        """The saved chunks of `batches`: on one node this node's log; on several, each from whichever node's part
+        holds it, once every one of them is saved (stage 01 filters a wave of batches in order on every node)."""
+        if not self._sharded():
+            return chunks.done
+        found: dict[int, dict] = {}
+
+        def saved() -> bool:
+            for rank in range(self.node.nnodes):
+                part = chunks.done if rank == self.node.rank else read_chunks(self._part(rank), self.fingerprint)[0]
+                found.update({b: part[b] for b in batches if b in part})
+            return all(b in found for b in batches)
+
+        self._wait(saved, f"the other nodes' batches {batches} of {self.name}")
+        return found
+
+    def join_parts(self, chunks: ChunkLog) -> dict[int, dict]:
+        """This node's share is done. On one node: its chunks. On several, the part is marked finished; node 0
+        waits for every node's and returns their chunks joined by number, another node waits for node 0 to finish
+        the stage and exits."""
+        if not self._sharded():
+            return chunks.done
+        mark = {"nnodes": self.node.nnodes}
+        if chunks.done.get(FINISHED, {}).get("state") != mark:  # a mark from a run on other nodes does not count
+            chunks.append(FINISHED, [], mark)
+        if self.node.rank:
+            ours = len([k for k in chunks.done if k != FINISHED])
+            kept = len([k for k in list(chunks.done)[: self.resumed_chunks] if k != FINISHED])
+            print(
+                f"[{self.name}] iteration {self.iteration}: node {self.node.rank}: its share done: {ours} batches "
+                f"({kept} kept from before)",
+                flush=True,
+            )
+            self._await_node_zero()
+            sys.exit(0)
+        parts: list[dict[int, dict]] = []
+
+        def finished() -> bool:
+            parts[:] = [read_chunks(self._part(rank), self.fingerprint)[0] for rank in range(self.node.nnodes)]
+            return all(part.get(FINISHED, {}).get("state") == mark for part in parts)
+
+        self._wait(finished, f"every node's share of {self.name}")
+        return {k: chunk for part in parts for k, chunk in part.items() if k != FINISHED}
+
+    def _await_node_zero(self) -> None:
+        """Wait until node 0 has finished this stage from the same inputs and config."""
+        path = self.layout.manifest(self.name, self.iteration)
+
+        def finished() -> bool:
+            manifest = read_manifest(path)
+            return bool(manifest and manifest.get("complete") and manifest.get("fingerprint") == self.fingerprint)
+
+        self._wait(finished, f"node 0 to finish {self.name}")
+
+    def _wait(self, ready, what: str) -> None:
+        try:
+            wait_for(ready, what)
+        except TimeoutError as exc:
+            raise StageError(f"{exc}: is it running? (the run folder must be on storage every node sees)") from None
 
     def checkpoints(self, t: int) -> Path:
         """The trainer's checkpoint folder, emptied first if its checkpoints came from other inputs or config."""
@@ -262,11 +345,17 @@ class Stage:
             "config": self.config.to_dict(),
         }
         write_json(self.layout.manifest(self.name, self.iteration), manifest)
-        self.layout.partial(self.name, self.iteration).unlink(missing_ok=True)
+        self._drop_partial()
         print(summary_line(manifest), flush=True)
         failpoints.reach("after_summary")
         if self.config.oxen.enabled:
             self._version(manifest)
+
+    def _drop_partial(self) -> None:
+        """The stage's resumable log, and every node's part of it: the output is complete."""
+        partial = self.layout.partial(self.name, self.iteration)
+        for path in [partial, *partial.parent.glob(f"{partial.stem}.node*{partial.suffix}")]:
+            path.unlink(missing_ok=True)
 
     def _relative(self, path: str | Path) -> str:
         """A path inside the run folder, relative to it: a moved run folder still finds it."""
@@ -433,7 +522,12 @@ def _dry_run(name: str, config: Config, layout: RunLayout) -> tuple[Config, dict
     if dryrun.is_stand_in(config.model.name_or_path):  # a config written by a dry run: already swapped
         return config, {"stands_in_for": config.model.name_or_path}
     plan = dryrun.plan(config)
-    rows = [r for r in plan.rows if r.stage == name or (r.stage == "merge" and spec(name).trains)]
+    stage = spec(name)
+    rows = [
+        r
+        for r in plan.rows
+        if r.stage == name or (r.kind == "host" and stage.trains) or (r.kind == "vllm" and stage.generates)
+    ]
     dry = dryrun.dry_config(config)
     if rows and is_rank_zero():
         print(

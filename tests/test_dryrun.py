@@ -20,6 +20,7 @@ OASST = REPO / "configs" / "mistral-7b-qlora-oasst.yaml"
 PUBLISHED = {
     "mistralai/Mistral-7B-v0.1": 7_241_732_096,
     "meta-llama/Llama-3.1-8B-Instruct": 8_030_261_248,
+    "meta-llama/Llama-3.1-70B-Instruct": 70_553_706_496,
     "Qwen/Qwen2.5-7B-Instruct": 7_615_616_512,
 }
 

@@ -264,24 +264,35 @@ def load_tokenizer(path: str | Path, cfg: ModelConfig):
     return tokenizer
 
 
-def load_model(path: str | Path, cfg: ModelConfig, *, quantize: bool = False):
-    """Load a causal LM for generation or training; `quantize` gives the NF4 copy QLoRA trains."""
+def load_model(path: str | Path, cfg: ModelConfig, *, quantize: bool = False, sharded: bool = False):
+    """Load a causal LM for generation or training; `quantize` gives the NF4 copy QLoRA trains.
+
+    `sharded` (train.engine fsdp or deepspeed): the 4-bit weights are packed into the compute dtype and every
+    other weight is in it too, since FSDP and ZeRO-3 shard only floating-point tensors of one dtype
+    (bitsandbytes' and peft's FSDP-QLoRA guides: bnb_4bit_quant_storage = the model's dtype)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # heavy
 
     path = resolve_model_path(str(path))
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
         raise ModelNotFoundError(f"{path}: not a model folder (no config.json); did the stage that writes it finish?")
     device = device_of(cfg)
-    kwargs: dict = {"dtype": torch_dtype(cfg.dtype)}
+    kwargs: dict = {"dtype": torch_dtype(cfg.bnb_4bit_compute_dtype if quantize and sharded else cfg.dtype)}
     if quantize:
+        storage = {"bnb_4bit_quant_storage": kwargs["dtype"]} if sharded else {}
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=torch_dtype(cfg.bnb_4bit_compute_dtype),
+            **storage,
         )
-        kwargs["device_map"] = {"": device}
+        if not sharded:
+            kwargs["device_map"] = {"": device}
+        elif device.startswith("cuda"):  # ZeRO-3 refuses a device_map: bitsandbytes takes the current device
+            import torch  # heavy
+
+            torch.cuda.set_device(device)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if not quantize:
+    if not quantize and not sharded:  # FSDP and ZeRO-3 move their own shards from the host
         model.to(device)
     return model
 

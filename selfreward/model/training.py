@@ -30,6 +30,7 @@ from selfreward.model.models import (
     load_tokenizer,
     lora_target_problem,
     merge_adapter,
+    merge_ram_needed,
 )
 from selfreward.run import failpoints
 from selfreward.run.config import Config, ConfigError, TrainConfig, per_process_batch
@@ -98,7 +99,10 @@ def _trainer_args(train: TrainConfig, config: Config, output_dir: Path, rows: in
         "save_total_limit": 2,
         "max_length": train.max_length,
         "gradient_checkpointing": train.gradient_checkpointing,
-        "gradient_checkpointing_kwargs": {"use_reentrant": False} if train.gradient_checkpointing else None,
+        # Reentrant under FSDP and ZeRO-3, as peft's FSDP-QLoRA guide and TRL's ZeRO-3 path run it.
+        "gradient_checkpointing_kwargs": (
+            {"use_reentrant": sharded_engine(config)} if train.gradient_checkpointing else None
+        ),
         "bf16": mixed == "bfloat16",
         "fp16": mixed == "float16",
         "use_cpu": device_of(config.model) == "cpu",
@@ -130,9 +134,33 @@ def _peft_config(config: Config, model):
     )
 
 
+# What `accelerate launch` sets for each sharded engine (configs/accelerate/*.yaml).
+ENGINE_LAUNCH_ENV = {"fsdp": "ACCELERATE_USE_FSDP", "deepspeed": "ACCELERATE_USE_DEEPSPEED"}
+
+
+def sharded_engine(config: Config) -> bool:
+    """train.engine fsdp or deepspeed: the model is sharded over the processes, not copied to each."""
+    return config.train.engine != "ddp"
+
+
+def check_engine_launch(config: Config) -> None:
+    """train.engine fsdp or deepspeed trains only under accelerate launch with its config file: started any
+    other way, the trainer would silently hold the whole model in every process."""
+    engine = config.train.engine
+    if engine in ENGINE_LAUNCH_ENV and os.environ.get(ENGINE_LAUNCH_ENV[engine], "").lower() != "true":
+        raise ConfigError(
+            f"config key 'train.engine' is {engine}, but this process was not started by accelerate launch with "
+            f"configs/accelerate/{'fsdp' if engine == 'fsdp' else 'zero3'}.yaml; run it through self-reward.sh, or "
+            f"print the command with: python -m selfreward.launch --config CONFIG --processes N"
+        )
+
+
 def _load_for_training(parent: str, config: Config, train: TrainConfig):
-    model = load_model(parent, config.model, quantize=config.model.load_in_4bit)
-    if config.model.load_in_4bit:
+    sharded = sharded_engine(config)
+    model = load_model(parent, config.model, quantize=config.model.load_in_4bit, sharded=sharded)
+    # prepare_model_for_kbit_training casts every weight that is not 4-bit to float32; FSDP and ZeRO-3 need
+    # them all in the compute dtype, so under them the trainer's own gradient checkpointing is all there is.
+    if config.model.load_in_4bit and not sharded:
         from peft import prepare_model_for_kbit_training  # heavy
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train.gradient_checkpointing)
@@ -152,13 +180,16 @@ def _for_trainer(tokenizer, rows: list[dict]) -> list[dict]:
     return [{**row, "prompt": chat.for_trainer(row["prompt"])} for row in rows]
 
 
-def _adapter_in_float32(trainer):
+def _adapter_in_float32(trainer, config: Config):
     """Undo TRL's cast of a 4-bit model's LoRA weights to bf16 (before the optimizer exists).
 
     In bf16 an entry of about 0.02 moves only in steps of about 1e-4, so an Adam step of lr 5e-6 (the
     Mistral config's DPO rate) left every lora_A unchanged. In float32 every step counts; the forward
-    pass still runs in the compute dtype under autocast, as QLoRA intends.
+    pass still runs in the compute dtype under autocast, as QLoRA intends. Not under FSDP or ZeRO-3, which
+    shard one dtype (the 4-bit weights are stored in the compute dtype): there the adapter trains in it.
     """
+    if sharded_engine(config):
+        return trainer
     if getattr(trainer.model, "is_loaded_in_4bit", False) or getattr(trainer.model, "is_quantized", False):
         for param in trainer.model.parameters():
             if param.requires_grad and param.dtype != torch.float32:
@@ -212,7 +243,7 @@ def build_sft_trainer(
         peft_config=_peft_config(config, model),
         **kwargs,
     )
-    return _adapter_in_float32(trainer)
+    return _adapter_in_float32(trainer, config)
 
 
 def build_dpo_trainer(
@@ -235,7 +266,8 @@ def build_dpo_trainer(
     model = _load_for_training(parent, config, config.dpo)
     ref_model = None
     if reference is not None:
-        ref_model = load_model(reference, config.model, quantize=config.model.load_in_4bit).eval()
+        sharded = sharded_engine(config)
+        ref_model = load_model(reference, config.model, quantize=config.model.load_in_4bit, sharded=sharded).eval()
         ref_model.requires_grad_(False)
     trainer = DPOTrainer(
         model=model,
@@ -245,7 +277,7 @@ def build_dpo_trainer(
         processing_class=tokenizer,
         peft_config=_peft_config(config, model),
     )
-    return _adapter_in_float32(trainer)
+    return _adapter_in_float32(trainer, config)
 
 
 def train_and_merge(
@@ -263,15 +295,23 @@ def train_and_merge(
     The trainer is built here and nothing else holds it, so once it is dropped its model, optimizer and
     accelerator go with it and their GPU memory can be handed back before the merge, and before the
     caller starts the next model (prepare_data starts vLLM, which wants most of the card free).
-    Under torchrun every rank trains; only rank 0 saves and merges, the others get None and stop.
+    Under torchrun every rank trains; only rank 0 saves and merges, the others get None and stop. The host
+    RAM the merge needs is checked by rank 0 before the model loads, when the parent's weight files tell.
     """
+    check_engine_launch(config)
+    checked = is_rank_zero() and merge_ram_needed(parent, config.model) is not None
+    if checked:
+        check_merge_memory(parent, config.model)
     trainer = make_trainer()
-    check_merge_memory(parent, config.model, loaded=trainer.model)
+    if is_rank_zero() and not checked:  # .bin weights, or a cache elsewhere: counted from the loaded model
+        check_merge_memory(parent, config.model, loaded=trainer.model)
     resume = last_checkpoint(Path(trainer.args.output_dir))
     if resume:
         log.info("resuming from %s", resume)
     trainer.add_callback(_CheckpointFailpoint())
     trainer.train(resume_from_checkpoint=resume)
+    if getattr(trainer, "is_fsdp_enabled", False):  # the adapter whole, not FSDP's shards (peft's FSDP guide)
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(adapter_dir))
     main_rank = trainer.is_world_process_zero()
     _leave_process_group()

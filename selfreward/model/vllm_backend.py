@@ -65,6 +65,7 @@ class VLLMBackend:
             enable_prefix_caching=gen_cfg.prefix_cache,
             enforce_eager=gen_cfg.enforce_eager if gen_cfg.enforce_eager is not None else not on_gpu,
             max_model_len=gen_cfg.max_model_len,
+            quantization=gen_cfg.quantization,
             **kwargs,
         )
         self.context_length = self.llm.llm_engine.model_config.max_model_len

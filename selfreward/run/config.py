@@ -102,6 +102,16 @@ class DPOConfig(TrainConfig):
     reference: str = "previous"
 
 
+@dataclass
+class TrainEngineConfig:
+    # How stages 00 and 05 spread training over the node's GPUs (self-reward.sh --num-processes N per node):
+    # "ddp" (torchrun: every GPU holds the whole model, 4-bit with QLoRA), "fsdp" (accelerate launch with
+    # configs/accelerate/fsdp.yaml: parameters, gradients and optimizer state sharded over every GPU, FSDP-QLoRA
+    # with the 4-bit weights stored in the compute dtype) or "deepspeed" (accelerate launch with
+    # configs/accelerate/zero3.yaml: ZeRO-3). fsdp and deepspeed need GPUs; rank 0 alone writes and merges.
+    engine: str = "ddp"
+
+
 def per_process_batch(train: TrainConfig, processes: int) -> tuple[int, int]:
     """(per-device batch, gradient accumulation steps) that make `processes` data-parallel processes train
     the config's global batch, batch_size x grad_accum, as one process does. The per-device batch never
@@ -139,6 +149,9 @@ class GenerationConfig:
     # vllm: skip torch.compile and CUDA graphs. On a CPU compiling costs ~2.5 min per engine start
     # (three per iteration) for little gain on small batches; null = eager on a CPU, compiled on a GPU.
     enforce_eager: bool | None = None
+    # vllm: weights quantized as the engine loads them, "fp8" (half of bf16: a 70B on two 48 GB GPUs) or
+    # "bitsandbytes" (4-bit); null = model.dtype. The hf backend generates in model.dtype whatever this says.
+    quantization: str | None = None
 
 
 @dataclass
@@ -338,6 +351,7 @@ class Config:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     preferences: PreferenceConfig = field(default_factory=PreferenceConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    train: TrainEngineConfig = field(default_factory=TrainEngineConfig)
     spin: SpinConfig = field(default_factory=SpinConfig)
     raft: RaftConfig = field(default_factory=RaftConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -380,6 +394,8 @@ CHOICES = {
     "preferences.consistency": ("off", "filter"),
     "algorithm": ("srlm", "spin", "raft"),
     "raft.ranking": ("local", "global"),
+    "train.engine": ("ddp", "fsdp", "deepspeed"),
+    "generation.quantization": ("fp8", "bitsandbytes"),
 }
 
 

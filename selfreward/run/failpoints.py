@@ -5,7 +5,8 @@ reaches a listed point it kills itself: SIGKILL, or SIGSEGV for `at_exit` (the c
 that a finished stage must survive). With SELFREWARD_CRASH_ONCE=DIR each point fires only once,
 leaving a file in DIR, so the rerun that follows goes through. Unset, nothing here does anything.
 
-Points: after_checkpoint (a trainer checkpoint is saved), after_endpoint_reply (an outside judge's reply
+Points: after_checkpoint (a trainer checkpoint is saved), after_chunk (a batch is saved to a stage's resumable
+log, or to a node's part of it), after_endpoint_reply (an outside judge's reply
 is cached), after_summary (manifest written and summary line printed, before the Oxen commit),
 after_commit (committed, before the ledger records it), at_exit (all done).
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 
 CRASH_ENV = "SELFREWARD_CRASH_AT"
 ONCE_ENV = "SELFREWARD_CRASH_ONCE"
-POINTS = ("after_checkpoint", "after_endpoint_reply", "after_summary", "after_commit", "at_exit")
+POINTS = ("after_checkpoint", "after_chunk", "after_endpoint_reply", "after_summary", "after_commit", "at_exit")
 
 _stage = ""  # "stage:iteration" of the stage this process runs, set by stage.parse_stage
 

@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from selfreward.run import failpoints
+
 # Field name -> accepted Python types. `None` in a tuple means the value may be null.
 IFT = {"id": (str,), "prompt": (str,), "completion": (str,)}
 EFT = {"id": (str,), "prompt": (str,), "response": (str,), "score": (int,), "justification": (str,)}
@@ -169,6 +171,31 @@ def path_fingerprint(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def read_chunks(path: Path, fingerprint: str) -> tuple[dict[int, dict], int]:
+    """The whole chunks of a ChunkLog file written for `fingerprint` (none when it was written for another, or is
+    not there), and how many bytes they and the header take; reading only, as a node reads another's part."""
+    done: dict[int, dict] = {}
+    if not path.is_file():
+        return done, 0
+    with path.open("rb") as handle:
+        lines = handle.read().split(b"\n")
+    try:
+        header = json.loads(lines[0])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        header = {}
+    if not isinstance(header, dict) or header.get("fingerprint") != fingerprint:
+        return done, 0
+    good_bytes = len(lines[0]) + 1
+    for line in lines[1:-1]:  # the part after the last newline is torn or empty
+        try:
+            chunk = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            break
+        done[chunk["chunk"]] = chunk
+        good_bytes += len(line) + 1
+    return done, good_bytes
+
+
 class ChunkLog:
     """An append-only log of finished chunks beside a stage's output, so a killed stage resumes exactly.
 
@@ -184,23 +211,7 @@ class ChunkLog:
         self._load(fingerprint)
 
     def _load(self, fingerprint: str) -> None:
-        good_bytes = 0
-        if self.path.is_file():
-            with self.path.open("rb") as handle:
-                lines = handle.read().split(b"\n")
-            try:
-                header = json.loads(lines[0])
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                header = {}
-            if header.get("fingerprint") == fingerprint:
-                good_bytes = len(lines[0]) + 1
-                for line in lines[1:-1]:  # the part after the last newline is torn or empty
-                    try:
-                        chunk = json.loads(line)
-                    except (json.JSONDecodeError, UnicodeDecodeError):
-                        break
-                    self.done[chunk["chunk"]] = chunk
-                    good_bytes += len(line) + 1
+        self.done, good_bytes = read_chunks(self.path, fingerprint)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if good_bytes == 0:
             self.path.write_text(json.dumps({"fingerprint": fingerprint}) + "\n", encoding="utf-8")
@@ -216,6 +227,7 @@ class ChunkLog:
             handle.flush()
             os.fsync(handle.fileno())
         self.done[index] = chunk
+        failpoints.reach("after_chunk")
 
     def rows(self) -> list[dict]:
         return [row for k in sorted(self.done) for row in self.done[k]["rows"]]

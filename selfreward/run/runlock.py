@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from selfreward.run.layout import RunLayout
+from selfreward.run.nodes import NODE_RANK_ENV
 
 LOCK_ENV = "SELFREWARD_RUN_LOCK"  # the driver's token, inherited by the stages it starts
 EXIT_BUSY = 5  # the run folder is in use by another process
@@ -128,8 +129,9 @@ def lock_run(run_dir: str | Path, holder: str, *, fd: int | None = None, pid: in
 
 def is_rank_zero() -> bool:
     """Whether this process writes for its stage: always, except a torchrun rank other than 0, whose
-    rank 0 holds the lock, writes, commits and prints for all of them."""
-    return int(os.environ.get("RANK", "0")) == 0
+    rank 0 holds the lock, writes, commits and prints for all of them, and a stage on a node other than 0
+    (self-reward.sh --node-rank), whose node 0 does."""
+    return int(os.environ.get("RANK") or os.environ.get(NODE_RANK_ENV) or "0") == 0
 
 
 def lock_for_stage(run_dir: str | Path, stage: str) -> None:

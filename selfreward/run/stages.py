@@ -39,12 +39,19 @@ class StageSpec:
     trains: str | None = None
     # The generation the dry run estimates memory for: "prompts", "responses", "judge" or "eval".
     generates: str | None = None
+    # Its batches are shared among the nodes of self-reward.sh --nnodes (run/nodes.py); a stage that neither
+    # shares nor trains runs on node 0, and the others wait for it.
+    shards: bool = False
 
 
 # Stage 03 measures the canaries, stage 04 acts on them (judge.canary_gate).
 CANARY_GATE_KEYS = ("judge.canary_gate", "judge.canary_max_fool_rate")
 # How stage 00 trains the judge, and whether it measures the base model: no other stage reads them.
 JUDGE_TRAINING_KEYS = ("judge.objective", "judge.ranking_weight", "judge.ranking_pairs", "judge.measure_base")
+# The training engine changes how a checkpoint is saved (FSDP shards it): another engine starts afresh.
+ENGINE = "train.engine"
+# vLLM's quantization changes the weights that generate.
+QUANTIZATION = "generation.quantization"
 
 STAGES = (
     StageSpec(
@@ -52,9 +59,9 @@ STAGES = (
         ALGORITHMS,
         "the IFT and EFT seed data (data.*)",
         "model",
-        ("seed", "data", "model", "lora", "sft", "judge.format", "judge.template", "judge.score_pattern")
+        ("seed", "data", "model", "lora", "sft", "judge.format", "judge.template", "judge.score_pattern", ENGINE)
         + JUDGE_TRAINING_KEYS,
-        when_set=JUDGE_TRAINING_KEYS,
+        when_set=(ENGINE, *JUDGE_TRAINING_KEYS),
         trains="sft",
     ),
     StageSpec(
@@ -63,7 +70,9 @@ STAGES = (
         "M<t-1>, the IFT prompts as few-shot examples",
         "prompts",
         ("seed", "model", "generation", "prompts"),
+        when_set=(QUANTIZATION,),
         generates="prompts",
+        shards=True,
     ),
     StageSpec(
         "01_sft_prompts",
@@ -78,7 +87,9 @@ STAGES = (
         "M<t-1>, prompts.jsonl",
         "responses",
         ("seed", "model", "generation", "responses", "algorithm", "raft.samples_per_prompt"),
+        when_set=(QUANTIZATION,),
         generates="responses",
+        shards=True,
     ),
     StageSpec(
         "03_gen_scores",
@@ -88,8 +99,9 @@ STAGES = (
         ("seed", "model", "generation", "judge", "eval.bootstrap_samples", "preferences.consistency"),
         # the gates only decide whether stage 04 goes on
         not_fingerprinted=("judge.gate", *CANARY_GATE_KEYS, *JUDGE_TRAINING_KEYS),
-        when_set=("judge.canaries",),
+        when_set=("judge.canaries", QUANTIZATION),
         generates="judge",
+        shards=True,
     ),
     StageSpec(
         "04_gen_preferences",
@@ -104,14 +116,21 @@ STAGES = (
     ),
     StageSpec("04_raft_select", ("raft",), "scores.jsonl", "selected", ("raft",)),
     StageSpec(
-        "05_dpo", ("srlm", "spin"), "M<t-1>, preferences.jsonl", "model", ("seed", "model", "lora", "dpo"), trains="dpo"
+        "05_dpo",
+        ("srlm", "spin"),
+        "M<t-1>, preferences.jsonl",
+        "model",
+        ("seed", "model", "lora", "dpo", ENGINE),
+        when_set=(ENGINE,),
+        trains="dpo",
     ),
     StageSpec(
         "05_raft_sft",
         ("raft",),
         "M<t-1>, selected.jsonl",
         "model",
-        ("seed", "model", "lora", "sft", "raft.epochs"),
+        ("seed", "model", "lora", "sft", "raft.epochs", ENGINE),
+        when_set=(ENGINE,),
         trains="sft",
     ),
     StageSpec(
@@ -131,7 +150,13 @@ STAGES = (
             "eval.judge_endpoint_timeout_seconds",
             "eval.judge_endpoint_retries",
         ),
-        when_set=("eval.judge_endpoint", "eval.judge_endpoint_model", "eval.judge_endpoint_body", "eval.benchmark"),
+        when_set=(
+            "eval.judge_endpoint",
+            "eval.judge_endpoint_model",
+            "eval.judge_endpoint_body",
+            "eval.benchmark",
+            QUANTIZATION,
+        ),
         generates="eval",
     ),
 )

@@ -277,3 +277,17 @@ def test_batched_scores_on_a_sliding_window_model_do_not_depend_on_the_batch(con
     together = backend.next_token_probs(prompts, digits, batch_size=2)
     alone = [backend.next_token_probs([p], digits, batch_size=1)[0] for p in prompts]
     assert np.allclose(together, alone, rtol=1e-4, atol=1e-6)
+
+
+def test_nothing_to_score_or_generate_on_a_sliding_window_model_is_nothing(converted):
+    """A resumed stage, or the dry run's noise judge, can hand the backend no prompts at all; the window
+    check once took the longest of no rows and raised ValueError from max()."""
+    from selfreward.model.generation import HFBackend, Sampling
+
+    cfg = ModelConfig(name_or_path=str(converted), device="cpu")
+    chat = ChatFormat.from_tokenizer(load_tokenizer(converted, cfg))
+    model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32).eval()
+    backend = HFBackend(model, chat, prefix_cache=True)
+    _, digits = score_token_ids(chat)
+    assert backend.next_token_probs([], digits, batch_size=2) == []
+    assert backend.generate([], Sampling(max_new_tokens=4, batch_size=2), seed=0) == []

@@ -305,10 +305,10 @@ class HFBackend(HalvesOnOutOfMemory):
         tokens would take places in the window (Gemma-3's 512) that real tokens have without the cache, and
         the scores would depend on the batch."""
         length = shared_prefix_length(encoded) if self.prefix_cache and len(encoded) > 1 else 0
+        if length < self.MIN_SHARED_PREFIX:  # also when there is nothing to run (a resumed stage, a dry run)
+            return 0, None
         window = sliding_window(self.model.config)
         if window and max(len(e) for e in encoded) + new_tokens > window:
-            return 0, None
-        if length < self.MIN_SHARED_PREFIX:
             return 0, None
         ids = torch.tensor([encoded[0][:length]], device=self.device)
         return length, self.model(input_ids=ids, use_cache=True).past_key_values

@@ -8,7 +8,9 @@ Writes: <run>/M<t>/eval/eval.json and eval.{manifest.json,config.yaml}; <run>/re
 1. Head-to-head: each model answers the held-out prompts greedily; the judge (eval.judge_model, by
    default M<t>) is shown both answers in both orders and picks A or B from its next-token
    probabilities. M<t> wins a prompt only if it is picked in both orders; a pick that follows the
-   position is a tie.
+   position is a tie. With eval.head_to_head scores, the judge grades each answer alone with the loop's
+   rubric instead, and the higher score wins (by more than eval.score_margin). Win rate and preference
+   (ties count half), each with its 95% bootstrap interval over prompts.
 2. Judge quality of every loaded model on held-out EFT rows, judged as stage 03 judges (judge.mode,
    judge.format): pairwise accuracy, exact match, Spearman and Kendall tau against the human scores,
    each with a 95% bootstrap interval over questions (eval.bootstrap_samples). Stage 03 measured M0
@@ -28,11 +30,11 @@ import time
 from pathlib import Path
 
 from selfreward.judge.endpoint import EndpointError, endpoint_from_config
-from selfreward.judge.head_to_head import EndpointPicker, ModelPicker
+from selfreward.judge.head_to_head import EndpointPicker, model_picker
 from selfreward.judge.judges import Judge, judge_for
 from selfreward.judge.rubric import pairwise_template, template_files
 from selfreward.loop.benchmark import alpaca_eval_outputs, judged_rows, mt_bench_answers, read_benchmark, win_rates
-from selfreward.loop.evaluation import drift, head_to_head
+from selfreward.loop.evaluation import drift
 from selfreward.model.models import prompt_budget
 from selfreward.run.records import (
     EFT,
@@ -56,11 +58,11 @@ def option(parser) -> None:
     parser.add_argument("--prompts", help="a JSONL file with a 'prompt' field per row (default: the held-out prompts)")
 
 
-def picks_in_both_orders(judge, rows: list[tuple[str, str, str]], template: str):
-    """The judge's picks, "A", "B" or None (unreadable), for each (question, X, Y): with X shown first, then
-    with Y first."""
+def asked(judge, question: str, rows: list[tuple[str, str, str]], template: str):
+    """judge.picks (each (question, X, Y)'s picks, "A", "B" or None, with X shown first, then Y first) or
+    judge.compare (X against Y: head-to-head figures), a StageError naming the judge when it cannot answer."""
     try:
-        return judge.picks(rows, template)
+        return getattr(judge, question)(rows, template)
     except (ValueError, EndpointError) as exc:
         raise StageError(f"the head-to-head judge ({judge.name}): {exc}") from None
 
@@ -172,7 +174,7 @@ def answers_and_judge_quality(config, layout, t: int, questions: list[str], eft:
                 judge_for(config, layout.model(m), f"M{m}", model=backend), eft, layout, m, config
             )
         if m == t and not config.eval.judge_model and not config.eval.judge_endpoint:
-            kept = ModelPicker(backend, config, str(layout.model(t)))
+            kept = model_picker(config, backend, layout.model(t), str(layout.model(t)))
         else:
             backend.close()
     return answers, quality, kept or head_to_head_judge(config, layout), benchmark_answers
@@ -184,9 +186,9 @@ def head_to_head_judge(config, layout):
 
     endpoint = endpoint_from_config(config.eval)
     if endpoint:
-        return EndpointPicker(endpoint, layout.endpoint_cache)
+        return EndpointPicker(endpoint, layout.endpoint_cache, config)
     backend = load_backend(config.eval.judge_model, config.model, config.generation)
-    return ModelPicker(backend, config, str(config.eval.judge_model))
+    return model_picker(config, backend, config.eval.judge_model, str(config.eval.judge_model))
 
 
 def greedy_answers(backend, questions: list[str], config, name: str) -> list[str]:
@@ -211,8 +213,7 @@ def head_to_heads(judge, questions: list[str], answers: dict[int, list[str]], co
     comparisons, template = {}, pairwise_template(config.judge)
     for other in sorted({t - 1, 0}, reverse=True):
         triples = list(zip(questions, answers[t], answers[other], strict=True))
-        x_as_a, x_as_b = picks_in_both_orders(judge, triples, template)
-        comparisons[f"M{t} vs M{other}"] = head_to_head(x_as_a, x_as_b)
+        comparisons[f"M{t} vs M{other}"] = asked(judge, "compare", triples, template)
     return comparisons
 
 
@@ -221,7 +222,7 @@ def judged_benchmark(judge, benchmark: list[dict], answers: list[str], config) -
     if not benchmark:
         return []
     triples = [(row["prompt"], answer, row["reference"]) for row, answer in zip(benchmark, answers, strict=True)]
-    as_a, as_b = picks_in_both_orders(judge, triples, pairwise_template(config.judge))
+    as_a, as_b = asked(judge, "picks", triples, pairwise_template(config.judge))
     return judged_rows(benchmark, answers, as_a, as_b)
 
 

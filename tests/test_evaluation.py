@@ -6,8 +6,9 @@ import shutil
 import pytest
 
 from selfreward.judge.judges import judge_quality
-from selfreward.loop.evaluation import drift, head_to_head, off_topic_rows, split_heldout
+from selfreward.loop.evaluation import drift, off_topic_rows, split_heldout
 from selfreward.run.layout import RunLayout
+from selfreward.run.metrics import head_to_head, head_to_head_by_scores
 
 
 def test_heldout_split_is_disjoint_stable_and_keeps_questions_together():
@@ -113,7 +114,79 @@ def test_an_unreadable_reply_is_counted_and_left_out_of_the_rates_never_guessed(
     assert (result["prompts"], result["unreadable"], result["wins"], result["losses"]) == (4, 2, 1, 0)
     assert result["win_rate"] == 0.5 and result["position_bias"] == 0.5
     table = head_to_head_table([{"iteration": 1, "head_to_head": {"M1 vs M0": result}}])
-    assert "unreadable" in table[0] and table[2] == "| 1 | M1 vs M0 | 1 | 1 | 0 | 2 | 0.5 | 0.5 |"
+    assert "unreadable" in table[0] and table[2] == "| 1 | M1 vs M0 | pairs | 1 | 1 | 0 | 2 | 0.5 | 0.75 | 0.5 |"
+
+
+def test_graded_alone_the_higher_score_wins_beyond_the_margin_and_rates_have_intervals():
+    result = head_to_head_by_scores([4.2, 3.0, 1.0, None, 2.5], [3.0, 3.05, 2.0, 1.0, 2.5], margin=0.1, samples=200)
+    assert result["verdicts"] == ["win", "tie", "loss", "unreadable", "tie"]  # 3.0 vs 3.05 is within the margin
+    assert (result["wins"], result["ties"], result["losses"], result["unreadable"]) == (1, 2, 1, 1)
+    assert result["win_rate"] == 0.25 and result["preference"] == 0.5  # (1 + 2 * 0.5) / 4
+    assert result["position_bias"] is None  # one answer at a time: no position to follow
+    assert result["mean_scores"] == [2.675, 2.6375]  # of the four readable prompts
+    low, high = result["intervals"]["preference"]
+    assert 0 <= low < 0.5 < high <= 1
+    every_win = head_to_head_by_scores([5.0] * 30, [1.0] * 30, samples=200)
+    assert every_win["intervals"]["win_rate"] == [1.0, 1.0] and every_win["preference"] == 1.0
+
+
+def test_the_score_picker_matches_each_score_to_its_answer_whatever_order_the_judge_returns(monkeypatch):
+    from types import SimpleNamespace
+
+    from selfreward.judge import head_to_head as picking
+    from selfreward.run.config import Config
+
+    class Graded:  # grades by length, and returns its rows in another order, as length-bucketed batches do
+        label = "judge (logits)"
+
+        def score_rows(self, rows, *, seed):
+            return [{**r, "score": float(len(r["response"]))} for r in reversed(rows)]
+
+    monkeypatch.setattr(picking, "judge_for", lambda *a, **k: Graded())
+    config = Config()
+    config.eval.head_to_head, config.eval.bootstrap_samples = "scores", 0
+    picker = picking.model_picker(config, SimpleNamespace(close=lambda: None), "judge", "the judge")
+    rows = [("q1", "long answer", "short"), ("q2", "a", "a much longer one"), ("q3", "same", "same")]
+    result = picker.compare(rows, template="unused")
+    assert result["verdicts"] == ["win", "loss", "tie"]
+    assert picker.report() == {"head_to_head_by": "scores (judge (logits))"}
+    config.eval.head_to_head = "pairwise"
+    assert type(picking.model_picker(config, None, "judge", "the judge")) is picking.ModelPicker
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("judge: {mode: pairwise}\neval: {head_to_head: scores}\n", "needs judge.mode logits or sample"),
+        ("eval: {head_to_head: scores, judge_endpoint: 'http://127.0.0.1:8000/v1'}\n", "the outside judge"),
+        ("eval: {head_to_head: grades}\n", "must be one of pairwise, scores"),
+    ],
+)
+def test_scores_need_a_rubric_judge_loaded_here(tmp_path, text, message):
+    from selfreward.run.config import ConfigError, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_eval_judged_by_scores_of_a_fixed_model(tiny_run, run_stage, tmp_path):
+    """The head-to-head judged by M0 grading each answer alone: no position bias, the same prompts, and
+    the report says how it was judged."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns(".oxen"))
+    layout = RunLayout(run)
+    run_stage("06_eval", "--run-dir", str(run), "--iteration", "1", "--no-oxen",
+              "--eval.head_to_head", "scores", "--eval.judge_model", str(layout.model(0)))  # fmt: skip
+    result = json.loads(layout.eval_result(1).read_text())
+    c = result["head_to_head"]["M1 vs M0"]
+    held = len(layout.heldout("prompts").read_text().splitlines())
+    assert c["wins"] + c["ties"] + c["losses"] + c["unreadable"] == c["prompts"] == held
+    assert c["position_bias"] is None and len(c["mean_scores"]) == 2
+    assert all(0 <= s <= 5 for s in c["mean_scores"])
+    assert result["head_to_head_by"].startswith("scores") and result["judge_model"] == str(layout.model(0))
+    assert "| 1 | M1 vs M0 | scores |" in layout.report.read_text()
 
 
 def test_drift_known_values():

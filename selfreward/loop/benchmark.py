@@ -15,12 +15,11 @@ import json
 import numpy as np
 
 from selfreward.loop.prompt_gen import prompt_id
-from selfreward.run.metrics import bootstrap_intervals, both_orders_verdict
+from selfreward.run.metrics import VERDICT_PREFERENCE, bootstrap_intervals, both_orders_verdict
 from selfreward.run.records import RecordError, read_jsonl
 
 BENCHMARK = {"prompt": (str,), "reference": (str,)}
 OPTIONAL = {"category": ((str,), "a string"), "id": ((str, int), "a string or an integer")}
-PREFERENCE = {"win": 1.0, "tie": 0.5, "loss": 0.0}  # of the answer over the reference; a tie counts half
 
 
 def read_benchmark(path) -> list[dict]:
@@ -114,7 +113,7 @@ def judged_rows(rows: list[dict], answers: list[str], picks_as_a: list, picks_as
                 "pick_answer_as_a": as_a,
                 "pick_answer_as_b": as_b,
                 "verdict": verdict,
-                "preference": PREFERENCE.get(verdict),
+                "preference": VERDICT_PREFERENCE.get(verdict),
                 "answer_chars": len(answer),
                 "reference_chars": len(row["reference"]),
             }

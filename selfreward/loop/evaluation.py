@@ -1,12 +1,12 @@
-"""What stage 06 measures besides the judge (judge/judges.py measures that): head-to-head verdicts and
-drift; and the held-out rows it measures on, which stage 00 sets aside."""
+"""What stage 06 measures besides the judge (judge/judges.py measures that) and the head-to-head tallies
+(run/metrics.py counts those): drift; and the held-out rows it measures on, which stage 00 sets aside."""
 
 from __future__ import annotations
 
 import statistics
 from collections import Counter
 
-from selfreward.run.metrics import both_orders_verdict, distinct_n, draw_key
+from selfreward.run.metrics import distinct_n, draw_key
 
 
 def split_heldout(ift: list[dict], eft: list[dict], n_prompts: int, n_questions: int, seed: int):
@@ -64,32 +64,6 @@ def off_topic_rows(eft: list[dict], n: int, seed: int) -> list[dict]:
         }
         for k, (question, answer) in enumerate(picked, start=1)
     ]
-
-
-def head_to_head(picks_x_as_a: list[str | None], picks_x_as_b: list[str | None]) -> dict:
-    """Wins, ties and losses of X against Y from the judge's picks in both orders, per prompt. A pick of
-    None is a reply an outside judge wrote that names neither letter: its prompt is counted as unreadable
-    and left out of the rates, never guessed."""
-    verdicts = [
-        "unreadable" if a is None or b is None else both_orders_verdict(a, b)
-        for a, b in zip(picks_x_as_a, picks_x_as_b, strict=True)
-    ]
-    counts = Counter(verdicts)
-    n = len(verdicts) - counts["unreadable"]
-    # A tie is the same letter in both orders: the verdict followed the position, not the answer.
-    first = sum(a == b == "A" for a, b in zip(picks_x_as_a, picks_x_as_b, strict=True))
-    return {
-        "prompts": len(verdicts),
-        "wins": counts["win"],
-        "ties": counts["tie"],
-        "losses": counts["loss"],
-        "unreadable": counts["unreadable"],
-        "win_rate": round(counts["win"] / n, 4) if n else None,
-        "position_bias": round(counts["tie"] / n, 4) if n else None,
-        "picked_first_both_times": first,
-        "picked_second_both_times": counts["tie"] - first,
-        "verdicts": verdicts,
-    }
 
 
 def drift(responses: list[dict], scores: list[dict], pairs: list[dict] | None, prompts: int) -> dict:

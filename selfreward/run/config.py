@@ -289,6 +289,12 @@ class RaftConfig:
 @dataclass
 class EvalConfig:
     judge_model: str | None = None  # the head-to-head judge: a model folder or hub id; null = the newest M<t>
+    # How that judge compares two answers: "pairwise" shows both, in both orders, and reads A or B; "scores"
+    # grades each answer alone with the loop's rubric (judge.mode logits or sample) and the higher score wins
+    # by more than score_margin. A small model that picks by position ties every pairwise comparison;
+    # graded alone, it has no position to follow.
+    head_to_head: str = "pairwise"
+    score_margin: float = 0.0  # with head_to_head scores: a score difference up to this is a tie
     max_new_tokens: int = 128  # answers to the held-out prompts are greedy, at most this long
     batch_size: int = 16  # sequences per generate call, and comparisons per judge batch
     bootstrap_samples: int = 1000  # resamples of the held-out questions for each 95% interval; 0 = none
@@ -396,6 +402,7 @@ CHOICES = {
     "raft.ranking": ("local", "global"),
     "train.engine": ("ddp", "fsdp", "deepspeed"),
     "generation.quantization": ("fp8", "bitsandbytes"),
+    "eval.head_to_head": ("pairwise", "scores"),
 }
 
 
@@ -529,6 +536,7 @@ def load_config(path: str | Path, overrides: dict[str, object] | None = None) ->
             "there is no earlier judge to agree with; use it with a self-judging judge.mode"
         )
     check_canary_settings(config.judge)
+    check_eval_settings(config)
     return config
 
 
@@ -581,6 +589,24 @@ def run_algorithm(run_config: str | Path) -> str | None:
         return load_config(run_config).algorithm
     except (ConfigError, OSError):
         return None
+
+
+def check_eval_settings(config: Config) -> None:
+    """ConfigError for an eval.head_to_head that cannot work with the other settings."""
+    if config.eval.head_to_head != "scores":
+        return
+    if config.judge.mode not in ("logits", "sample"):
+        raise ConfigError(
+            "config key 'eval.head_to_head': scores grades each answer with the rubric, which needs judge.mode "
+            f"logits or sample (got {config.judge.mode})"
+        )
+    if config.eval.judge_endpoint:
+        raise ConfigError(
+            "config key 'eval.head_to_head': the outside judge (eval.judge_endpoint) is asked the pairwise "
+            "question; use scores with a loaded judge (eval.judge_model, or M<t>)"
+        )
+    if config.eval.score_margin < 0:
+        raise ConfigError(f"config key 'eval.score_margin' must be 0 or more, got {config.eval.score_margin}")
 
 
 def check_canary_settings(judge: JudgeConfig) -> None:

@@ -1,5 +1,6 @@
 """Agreement between two scorings of the same items (rank correlations, pairwise order agreement, bootstrap
-intervals), distinct-n, and the seeded draw every sample of rows is made by."""
+intervals), head-to-head tallies (wins, ties, losses, win rate and preference), distinct-n, and the seeded draw
+every sample of rows is made by."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import hashlib
 import itertools
 import math
 import random
-from collections import defaultdict
+import statistics
+from collections import Counter, defaultdict
 
 
 def ranks(values: list[float]) -> list[float]:
@@ -88,6 +90,10 @@ def distinct_n(texts: list[str], n: int) -> float | None:
     return len(set(grams)) / len(grams) if grams else None
 
 
+# A head-to-head verdict as a preference for X (AlpacaEval's convention: a tie counts half).
+VERDICT_PREFERENCE = {"win": 1.0, "tie": 0.5, "loss": 0.0}
+
+
 def both_orders_verdict(first_order: str, second_order: str) -> str:
     """Head-to-head verdict for answer X against answer Y, judged twice with the positions swapped.
 
@@ -141,6 +147,76 @@ def bootstrap_intervals(
             drawn[max(0, math.ceil((1 - tail) * len(drawn)) - 1)],
         )
     return out
+
+
+def head_to_head(
+    picks_x_as_a: list[str | None], picks_x_as_b: list[str | None], *, samples: int = 0, seed: int = 0
+) -> dict:
+    """Wins, ties and losses of X against Y from the judge's picks in both orders, per prompt. A pick of
+    None is a reply an outside judge wrote that names neither letter: its prompt is counted as unreadable
+    and left out of the rates, never guessed."""
+    verdicts = [
+        "unreadable" if a is None or b is None else both_orders_verdict(a, b)
+        for a, b in zip(picks_x_as_a, picks_x_as_b, strict=True)
+    ]
+    result = tally(verdicts, samples=samples, seed=seed)
+    # A tie is the same letter in both orders: the verdict followed the position, not the answer.
+    first = sum(a == b == "A" for a, b in zip(picks_x_as_a, picks_x_as_b, strict=True))
+    n = result["prompts"] - result["unreadable"]
+    return {
+        **result,
+        "position_bias": round(result["ties"] / n, 4) if n else None,
+        "picked_first_both_times": first,
+        "picked_second_both_times": result["ties"] - first,
+    }
+
+
+def head_to_head_by_scores(
+    scores_x: list[float | None], scores_y: list[float | None], *, margin: float = 0.0, samples: int = 0, seed: int = 0
+) -> dict:
+    """Wins, ties and losses of X against Y when a judge grades each answer alone: X wins a prompt when its
+    score is above Y's by more than `margin`, a tie within it. Shown one answer at a time, the judge has no
+    position to follow (position_bias None). A score of None (no readable score) makes the prompt unreadable."""
+    verdicts = [
+        "unreadable" if x is None or y is None else "win" if x - y > margin else "loss" if y - x > margin else "tie"
+        for x, y in zip(scores_x, scores_y, strict=True)
+    ]
+    readable = [(x, y) for x, y in zip(scores_x, scores_y, strict=True) if x is not None and y is not None]
+    return {
+        **tally(verdicts, samples=samples, seed=seed),
+        "position_bias": None,
+        "margin": margin,
+        "mean_scores": [round(statistics.fmean(v), 4) for v in zip(*readable, strict=True)] if readable else None,
+    }
+
+
+def tally(verdicts: list[str], *, samples: int = 0, seed: int = 0) -> dict:
+    """The counts of the verdicts, the win rate (wins over readable prompts) and the preference (ties count
+    half, as AlpacaEval counts them), each with its 95% bootstrap interval over prompts (`samples` draws)."""
+    counts = Counter(verdicts)
+    readable = [v for v in verdicts if v != "unreadable"]
+
+    def figures(indices, _draws) -> dict:
+        drawn = [readable[i] for i in indices]
+        if not drawn:
+            return {"win_rate": None, "preference": None}
+        return {
+            "win_rate": sum(v == "win" for v in drawn) / len(drawn),
+            "preference": sum(VERDICT_PREFERENCE[v] for v in drawn) / len(drawn),
+        }
+
+    point = figures(range(len(readable)), None)
+    intervals = bootstrap_intervals([str(i) for i in range(len(readable))], figures, samples=samples, seed=seed)
+    return {
+        "prompts": len(verdicts),
+        "wins": counts["win"],
+        "ties": counts["tie"],
+        "losses": counts["loss"],
+        "unreadable": counts["unreadable"],
+        **{k: None if v is None else round(v, 4) for k, v in point.items()},
+        "intervals": {k: [round(b, 4) for b in intervals[k]] if intervals.get(k) else None for k in point},
+        "verdicts": verdicts,
+    }
 
 
 def draw_key(key: str, seed: int) -> str:

@@ -155,6 +155,8 @@ STAGES = (
             "eval.judge_endpoint_model",
             "eval.judge_endpoint_body",
             "eval.benchmark",
+            "eval.head_to_head",
+            "eval.score_margin",
             QUANTIZATION,
         ),
         generates="eval",

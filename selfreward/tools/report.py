@@ -78,7 +78,7 @@ def plot_lengths(evals: list[dict], out: Path) -> str:
 
 def plot_head_to_head(evals: list[dict], out: Path) -> str:
     rows = [(name, c) for e in evals for name, c in e["head_to_head"].items()]
-    plt, fig, (ax,) = _figure("Head-to-head on held-out prompts (judged in both orders)")
+    plt, fig, (ax,) = _figure("Head-to-head on held-out prompts")
     labels = [name for name, _ in rows]
     left = [0] * len(rows)
     for key, color in (("wins", "tab:green"), ("ties", "tab:gray"), ("losses", "tab:red")):
@@ -176,15 +176,19 @@ def head_to_head_table(evals: list[dict]) -> list[str]:
     # An outside judge may write replies that name neither letter: counted, and shown when there are any.
     unreadable = any(c.get("unreadable") for e in evals for c in e["head_to_head"].values())
     extra = " unreadable |" if unreadable else ""
-    header = f"| iteration | comparison | wins | ties | losses |{extra} win rate | position bias |"
-    lines = [header, "|---" * (8 if unreadable else 7) + "|"]
+    header = (
+        f"| iteration | comparison | judged by | wins | ties | losses |{extra} win rate | preference | position bias |"
+    )
+    lines = [header, "|---" * (10 if unreadable else 9) + "|"]
     for e in evals:
+        by = "scores" if str(e.get("head_to_head_by", "")).startswith("scores") else "pairs"
         for name, c in e["head_to_head"].items():
             counts = f"{c['wins']} | {c['ties']} | {c['losses']}" + (
                 f" | {c.get('unreadable', 0)}" if unreadable else ""
             )
             lines.append(
-                f"| {e['iteration']} | {name} | {counts} | {_fmt(c['win_rate'])} | {_fmt(c.get('position_bias'))} |"
+                f"| {e['iteration']} | {name} | {by} | {counts} | {_with_interval(c, 'win_rate')} | "
+                f"{_with_interval(c, 'preference')} | {_fmt(c.get('position_bias'))} |"
             )
     return lines
 
@@ -249,12 +253,15 @@ def write_report(layout: RunLayout) -> Path:
                 f"{_fmt(c.get('mean_agreement_of_pairs'))} | {c.get('dropped', 0)} |"
             )
         lines += ["", "1 is the same ranking of a prompt's answers by both judges, 0 no relation, -1 the reverse.", ""]
-    lines += ["## Head-to-head (held-out prompts, judged in both orders; an order-dependent verdict is a tie)", ""]
+    lines += ["## Head-to-head (held-out prompts)", ""]
     lines += head_to_head_table(evals)
     lines += [
         "",
-        "Position bias: the share of prompts where the judge picked the same position (A or B) in "
-        "both orders, so its verdict followed the position, not the answer.",
+        "Judged by pairs: the judge sees both answers in both orders and the newer model wins a prompt only when "
+        "picked in both; an order-dependent verdict is a tie, and position bias is the share of such prompts. "
+        "Judged by scores (eval.head_to_head scores): the judge grades each answer alone with the rubric and the "
+        "higher score wins. Preference counts a tie as half a win; each rate with its 95% bootstrap interval "
+        "over prompts.",
         "",
     ]
     lines += ["", f"![head-to-head](report/{plots['head_to_head']})", ""]

@@ -137,7 +137,7 @@ def test_the_score_picker_matches_each_score_to_its_answer_whatever_order_the_ju
     from selfreward.run.config import Config
 
     class Graded:  # grades by length, and returns its rows in another order, as length-bucketed batches do
-        label = "judge (logits)"
+        mode = "logits"
 
         def score_rows(self, rows, *, seed):
             return [{**r, "score": float(len(r["response"]))} for r in reversed(rows)]
@@ -149,9 +149,10 @@ def test_the_score_picker_matches_each_score_to_its_answer_whatever_order_the_ju
     rows = [("q1", "long answer", "short"), ("q2", "a", "a much longer one"), ("q3", "same", "same")]
     result = picker.compare(rows, template="unused")
     assert result["verdicts"] == ["win", "loss", "tie"]
-    assert picker.report() == {"head_to_head_by": "scores (judge (logits))"}
+    assert picker.report() == {"head_to_head_by": "scores", "head_to_head_reading": "logits"}
     config.eval.head_to_head = "pairwise"
-    assert type(picking.model_picker(config, None, "judge", "the judge")) is picking.ModelPicker
+    pairs = picking.model_picker(config, None, "judge", "the judge")
+    assert type(pairs) is picking.ModelPicker and pairs.report() == {"head_to_head_by": "pairs"}
 
 
 @pytest.mark.parametrize(
@@ -185,7 +186,8 @@ def test_eval_judged_by_scores_of_a_fixed_model(tiny_run, run_stage, tmp_path):
     assert c["wins"] + c["ties"] + c["losses"] + c["unreadable"] == c["prompts"] == held
     assert c["position_bias"] is None and len(c["mean_scores"]) == 2
     assert all(0 <= s <= 5 for s in c["mean_scores"])
-    assert result["head_to_head_by"].startswith("scores") and result["judge_model"] == str(layout.model(0))
+    assert result["head_to_head_by"] == "scores" and result["head_to_head_reading"] == "logits"
+    assert result["judge_model"] == str(layout.model(0))
     assert "| 1 | M1 vs M0 | scores |" in layout.report.read_text()
 
 

@@ -22,7 +22,28 @@ def model_picker(config, backend, path, name: str):
     return ModelPicker(backend, config, name)
 
 
-class ModelPicker:
+class PairPicker:
+    """A judge shown both answers at once, in both orders: subclasses give picks()."""
+
+    config = None
+
+    def picks(self, rows: list[tuple[str, str, str]], template: str) -> tuple[list, list]:
+        raise NotImplementedError
+
+    def compare(self, rows: list[tuple[str, str, str]], template: str) -> dict:
+        """X against Y for each (question, X, Y): run.metrics.head_to_head's figures."""
+        samples, seed = self.config.eval.bootstrap_samples, self.config.seed
+        return head_to_head(*self.picks(rows, template), samples=samples, seed=seed)
+
+    def report(self) -> dict:
+        """What eval.json records about how the head-to-head was judged."""
+        return {"head_to_head_by": "pairs"}
+
+    def close(self) -> None:
+        pass
+
+
+class ModelPicker(PairPicker):
     """A loaded model (a Backend) as the pairwise judge."""
 
     def __init__(self, backend, config, name: str):
@@ -37,24 +58,15 @@ class ModelPicker:
         x_second = ["A" if c["p_a_second"] <= 0.5 else "B" for c in found]  # "A" is then Y
         return x_first, x_second
 
-    def compare(self, rows: list[tuple[str, str, str]], template: str) -> dict:
-        """X against Y for each (question, X, Y): run.metrics.head_to_head's figures."""
-        samples, seed = self.config.eval.bootstrap_samples, self.config.seed
-        return head_to_head(*self.picks(rows, template), samples=samples, seed=seed)
-
-    def report(self) -> dict:
-        return {}
-
     def close(self) -> None:
         self.backend.close()
 
 
-class EndpointPicker:
+class EndpointPicker(PairPicker):
     """An outside judge: picks are None where its reply names neither letter (counted, never guessed)."""
 
     def __init__(self, endpoint: Endpoint, cache: Path, config):
-        self.endpoint, self.cache = endpoint, ReplyCache(cache)
-        self.samples, self.seed = config.eval.bootstrap_samples, config.seed
+        self.endpoint, self.cache, self.config = endpoint, ReplyCache(cache), config
         self.name = f"{endpoint.model} at {endpoint.base_url}"
         self.asked = self.sent = 0
 
@@ -64,15 +76,10 @@ class EndpointPicker:
         self.asked, self.sent = self.asked + 2 * len(rows), self.sent + sent
         return first, second
 
-    def compare(self, rows: list[tuple[str, str, str]], template: str) -> dict:
-        return head_to_head(*self.picks(rows, template), samples=self.samples, seed=self.seed)
-
     def report(self) -> dict:
         """How the endpoint was used: requests asked, sent (the others came from the cache)."""
-        return {"endpoint": {"model": self.endpoint.model, "requests": self.asked, "sent": self.sent}}
-
-    def close(self) -> None:
-        pass
+        requests = {"model": self.endpoint.model, "requests": self.asked, "sent": self.sent}
+        return {**super().report(), "endpoint": requests}
 
 
 class ScorePicker(ModelPicker):
@@ -99,4 +106,5 @@ class ScorePicker(ModelPicker):
         )
 
     def report(self) -> dict:
-        return {"head_to_head_by": f"scores ({self.judge.label})"}
+        """Judged by scores, and how the scores were read (judge.mode)."""
+        return {"head_to_head_by": "scores", "head_to_head_reading": self.judge.mode}

@@ -181,7 +181,7 @@ def head_to_head_table(evals: list[dict]) -> list[str]:
     )
     lines = [header, "|---" * (10 if unreadable else 9) + "|"]
     for e in evals:
-        by = "scores" if str(e.get("head_to_head_by", "")).startswith("scores") else "pairs"
+        by = e.get("head_to_head_by", "pairs")  # "pairs" or "scores"; records from before it was kept were pairs
         for name, c in e["head_to_head"].items():
             counts = f"{c['wins']} | {c['ties']} | {c['losses']}" + (
                 f" | {c.get('unreadable', 0)}" if unreadable else ""

@@ -28,6 +28,9 @@ format, SFT steps, how the score is read):
   base-pairwise, new-first-25-pairwise  the base model and new-first-25's judge asked which of two
                   answers is better (stage 06's A/B prompt), each pair in both orders, the two
                   probabilities averaged: is comparing easier than grading for a small model?
+  rank-25, sft-rank-25, rank-offtopic-25, rank-all-25, rank-lr-25, rank-60  new-first-25's rows and budget
+                  with the judge trained by judge.objective ranking (or sft+ranking), and the knobs beside it
+  judgment-dpo-25 the same with judge.objective judgment_dpo: DPO on one-digit judgments
 One JSON line per variant on stdout and in --out.
 """
 
@@ -78,6 +81,9 @@ VARIANTS = {
     "rank-lr-25": ("new", "score_first", 25, "score_first",
                    ["--judge.objective", "ranking", "--sft.learning_rate", "1e-4"]),
     "rank-60": ("new", "score_first", 60, "score_first", ["--judge.objective", "ranking"]),
+    # DPO on one-digit judgments (Meta-Rewarding, the verdict known): the human score over the base's likeliest
+    # score two or more points off
+    "judgment-dpo-25": ("new", "score_first", 25, "score_first", ["--judge.objective", "judgment_dpo"]),
 }  # fmt: skip
 
 

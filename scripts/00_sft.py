@@ -69,7 +69,7 @@ def main() -> None:
     base = resolve_model_path(config.model.name_or_path)
     judge_rows = eft + constructed
     rows = sft_rows(config, base, ift, judge_rows if "sft" in config.judge.objective.split("+") else [])
-    ranking = ranking_data(config, base, judge_rows) if "ranking" in config.judge.objective else None
+    ranking = ranking_data(config, base, judge_rows) if config.judge.objective != "sft" else None
     if not rows:
         raise StageError(
             f"judge.objective {config.judge.objective} trains the IFT rows with SFT: {config.data.ift} has none"
@@ -150,10 +150,11 @@ def sft_rows(config, base: str, ift: list[dict], eft: list[dict]) -> list[dict]:
 
 
 def ranking_data(config, base: str, eft: list[dict]) -> dict:
-    """What the judge's ranking loss trains on (judge.objective): every EFT row's judge prompt as stage 03 renders
-    it, opened with the score prefix the logit judge reads, as token ids; the (better, worse) pairs among them;
-    and the tokens of the digits 0-5."""
-    from selfreward.model.judge_ranking import better_worse_pairs  # trl
+    """What the judge's ranking or judgment DPO loss trains on (judge.objective): every EFT row's judge prompt as
+    stage 03 renders it, opened with the score prefix the logit judge reads, as token ids; the (better, worse)
+    pairs among them, or with judgment_dpo the rows themselves and their human scores; and the tokens of the
+    digits 0-5."""
+    from selfreward.model.judge_ranking import better_worse_pairs, judged_rows  # trl
 
     chat = ChatFormat.from_tokenizer(load_tokenizer(base, config.model))
     rubric = rubric_of(config.judge)
@@ -162,6 +163,10 @@ def ranking_data(config, base: str, eft: list[dict]) -> dict:
     sequences = [
         chat.encode(fit_judge_prompt(chat, r["prompt"], r["response"], budget, rubric)[0] + prefix) for r in eft
     ]
+    if config.judge.objective == "judgment_dpo":
+        scores = [r["score"] for r in eft]
+        return {"judge_sequences": sequences, "judge_pairs": judged_rows(eft, config.seed), "digit_ids": digit_ids,
+                "judge_scores": scores}  # fmt: skip
     return {"judge_sequences": sequences, "judge_pairs": better_worse_pairs(eft, config.seed), "digit_ids": digit_ids}
 
 

@@ -15,7 +15,14 @@ from selfreward.judge.rubric import (
     score_token_ids,
 )
 from selfreward.model.generation import HFBackend
-from selfreward.model.judge_ranking import better_worse_pairs, expected_scores, ranking_loss
+from selfreward.model.judge_ranking import (
+    better_worse_pairs,
+    clearly_wrong,
+    digit_log_probs,
+    expected_scores,
+    judgment_dpo_loss,
+    ranking_loss,
+)
 from selfreward.run.config import Config, ConfigError, load_config
 from selfreward.tools.report import base_check
 
@@ -83,10 +90,12 @@ def test_a_gradient_step_on_the_ranking_loss_moves_the_better_answer_up(tiny_mod
         {"judge.objective": "ranking", "judge.mode": "logits", "judge.format": "score_last"},
         {"judge.objective": "ranking", "judge.mode": "logits", "judge.format": "score_first", "judge.ranking_pairs": 0},
         {"judge.objective": "contrastive"},
+        {"judge.objective": "judgment_dpo", "judge.mode": "sample"},
+        {"judge.objective": "judgment_dpo", "judge.mode": "logits", "judge.judgment_beta": 0},
     ],
 )
 def test_a_ranking_objective_the_judge_cannot_use_is_refused_when_the_config_loads(overrides, tmp_path):
-    with pytest.raises(ConfigError, match="judge.(objective|ranking_pairs)"):
+    with pytest.raises(ConfigError, match="judge.(objective|ranking_pairs|judgment_beta)"):
         check_judge_settings(load_config("configs/tiny.yaml", overrides).judge)
 
 
@@ -104,6 +113,60 @@ def test_stage_00_trains_the_ranking_loss_and_measures_the_base_judge(run_stage,
     assert manifest["ranking_pairs"] > 0
     base = manifest["base_judge_quality"]
     assert base["rows"] == manifest["heldout_eft_rows"] and 0 <= base["pairwise_accuracy"] <= 1
+
+
+def test_the_rejected_judgment_is_the_references_likeliest_score_two_or_more_points_off():
+    reference = torch.log_softmax(torch.tensor([[0.0, 1.0, 5.0, 4.0, 0.5, 2.0], [3.0, 2.0, 1.0, 0.0, 0.0, 0.0]]), -1)
+    # human 2: 2 itself and 1, 3 (likelier than the rest) are too close; of 0, 4, 5 the reference likes 5 best
+    # human 0: the reference likes 0 and 1 best, but the likeliest two points off is 2
+    assert clearly_wrong(reference, torch.tensor([2, 0])).tolist() == [5, 2]
+
+
+def test_judgment_dpo_is_log_2_where_the_model_is_its_reference_and_a_step_moves_the_human_score_up(tiny_model):
+    model, chat, _ = tiny_model
+    prefix, digits = score_token_ids(chat, rubric_of(Config().judge))
+    sequences = [chat.encode(chat.prompt(f"Rate this answer: {a}") + prefix) for a in ("good", "bad")]
+    human = torch.tensor([5, 0])
+    pad = chat.tokenizer.pad_token_id
+    params = [p for p in model.parameters() if p.dtype.is_floating_point]
+    saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            reference = digit_log_probs(model, sequences, digits, pad)
+        loss, _ = judgment_dpo_loss(digit_log_probs(model, sequences, digits, pad), reference, human, beta=1.0)
+        assert loss.item() == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-5)
+        loss.backward()
+        rejected = clearly_wrong(reference, human)
+        with torch.no_grad():
+            for p in params:
+                if p.grad is not None:
+                    p -= 1.0 * p.grad
+            after = digit_log_probs(model, sequences, digits, pad)
+        gap = lambda lp: lp.gather(1, human[:, None]) - lp.gather(1, rejected[:, None])  # noqa: E731
+        assert (gap(after) > gap(reference)).all()
+        assert judgment_dpo_loss(after, reference, human, beta=1.0)[0] < loss
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved, strict=True):
+                p.copy_(s)
+                p.grad = None
+
+
+def test_stage_00_trains_judgment_dpo_against_the_model_without_its_adapter(run_stage, tmp_path):
+    """The reference is the model stage 00 started from: the first step's loss is log 2 (the LoRA starts at zero,
+    so policy and reference agree), and the second's is not (the policy moved; the reference, with the adapter
+    switched off, did not; a reference read with the adapter on would give log 2 again)."""
+    run = tmp_path / "run"
+    run_stage("00_sft", "--run-dir", str(run), "--config", "configs/tiny.yaml", "--no-oxen",
+              "--judge.objective", "judgment_dpo", "--sft.max_steps", "2", "--judge.measure_base", "false")  # fmt: skip
+    manifest = json.loads((run / "M0" / "00_sft.manifest.json").read_text())
+    log = [json.loads(line) for line in (run / "M0" / "train_log.jsonl").read_text().splitlines()]
+    losses = [row["judge_dpo_loss"] for row in log if "judge_dpo_loss" in row]
+    assert len(losses) == 2 and losses[0] == pytest.approx(0.6931, abs=1e-4)
+    assert abs(losses[1] - 0.6931) > 1e-3
+    judge_rows = sum(1 for name in ("eft", "eft_constructed") for _ in (run / "M0" / "train" / f"{name}.jsonl").open())
+    assert manifest["ranking_pairs"] == judge_rows  # every judge row is drawn, one answer at a time
+    assert manifest["rows_in"] == sum(1 for _ in (run / "M0" / "train" / "ift.jsonl").open())
 
 
 def _quality(accuracy: float) -> dict:

@@ -170,13 +170,15 @@ def check_judge_settings(cfg) -> None:
         raise ConfigError(
             f"config key 'judge.objective' must be one of {', '.join(JUDGE_OBJECTIVES)}, got '{cfg.objective}'"
         )
-    if "ranking" in cfg.objective and (cfg.mode != "logits" or cfg.format != "score_first"):
+    if cfg.objective != "sft" and (cfg.mode != "logits" or cfg.format != "score_first"):
         raise ConfigError(
             f"config key 'judge.objective': {cfg.objective} trains the digit the logit judge reads after an opening "
             f"'Score:'; it needs judge.mode logits and judge.format score_first (got {cfg.mode}, {cfg.format})"
         )
-    if cfg.ranking_pairs < 1 or cfg.ranking_weight <= 0:
-        raise ConfigError("config keys 'judge.ranking_pairs' and 'judge.ranking_weight' must be positive")
+    if cfg.ranking_pairs < 1 or cfg.ranking_weight <= 0 or cfg.judgment_beta <= 0:
+        raise ConfigError(
+            "config keys 'judge.ranking_pairs', 'judge.ranking_weight' and 'judge.judgment_beta' must be positive"
+        )
     if cfg.mode == "reward_model" and not cfg.reward_model:
         raise ConfigError(
             "config key 'judge.reward_model': judge.mode reward_model needs one (a folder or hub id of a "
@@ -228,7 +230,7 @@ def parse_judge_score(judgment: str) -> float | None:
     return value
 
 
-JUDGE_OBJECTIVES = ("sft", "ranking", "sft+ranking")
+JUDGE_OBJECTIVES = ("sft", "ranking", "sft+ranking", "judgment_dpo")
 JUDGE_FORMATS = ("score_first", "score_last")
 
 

@@ -233,6 +233,7 @@ def build_sft_trainer(
 
         trainer_class = RankingSFTTrainer
         kwargs = {**ranking, "weight": config.judge.ranking_weight, "pairs_per_batch": config.judge.ranking_pairs}
+        kwargs["beta"] = config.judge.judgment_beta
     else:
         trainer_class = SFTTrainer
     trainer = trainer_class(

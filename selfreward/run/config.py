@@ -230,11 +230,16 @@ class JudgeConfig:
     canary_max_fool_rate: float = 0.5  # canary_gate: the highest fool rate (0-1) of a trick that passes
     # How stage 00 trains the judge on the EFT rows: "sft" (their text is a target, as the paper does),
     # "ranking" (a Bradley-Terry loss on the expected score the logit judge reads, for two answers to one
-    # question with different human scores; the IFT rows keep SFT) or "sft+ranking" (both). ranking needs
-    # mode logits and format score_first: it trains the position the logit judge reads.
+    # question with different human scores; the IFT rows keep SFT), "sft+ranking" (both), or "judgment_dpo"
+    # (DPO on one-digit judgments: an answer's human score chosen over the base model's likeliest score two or
+    # more points off, as Meta-Rewarding trains its judge; the IFT rows keep SFT). All but sft need mode
+    # logits and format score_first: they train the position the logit judge reads.
     objective: str = "sft"
-    ranking_weight: float = 1.0  # the ranking loss's weight beside the SFT loss
-    ranking_pairs: int = 4  # pairs of judge prompts added to every SFT micro-batch
+    ranking_weight: float = 1.0  # the ranking (or judgment DPO) loss's weight beside the SFT loss
+    ranking_pairs: int = 4  # pairs of judge prompts (judgment_dpo: judged answers) added to every SFT micro-batch
+    # judgment_dpo's beta: a judgment is one token, not the hundreds of an answer, so its log-ratio margins are
+    # small and beta is larger than dpo.beta
+    judgment_beta: float = 1.0
     # Stage 00 also measures the base model as a judge on the held-out EFT rows; the report checks that M0
     # judges no worse than the model it came from.
     measure_base: bool = True

@@ -47,7 +47,13 @@ class StageSpec:
 # Stage 03 measures the canaries, stage 04 acts on them (judge.canary_gate).
 CANARY_GATE_KEYS = ("judge.canary_gate", "judge.canary_max_fool_rate")
 # How stage 00 trains the judge, and whether it measures the base model: no other stage reads them.
-JUDGE_TRAINING_KEYS = ("judge.objective", "judge.ranking_weight", "judge.ranking_pairs", "judge.measure_base")
+JUDGE_TRAINING_KEYS = (
+    "judge.objective",
+    "judge.ranking_weight",
+    "judge.ranking_pairs",
+    "judge.judgment_beta",
+    "judge.measure_base",
+)
 # The training engine changes how a checkpoint is saved (FSDP shards it): another engine starts afresh.
 ENGINE = "train.engine"
 # vLLM's quantization changes the weights that generate.

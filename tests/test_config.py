@@ -44,6 +44,17 @@ def test_overrides_are_typed():
         apply_overrides(Config(), {"judge.num_sample": 2}, "cli")
 
 
+def test_a_learning_rate_written_2e_4_is_a_number_in_a_file_and_on_the_command_line(tmp_path):
+    """YAML 1.1 reads 2e-4 (no dot) as a string; TRL and transformers users write learning rates that way."""
+    path = tmp_path / "c.yaml"
+    path.write_text("sft:\n  learning_rate: 2e-4\ndpo:\n  beta: 1E-1\n")
+    config = load_config(path, {"dpo.learning_rate": "5e-6"})
+    assert (config.sft.learning_rate, config.dpo.beta, config.dpo.learning_rate) == (2e-4, 0.1, 5e-6)
+    for word in ("fast", "1e", "inf", "nan", "0x10"):
+        with pytest.raises(ConfigError, match="'dpo.beta' expects a number"):
+            apply_overrides(Config(), {"dpo.beta": word}, "cli")
+
+
 def test_script_rejects_a_mistyped_flag(run_stage, tmp_path):
     proc = run_stage(
         "04_gen_preferences",

@@ -11,6 +11,7 @@ import difflib
 import importlib.util
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -437,6 +438,9 @@ def _json_object(key: str, value: str) -> dict:
     return parsed
 
 
+DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _coerce_type(key: str, value: object, hint: object) -> object:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -457,6 +461,8 @@ def _coerce_type(key: str, value: object, hint: object) -> object:
         return [_coerce_type(key, v, inner) for v in value]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and DECIMAL.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 2e-4 (no dot) as a string; people write learning rates so
     if hint is bool and not isinstance(value, bool):
         raise ConfigError(f"config key '{key}' expects true or false, got {value!r}")
     if hint is int and (isinstance(value, bool) or not isinstance(value, int)):

@@ -103,31 +103,16 @@ def judgment_dpo_loss(policy: torch.Tensor, reference: torch.Tensor, human: torc
 
 
 class RankingSFTTrainer(SFTTrainer):
-    """TRL's SFTTrainer with the judge's ranking loss (or, with judge_scores, judgment DPO) added to every
-    training micro-batch."""
+    """TRL's SFTTrainer with the judge's ranking loss added to every training micro-batch."""
 
-    def __init__(
-        self,
-        *args,
-        judge_sequences,
-        judge_pairs,
-        digit_ids,
-        weight: float,
-        pairs_per_batch: int,
-        judge_scores: list[int] | None = None,
-        beta: float = 1.0,
-        **kwargs,
-    ):
+    nothing_to_draw = "judge.objective ranking: no two EFT rows answer one question with different scores"
+
+    def __init__(self, *args, judge_sequences, judge_pairs, digit_ids, weight: float, pairs_per_batch: int, **kwargs):
         super().__init__(*args, **kwargs)
         if not judge_pairs:
-            raise RecordError(
-                "judge.objective judgment_dpo: there are no EFT rows"
-                if judge_scores is not None
-                else "judge.objective ranking: no two EFT rows answer one question with different scores"
-            )
+            raise RecordError(self.nothing_to_draw)
         self.judge_sequences, self.judge_pairs = judge_sequences, judge_pairs
         self.digit_ids, self.weight, self.pairs_per_batch = digit_ids, weight, pairs_per_batch
-        self.judge_scores, self.beta = judge_scores, beta
         self._micro_steps: int | None = None
 
     def _next_pairs(self) -> list[tuple[int, ...]]:
@@ -138,14 +123,43 @@ class RankingSFTTrainer(SFTTrainer):
         self._micro_steps += 1
         return [self.judge_pairs[(start + j) % n] for j in range(k)]
 
-    def _ranking(self, model, items) -> tuple[torch.Tensor, dict]:
+    def judge_loss(self, model, items) -> tuple[torch.Tensor, dict]:
+        """The judge's loss on these drawn items, and the figures the training log keeps."""
         sequences = [self.judge_sequences[i] for pair in items for i in pair]
         scores = expected_scores(model, sequences, self.digit_ids, self.processing_class.pad_token_id)
         ranked = ranking_loss(scores[0::2], scores[1::2])
         right = (scores[0::2] > scores[1::2]).float().mean()
         return ranked, {"judge_ranking_loss": ranked.item(), "judge_ranked_right": right.item()}
 
-    def _judgment_dpo(self, model, items) -> tuple[torch.Tensor, dict]:
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        if not model.training:
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        items = self._next_pairs()
+        judged, metrics = self.judge_loss(model, items)
+        # As TRL treats its MoE aux loss: with num_items_in_batch the trainer leaves gradient accumulation to the
+        # loss, so a per-micro-batch mean is averaged over the accumulation steps here.
+        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        loss = loss + self.weight * judged / steps
+        for key, value in metrics.items():
+            self._metrics["train"][key].append(value)
+        return (loss, outputs) if return_outputs else loss
+
+
+class JudgmentDPOSFTTrainer(RankingSFTTrainer):
+    """The same, with DPO on one-digit judgments (judgment_dpo) as the judge's loss: the items drawn are single
+    answers (judged_rows), judge_scores their human scores."""
+
+    nothing_to_draw = "judge.objective judgment_dpo: there are no EFT rows"
+
+    def __init__(self, *args, judge_scores: list[int], beta: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.judge_scores, self.beta = judge_scores, beta
+
+    def judge_loss(self, model, items) -> tuple[torch.Tensor, dict]:
         rows = [i for (i,) in items]
         sequences = [self.judge_sequences[i] for i in rows]
         pad = self.processing_class.pad_token_id
@@ -156,20 +170,3 @@ class RankingSFTTrainer(SFTTrainer):
         human = torch.tensor([self.judge_scores[i] for i in rows], device=policy.device)
         loss, right = judgment_dpo_loss(policy, reference, human, self.beta)
         return loss, {"judge_dpo_loss": loss.item(), "judge_chosen_over_rejected": right.item()}
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(
-            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-        )
-        if not model.training:
-            return result
-        loss, outputs = result if return_outputs else (result, None)
-        items = self._next_pairs()
-        judged, metrics = (self._ranking if self.judge_scores is None else self._judgment_dpo)(model, items)
-        # As TRL treats its MoE aux loss: with num_items_in_batch the trainer leaves gradient accumulation to the
-        # loss, so a per-micro-batch mean is averaged over the accumulation steps here.
-        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-        loss = loss + self.weight * judged / steps
-        for key, value in metrics.items():
-            self._metrics["train"][key].append(value)
-        return (loss, outputs) if return_outputs else loss

@@ -229,11 +229,12 @@ def build_sft_trainer(
     model = _load_for_training(parent, config, config.sft)
     kwargs: dict = {}
     if ranking:
-        from selfreward.model.judge_ranking import RankingSFTTrainer  # trl
+        from selfreward.model.judge_ranking import JudgmentDPOSFTTrainer, RankingSFTTrainer  # trl
 
-        trainer_class = RankingSFTTrainer
         kwargs = {**ranking, "weight": config.judge.ranking_weight, "pairs_per_batch": config.judge.ranking_pairs}
-        kwargs["beta"] = config.judge.judgment_beta
+        trainer_class = RankingSFTTrainer
+        if "judge_scores" in ranking:  # judge.objective judgment_dpo
+            trainer_class, kwargs["beta"] = JudgmentDPOSFTTrainer, config.judge.judgment_beta
     else:
         trainer_class = SFTTrainer
     trainer = trainer_class(
